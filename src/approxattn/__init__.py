@@ -1,0 +1,31 @@
+"""approxattn: approximate self-attention for long sequences, checked against exact attention.
+
+Public API::
+
+    approxattn.attention(q, k, v, method="softmax", *, causal=False, key_padding_mask=None,
+                         scale=None, **options)
+    approxattn.build(method, *, head_dim, **options) -> approxattn.AttentionModule
+    approxattn.available_methods() -> {name: MethodSpec}
+    approxattn.nn.MultiheadAttention(embed_dim, num_heads, method=..., **options)
+"""
+
+from . import nn
+from .api import attention, build
+from .module import AttentionModule, RandomFeatureModule
+from .registry import Cost, ExactLimit, MethodSpec, Option, available_methods, get_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionModule",
+    "Cost",
+    "ExactLimit",
+    "MethodSpec",
+    "Option",
+    "RandomFeatureModule",
+    "attention",
+    "available_methods",
+    "build",
+    "get_method",
+    "nn",
+]
