@@ -197,6 +197,8 @@ class MethodSpec:
     # did not give them (e.g. Linformer's max_len = seq_k)
     infer_options: Callable[[int, int], dict[str, Any]] | None = field(default=None, repr=False)
     uses_scale: bool = True
+    # a cheap working configuration for sequences of n tokens (tests, smoke runs, docs)
+    example_options: Callable[[int], dict[str, Any]] = field(default=lambda n: {}, repr=False)
 
     @property
     def defaults(self) -> dict[str, Any]:

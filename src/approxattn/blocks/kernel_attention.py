@@ -19,7 +19,7 @@ def noncausal_kernel_attention(
     normaliser = key_features.sum(dim=-2)
     numerator = torch.einsum("bhgnm,bhmd->bhgnd", query_features, summary)
     denominator = torch.einsum("bhgnm,bhm->bhgn", query_features, normaliser)
-    return numerator / (denominator.unsqueeze(-1) + den_eps)
+    return _safe_ratio(numerator, denominator + den_eps)
 
 
 def causal_kernel_attention(
@@ -108,8 +108,15 @@ def causal_kernel_attention(
         else:
             summary = summary + torch.einsum("bhjm,bhjd->bhmd", k_c, v_c)
             normaliser = normaliser + k_c.sum(dim=-2)
-        outputs.append(numerator / (denominator.unsqueeze(-1) + den_eps))
+        outputs.append(_safe_ratio(numerator, denominator + den_eps))
     return torch.cat(outputs, dim=-2)
+
+
+def _safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator[..., None]``, with 0 for rows that see no key (denominator 0,
+    e.g. causal rows before the first unpadded key); the numerator is 0 there too."""
+    empty = denominator == 0
+    return numerator / torch.where(empty, torch.ones_like(denominator), denominator).unsqueeze(-1)
 
 
 def quadratic_kernel_attention(

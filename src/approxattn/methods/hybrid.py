@@ -84,16 +84,20 @@ def _with_default(options: tuple, name: str, default: Any) -> tuple:
 FLURKA_COST_DOC = ("projection 2·B·Hkv·r·Nk·(d+dv) flops, plus the kernel method's formula with Nk = r "
                    "(its exps, bytes and peak memory with r keys)")
 
+_RANDOM_FEATURE_OPTIONS = _with_default(_performer_options_without("kernel", "chunk_size"), "num_features", 64)
+
+# name, class, feature map, kernel options, parent method, example options for n tokens
 _VARIANTS = (
-    ("flurka-performer", FlurkaPerformer, "FAVOR+ positive random features",
-     _with_default(_performer_options_without("kernel", "chunk_size"), "num_features", 64), "performer"),
-    ("flurka-relu", FlurkaRelu, "ReLU random features",
-     _with_default(_performer_options_without("kernel", "chunk_size"), "num_features", 64), "performer"),
+    ("flurka-performer", FlurkaPerformer, "FAVOR+ positive random features", _RANDOM_FEATURE_OPTIONS, "performer",
+     lambda n: {"rank": max(1, n // 4), "num_features": 16}),
+    ("flurka-relu", FlurkaRelu, "ReLU random features", _RANDOM_FEATURE_OPTIONS, "performer",
+     lambda n: {"rank": max(1, n // 4), "num_features": 16}),
     ("flurka-linear", FlurkaLinear, "the elu+1 feature map",
-     tuple(o for o in get_method("linear").options if o.name != "chunk_size"), "linear"),
+     tuple(o for o in get_method("linear").options if o.name != "chunk_size"), "linear",
+     lambda n: {"rank": max(1, n // 4)}),
 )
 
-for _name, _cls, _features, _kernel_options, _parent in _VARIANTS:
+for _name, _cls, _features, _kernel_options, _parent, _example in _VARIANTS:
     register(MethodSpec(
         name=_name,
         family="hybrid",
@@ -113,4 +117,5 @@ for _name, _cls, _features, _kernel_options, _parent in _VARIANTS:
         module_class=_cls,
         infer_options=infer_max_len,
         uses_scale=get_method(_parent).uses_scale,
+        example_options=_example,
     ))

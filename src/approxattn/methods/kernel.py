@@ -217,6 +217,7 @@ register(MethodSpec(
     cost_formula=performer_cost,
     cost_doc=KERNEL_COST_DOC,
     module_class=PerformerAttention,
+    example_options=lambda n: {"num_features": 16, "chunk_size": 4},
 ))
 
 register(MethodSpec(
@@ -237,4 +238,5 @@ register(MethodSpec(
     cost_doc=KERNEL_COST_DOC,
     module_class=LinearAttention,
     uses_scale=False,
+    example_options=lambda n: {"chunk_size": 4},
 ))

@@ -106,4 +106,5 @@ register(MethodSpec(
              "bytes = q,k,v,o + E,F + fp32 N×r probabilities written and read; peak = N×r probabilities",
     module_class=LinformerAttention,
     infer_options=infer_max_len,
+    example_options=lambda n: {"rank": max(1, n // 4)},
 ))
