@@ -265,6 +265,9 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"family: expected one of {FAMILIES}, got {spec.family!r}")
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is registered twice")
+    names = [option.name for option in spec.options]
+    if len(names) != len(set(names)):
+        raise ValueError(f"method {spec.name!r} declares an option twice: {names}")
     _REGISTRY[spec.name] = spec
     spec.module_class.spec = spec
     return spec

@@ -84,7 +84,8 @@ def _with_default(options: tuple, name: str, default: Any) -> tuple:
 FLURKA_COST_DOC = ("projection 2·B·Hkv·r·Nk·(d+dv) flops, plus the kernel method's formula with Nk = r "
                    "(its exps, bytes and peak memory with r keys)")
 
-_RANDOM_FEATURE_OPTIONS = _with_default(_performer_options_without("kernel", "chunk_size"), "num_features", 64)
+# the projection options already carry the seed; the kernel option and causal chunking are fixed
+_RANDOM_FEATURE_OPTIONS = _with_default(_performer_options_without("kernel", "chunk_size", "seed"), "num_features", 64)
 
 # name, class, feature map, kernel options, parent method, example options for n tokens
 _VARIANTS = (

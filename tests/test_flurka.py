@@ -1,0 +1,69 @@
+"""FLuRKA: reductions to its constituents and the additive error bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import approxattn
+from approxattn.blocks.exact import softmax_attention
+from helpers import qkv, rel_err
+
+VARIANTS = {"flurka-performer": ("performer", {}), "flurka-relu": ("performer", {"kernel": "relu"}),
+            "flurka-linear": ("linear", {})}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_rank_identity_projection_is_the_kernel_method(variant):
+    parent, fixed = VARIANTS[variant]
+    q, k, v = qkv(seq_q=24)
+    features = {} if parent == "linear" else {"num_features": 32, "seed": 4}
+    flurka = approxattn.build(variant, head_dim=8, rank=24, max_len=24, **features).double()
+    kernel = approxattn.build(parent, head_dim=8, **features, **fixed).double()
+    assert rel_err(flurka(q, k, v), kernel(q, k, v)) < 1e-12
+
+
+def test_exact_kernel_gives_linformer_with_the_same_projections():
+    q, k, v = qkv(seq_q=32, std=0.4)
+    flurka = approxattn.build("flurka-performer", head_dim=8, rank=8, max_len=32, init="gaussian").double()
+    linformer = approxattn.build("linformer", head_dim=8, rank=8, max_len=32).double()
+    linformer.tie_projection(flurka)
+    # replacing the kernel stage by the exact exponential kernel is Linformer, exactly
+    k_r, v_r, valid = flurka.projection(k, v, None)
+    exact_kernel = softmax_attention(q, k_r, v_r, key_valid=valid, scale=8**-0.5)
+    assert rel_err(exact_kernel, linformer(q, k, v)) < 1e-12
+    # and with more random features FLuRKA converges to it
+    errors = []
+    for m in (16, 256, 4096):
+        flurka_m = approxattn.build("flurka-performer", head_dim=8, rank=8, max_len=32, init="gaussian",
+                                    num_features=m).double()
+        flurka_m.projection = flurka.projection
+        errors.append(rel_err(flurka_m(q, k, v), linformer(q, k, v)))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < errors[0] / 5  # 256× the features: ~16× smaller error at m^-1/2
+
+
+def peaked(seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = qkv(seq_q=64, kv_heads=4, generator=gen, std=0.5)
+    k[:, :, 5] = q.mean(2) * 6  # one key that most queries strongly prefer
+    return q, k, v
+
+
+@pytest.mark.parametrize("inputs", ["random", "peaked"])
+@pytest.mark.parametrize("seed", range(3))
+def test_error_is_at_most_linformer_error_plus_kernel_error(inputs, seed):
+    q, k, v = qkv(seq_q=64, generator=torch.Generator().manual_seed(seed)) if inputs == "random" else peaked(seed)
+    exact = approxattn.attention(q, k, v)
+    flurka = approxattn.build("flurka-performer", head_dim=8, rank=16, max_len=64, num_features=32,
+                              seed=seed).double()
+    linformer = approxattn.build("linformer", head_dim=8, rank=16, max_len=64).double()
+    linformer.tie_projection(flurka)
+    # the kernel method's own error on the downsampled keys, by an independently built Performer
+    k_r, v_r, _ = linformer.projection(k, v, None)
+    performer = approxattn.build("performer", head_dim=8, num_features=32, seed=seed).double()
+    kernel_error = (performer(q, k_r, v_r) - softmax_attention(q, k_r, v_r, scale=8**-0.5)).norm()
+    flurka_error = (flurka(q, k, v) - exact).norm()
+    linformer_error = (linformer(q, k, v) - exact).norm()
+    assert flurka_error <= linformer_error + kernel_error + 1e-12
+    assert flurka_error > 0.5 * max(linformer_error, kernel_error)  # the bound is not vacuous here
