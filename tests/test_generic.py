@@ -18,17 +18,18 @@ def shared_options(child: dict, parent: str) -> dict:
     return {k: v for k, v in child.items() if k in parent_names}
 
 
+def with_causal(methods):
+    """(method, causal) pairs: every method non-causally, causal-capable ones causally too."""
+    return [(m, False) for m in methods] + [(m, True) for m in methods if m in CAUSAL_METHODS]
+
+
 EXACT = [n for n, s in approxattn.available_methods().items() if s.exact_limit.options is not None]
 
 
-@pytest.mark.parametrize("method", EXACT)
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("method, causal", with_causal(EXACT))
 def test_exact_limit_equals_parent(method, causal):
     spec = approxattn.get_method(method)
     limit = spec.exact_limit
-    parent = approxattn.get_method(limit.parent)
-    if causal and not (spec.supports_causal and parent.supports_causal):
-        pytest.skip("limit checked non-causally only: the method is non-causal")
     child_options = example(method, N) | limit.options(N)
     parent_options = shared_options(child_options, limit.parent) | limit.parent_options
     q, k, v = qkv(seq_q=N)
@@ -79,11 +80,8 @@ def test_causal_unsupported_names_alternatives(method):
         approxattn.attention(q, k, v, method, causal=True, **example(method, N))
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("method, causal", with_causal(METHODS))
 def test_padded_keys_never_change_valid_outputs(method, causal):
-    if causal and method not in CAUSAL_METHODS:
-        pytest.skip("non-causal method")
     q, k, v = qkv(seq_q=N)
     mask = torch.ones(2, N, dtype=torch.bool)
     mask[0, 11:] = False
@@ -141,12 +139,9 @@ def test_same_seed_same_output_and_state_dict_round_trip(method):
     assert torch.equal(restored(q, k, v), first(q, k, v))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, causal", with_causal(METHODS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
 def test_half_precision_large_logits_stay_finite(method, dtype, causal):
-    if causal and method not in CAUSAL_METHODS:
-        pytest.skip("non-causal method")
     # entries N(0, 8): q·k/√d has standard deviation 8
     q, k, v = qkv(seq_q=64, head_dim=16, dtype=dtype, std=8**0.5)
     out = approxattn.attention(q, k, v, method, causal=causal, **example(method, 64))
