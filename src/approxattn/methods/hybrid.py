@@ -39,7 +39,11 @@ class FlurkaAttention(AttentionModule):
         self.kernel = inner.module_class(head_dim=head_dim, **inner.resolve_options(inner_options))
 
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
-        dtype = compute_dtype(q.dtype)
+        from ..kernels.dispatch import kernels_enabled
+
+        # on the fused path the r-row reduction stays in the input dtype (fp32 accumulation) and
+        # the kernel module below takes its Triton path; elsewhere everything runs in fp32
+        dtype = q.dtype if kernels_enabled(q) else compute_dtype(q.dtype)
         k_reduced, v_reduced, reduced_valid = self.projection(k.to(dtype), v.to(dtype), key_padding_mask)
         inner_scale = scale if self.kernel.spec.uses_scale else None
         return self.kernel(q.to(dtype), k_reduced, v_reduced, key_padding_mask=reduced_valid, scale=inner_scale)

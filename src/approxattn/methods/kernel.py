@@ -83,6 +83,11 @@ class PerformerAttention(RandomFeatureModule):
         self.projection.copy_(draw(self.options["num_features"], self.head_dim, generator))
 
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
+        from ..kernels.dispatch import fast_kernel_attention  # fused Triton path on CUDA, else None
+
+        fast = fast_kernel_attention(self, q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        if fast is not None:
+            return fast
         dtype = compute_dtype(q.dtype)
         root_scale = scale**0.5  # split the temperature so that xᵀy = scale·qᵀk
         x, y, v = q.to(dtype) * root_scale, k.to(dtype) * root_scale, v.to(dtype)
@@ -133,6 +138,11 @@ class LinearAttention(AttentionModule):
     native_gqa = True
 
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
+        from ..kernels.dispatch import fast_kernel_attention  # fused Triton path on CUDA, else None
+
+        fast = fast_kernel_attention(self, q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        if fast is not None:
+            return fast
         dtype = compute_dtype(q.dtype)
         key_valid = _key_valid(key_padding_mask)
         query_features = elu_features(q.to(dtype))

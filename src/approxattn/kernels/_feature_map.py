@@ -1,0 +1,159 @@
+"""Triton helpers shared by the kernel-attention ops: feature maps computed in registers.
+
+Feature codes (constexpr ``FEATURE``): ``ELU`` φ(x) = elu(x) + 1 (m = d, no projection);
+``FAVOR`` the positive softmax features ``ratio·(exp(ωᵀx − ‖x‖²/2 − c) + ε)``; ``RELU``
+``relu(ωᵀx) + ε``. ``x`` is the raw q or k row; the temperature split ``xs = scale ** 0.5``
+is applied to the logits, not to x, so the inputs are read once and never rescaled in memory.
+
+Each helper returns the features φ (fp32, zero beyond the m real features) and the factor
+``∂φ/∂p`` that the backward multiplies by, where p is the pre-activation (the projected
+logit). Dots take their operands in bf16 for half-precision inputs (``LP``) and in fp32
+with IEEE products otherwise; accumulation is always fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+ELU = 0
+FAVOR = 1
+RELU = 2
+FEATURE_CODES = {"elu": ELU, "favor": FAVOR, "relu": RELU}
+
+# The CPU interpreter (triton 3.9) mis-multiplies bf16 operands and casts fp32 → bf16 by
+# truncation: there, bf16 operands are emulated by rounding to nearest even with integer
+# arithmetic and multiplying exactly in fp32, which is the GPU's arithmetic.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 → nearest-even bf16 value, kept in fp32 (interpreter only)."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast_out(x, dtype: tl.constexpr):
+    """The value stored into a tensor of ``dtype`` (rounded to nearest even)."""
+    if _INTERPRET and dtype == tl.bfloat16:
+        return _round_bf16(x).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, LP: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: half operands (LP; fp32 ones rounded to bf16, two of
+    one half dtype kept as they are) or exact fp32 products."""
+    if LP and _INTERPRET:
+        if a.dtype == tl.float32:
+            a = _round_bf16(a)
+        if b.dtype == tl.float32:
+            b = _round_bf16(b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif LP:
+        if a.dtype == b.dtype and a.dtype != tl.float32:
+            return tl.dot(a, b)
+        else:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _dot_split(a, b, LP: tl.constexpr, WIDE: tl.constexpr):
+    """``a @ b`` where a holds values exact in its own half dtype (an input row, an upstream
+    gradient) and b is fp32: b is split into hi + lo halves, so the product is nearly
+    fp32-exact for two half-precision dots. ``WIDE``: b may overflow fp16 (a state), then
+    fp16 rows fall back to bf16 operands."""
+    if LP and _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif LP:
+        if WIDE and a.dtype == tl.float16:
+            hi = b.to(tl.bfloat16)
+            lo = (b.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+            ab = a.to(tl.bfloat16)
+            return tl.dot(ab, hi) + tl.dot(ab, lo)
+        else:
+            hi = b.to(a.dtype)
+            lo = (b.to(tl.float32) - hi.to(tl.float32)).to(a.dtype)
+            return tl.dot(a, hi) + tl.dot(a, lo)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _load_wt(w_ptr, stride_wm, stride_wd, m, d, FEATURE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """The projection transposed, ``(BD, BM)``, zero-padded (a dummy tile for ELU)."""
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    if FEATURE == 0:
+        return tl.zeros([BD, BM], dtype=tl.float32)
+    else:
+        ptrs = w_ptr + offs_m[None, :] * stride_wm + offs_d[:, None] * stride_wd
+        return tl.load(ptrs, mask=(offs_m[None, :] < m) & (offs_d[:, None] < d), other=0.0)
+
+
+@triton.jit
+def _logits(x, wt, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """Pre-activations p ``(BN, BM)`` fp32 of raw rows ``x (BN, BD)``.
+
+    ELU: x itself (BM == BD); RELU: xs·xWᵀ; FAVOR: xs·xWᵀ − xs²‖x‖²/2.
+    """
+    if FEATURE == 0:
+        return x.to(tl.float32)
+    else:
+        p = _dot_split(x, wt, LP, False) * xs
+        if FEATURE == 1:
+            xf = x.to(tl.float32)
+            p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=1)[:, None]
+        return p
+
+
+@triton.jit
+def _apply(p, offset, ratio, eps, keep, FEATURE: tl.constexpr):
+    """Features and ``∂φ/∂p`` from pre-activations; ``offset`` is the FAVOR stabiliser
+    (broadcastable to p), ``keep`` masks padded features and keys (zero there)."""
+    if FEATURE == 0:
+        phi = tl.where(p > 0, p + 1.0, tl.exp(tl.minimum(p, 0.0)))
+        factor = tl.minimum(phi, 1.0)
+    elif FEATURE == 1:
+        e = tl.exp(p - offset)
+        phi = ratio * (e + eps)
+        factor = ratio * e
+    else:
+        phi = tl.maximum(p, 0.0) + eps
+        factor = tl.where(p > 0, 1.0, 0.0)
+    phi = tl.where(keep, phi, 0.0)
+    factor = tl.where(keep, factor, 0.0)
+    return phi, factor
+
+
+@triton.jit
+def _query_features(x, wt, xs, ratio, eps, m, FEATURE: tl.constexpr, STAB: tl.constexpr, LP: tl.constexpr,
+                    BM: tl.constexpr):
+    """Query features ``(BN, BM)``: FAVOR subtracts each row's max over its m logits."""
+    p = _logits(x, wt, xs, FEATURE, LP)
+    fmask = (tl.arange(0, BM) < m)[None, :]
+    if FEATURE == 1 and STAB:
+        offset = tl.max(tl.where(fmask, p, -1.0e30), axis=1)[:, None]
+    else:
+        offset = tl.zeros([1, 1], dtype=tl.float32)
+    return _apply(p, offset, ratio, eps, fmask, FEATURE)
+
+
+@triton.jit
+def _input_grad(x, dl, wt, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """Gradient with respect to the raw row x from ``dl = ∂L/∂p`` ``(BN, BM)``."""
+    if FEATURE == 0:
+        return dl
+    else:
+        dx = _dot(dl, tl.trans(wt), LP) * xs
+        if FEATURE == 1:
+            dx = dx - (xs * xs) * x.to(tl.float32) * tl.sum(dl, axis=1)[:, None]
+        return dx

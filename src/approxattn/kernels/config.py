@@ -1,0 +1,51 @@
+"""The description of a feature map that the fused kernels compute (no Triton needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureConfig:
+    """One feature map φ and its constants.
+
+    feature: ``"elu"`` (elu+1, m = d), ``"favor"`` (``ratio·(exp(xs·ωᵀx − xs²‖x‖²/2 − c) + eps)``)
+    or ``"relu"`` (``relu(xs·ωᵀx) + eps``). projection: ``(m, d)`` rows ω (hyperbolic FAVOR
+    passes ``[W; −W]``). stabilize: FAVOR's max subtraction (per query row; per (batch, head)
+    over keys when non-causal, a running prefix max when causal).
+    """
+
+    feature: str
+    projection: torch.Tensor | None = None
+    x_scale: float = 1.0
+    ratio: float = 1.0
+    eps: float = 0.0
+    stabilize: bool = True
+    den_eps: float = 0.0
+
+    def features(self, d: int) -> int:
+        return d if self.projection is None else self.projection.shape[0]
+
+    @property
+    def use_key_max(self) -> bool:
+        return self.feature == "favor" and self.stabilize
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        return like if self.projection is None else self.projection
+
+    def weight_strides(self, like: torch.Tensor) -> tuple[int, int]:
+        return (0, 0) if self.projection is None else tuple(self.projection.stride())
+
+    @staticmethod
+    def low_precision(t: torch.Tensor) -> bool:
+        return t.dtype in (torch.float16, torch.bfloat16)
+
+    def state_terms(self) -> tuple[float, float]:
+        """(multiplier, constant) with φ = multiplier·e + constant for the kernels' core e."""
+        if self.feature == "favor":
+            return self.ratio, self.ratio * self.eps
+        if self.feature == "relu":
+            return 1.0, self.eps
+        return 1.0, 0.0

@@ -1,0 +1,216 @@
+"""Fused Triton kernels against their PyTorch twins: outputs and every gradient.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` at tiny sizes; on a GPU (``-m gpu``) they
+run compiled at real sizes. Every output is poisoned (``torch.empty`` returns NaNs), so an
+element a kernel fails to write fails the comparison. Thresholds: relative error < 1e-4 in
+fp32 and < 1e-2 in bf16, against the fp64 twin on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import approxattn  # noqa: E402
+from approxattn.kernels import FeatureConfig, feature_attention, naive_feature_attention  # noqa: E402
+from approxattn.kernels import dispatch  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """``torch.empty``/``empty_like`` return NaN-filled tensors, so unwritten outputs fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty_like(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values (unwritten or overflowed)"
+    return float((out - ref).norm() / ref.norm())
+
+
+def make_cfg(feature, d, m, *, stabilize=True, generator=None):
+    if feature == "elu":
+        return FeatureConfig("elu", den_eps=1e-6)
+    projection = torch.randn(m, d, generator=generator)
+    if feature == "relu":
+        return FeatureConfig("relu", projection, x_scale=d**-0.25, eps=1e-3)
+    return FeatureConfig("favor", projection, x_scale=d**-0.25, ratio=m**-0.5, eps=1e-6, stabilize=stabilize)
+
+
+def inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, N, d, generator=gen) * 0.8
+    k = torch.randn(B, HKV, NK, d, generator=gen) * 0.8
+    v = torch.randn(B, HKV, NK, dv, generator=gen)
+    do = torch.randn(B, HQ, N, dv, generator=gen)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, do)], gen
+
+
+def check(feature, dtype, *, causal, B=2, HQ=4, HKV=2, N=48, NK=None, d=16, dv=16, m=32, padding=None,
+          stabilize=True, device="cpu", seed=0, tol=None):
+    NK = N if NK is None else NK
+    (q, k, v, do), gen = inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed)
+    cfg = make_cfg(feature, d, m, stabilize=stabilize, generator=gen)
+    if cfg.projection is not None:
+        cfg = FeatureConfig(**{**cfg.__dict__, "projection": cfg.projection.to(device)})
+    mask = None
+    if padding is not None:
+        mask = torch.ones(B, NK, dtype=torch.bool, device=device)
+        mask[0, NK - padding:] = False
+        if not causal:  # a causal row with no valid key before it has no defined output
+            mask[-1, :3] = False
+    fast = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = feature_attention(*fast, cfg, causal=causal, key_padding_mask=mask)
+    assert out.dtype == dtype and out.shape == (B, HQ, N, dv)
+    out.backward(do)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = naive_feature_attention(*ref_in, cfg, causal=causal, key_padding_mask=mask)
+    ref.backward(do.double())
+    tol = TOL[dtype] if tol is None else tol
+    errors = {"out": rel_err(out, ref)}
+    for name, a, b in zip("qkv", fast, ref_in):
+        errors["d" + name] = rel_err(a.grad, b.grad)
+    assert max(errors.values()) < tol, errors
+    return errors
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter)
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests run where there is no GPU")
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["elu", "favor", "relu"])
+def test_noncausal_fp32_gqa_padding_cross_lengths(feature):
+    check(feature, torch.float32, causal=False, N=37, NK=50, padding=9)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_noncausal_bf16(feature):
+    check(feature, torch.bfloat16, causal=False, B=1, HQ=2, HKV=1, N=64, d=32, dv=32, m=64)
+
+
+@needs_triton
+@cpu_only
+def test_noncausal_odd_sizes_unstabilised():
+    check("favor", torch.float32, causal=False, B=1, HQ=3, HKV=3, N=21, d=12, dv=20, m=24, stabilize=False)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["elu", "relu"])
+def test_causal_fp32_gqa_padding(feature):
+    check(feature, torch.float32, causal=True, N=45, padding=7)
+
+
+@needs_triton
+@cpu_only
+def test_causal_bf16_elu():
+    check("elu", torch.bfloat16, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32)
+
+
+@needs_triton
+@cpu_only
+def test_modules_dispatch_to_kernels(monkeypatch):
+    """The modules' fused path (forced on CPU) agrees with their reference path."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 24, 16, generator=gen)
+    k = torch.randn(2, 2, 24, 16, generator=gen)
+    v = torch.randn(2, 2, 24, 16, generator=gen)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 20:] = False
+    cases = [
+        ("performer", dict(num_features=32), False),
+        ("performer", dict(num_features=16, kernel="softmax-hyperbolic"), False),
+        ("performer", dict(num_features=32, kernel="relu"), True),
+        ("linear", {}, True),
+        ("flurka-performer", dict(num_features=32, rank=8), False),
+    ]
+    for method, options, causal in cases:
+        module = approxattn.build(method, head_dim=16, **options)
+        with monkeypatch.context() as mp:
+            mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+            ref = module(q, k, v, causal=causal, key_padding_mask=mask)
+        calls = []
+        with monkeypatch.context() as mp:
+            mp.setenv("APPROXATTN_FORCE_KERNELS", "1")
+            mp.setattr(dispatch, "supported", lambda *a, _s=dispatch.supported: calls.append(1) or _s(*a))
+            out = module(q, k, v, causal=causal, key_padding_mask=mask)
+        assert calls, f"{method}: fused path not taken"
+        assert rel_err(out, ref) < 1e-4, (method, options)
+
+
+# ----------------------------------------------------------------------------- dispatch rules
+
+
+def test_reference_path_without_cuda_or_triton(monkeypatch):
+    t = torch.zeros(1)
+    monkeypatch.delenv("APPROXATTN_FORCE_KERNELS", raising=False)
+    assert not dispatch.kernels_enabled(t)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
+    monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+    assert not dispatch.kernels_enabled(t)
+
+
+def test_causal_favor_with_prefix_max_falls_back():
+    module = approxattn.build("performer", head_dim=8, num_features=16)
+    q = torch.randn(1, 1, 8, 8)
+    cfg = dispatch.performer_config(module, 8**-0.5)
+    assert cfg.use_key_max
+    from approxattn.kernels import causal_linear_attn as _  # noqa: F401  (needs triton)
+    assert dispatch.supported(cfg, q, q, q, causal=True) == _.SUPPORTS_PREFIX_MAX
+
+
+test_causal_favor_with_prefix_max_falls_back = needs_triton(test_causal_favor_with_prefix_max_falls_back)
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("feature,m", [("elu", 64), ("favor", 256), ("relu", 256)])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_real_sizes(feature, m, dtype, causal):
+    check(feature, dtype, causal=causal, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=m, padding=300, device="cuda")
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_fp16_and_odd_sizes(causal):
+    check("elu", torch.float16, causal=causal, B=1, HQ=4, HKV=1, N=1000, d=60, dv=48, device="cuda")
+    if not causal:
+        check("favor", torch.float16, causal=False, B=1, HQ=4, HKV=2, N=777, NK=1500, d=64, dv=64, m=266,
+              device="cuda")
