@@ -28,6 +28,14 @@ class AttentionShape:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.heads // self.kv_heads
 
+    def group_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hq, N, ...)`` → ``(B, Hkv, G, N, ...)``: each key/value head's query group (a view)."""
+        return x.reshape(self.batch, self.kv_heads, self.groups, *x.shape[2:])
+
+    def ungroup_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hkv, G, N, ...)`` → ``(B, Hq, N, ...)``."""
+        return x.reshape(self.batch, self.heads, *x.shape[3:])
+
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)

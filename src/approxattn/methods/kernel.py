@@ -41,15 +41,6 @@ PERFORMER_KERNELS = ("softmax", "softmax-hyperbolic", "relu")
 DEFAULT_EPS = {"softmax": 1e-6, "softmax-hyperbolic": 1e-6, "relu": 1e-3}
 
 
-def _grouped(x: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
-    """``(B, Hq, N, m)`` → ``(B, Hkv, G, N, m)``: each key/value head's query group."""
-    return x.reshape(shape.batch, shape.kv_heads, shape.groups, *x.shape[2:])
-
-
-def _ungrouped(x: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
-    return x.reshape(shape.batch, shape.heads, *x.shape[3:])
-
-
 def _key_valid(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if key_padding_mask is None else key_padding_mask[:, None, :]
 
@@ -110,22 +101,22 @@ class PerformerAttention(RandomFeatureModule):
             offsets = causal_key_offsets(key_logs, key_valid)
             key_features = ratio * torch.exp((key_logs - offsets.unsqueeze(-1)).clamp(max=0.0))
             out = causal_kernel_attention(
-                _grouped(query_features, shape), key_features, v, chunk_size=chunk,
+                shape.group_queries(query_features), key_features, v, chunk_size=chunk,
                 key_offsets=offsets, eps_feature=ratio * eps, key_valid=key_valid,
             )
-            return _ungrouped(out, shape)
+            return shape.ungroup_queries(out)
         key_features = favor_key_features(key_logs, key_valid, ratio=ratio, eps=eps, stabilize=stabilize)
         return _kernel_attention(query_features, key_features, v, shape, causal, chunk, key_valid)
 
 
 def _kernel_attention(query_features, key_features, v, shape, causal, chunk, key_valid, den_eps=0.0):
-    grouped = _grouped(query_features, shape)
+    grouped = shape.group_queries(query_features)
     if causal:
         out = causal_kernel_attention(grouped, key_features, v, chunk_size=chunk, key_valid=key_valid, den_eps=den_eps)
     else:
         v = zero_padded(v, key_valid)
         out = noncausal_kernel_attention(grouped, key_features, v, den_eps=den_eps)
-    return _ungrouped(out, shape)
+    return shape.ungroup_queries(out)
 
 
 class LinearAttention(AttentionModule):
