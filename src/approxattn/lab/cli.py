@@ -90,8 +90,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmap-input", default=None, help="input id (or prefix) for the heat maps")
     parser.add_argument("--heatmap-head", type=int, default=0, help="head index (within the input) for the heat maps")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads while measuring (default: torch's default, one per core)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads while measuring (default 1: stable timings on shared machines)")
     parser.add_argument("--fresh", action="store_true", help="discard the report folder's earlier rows (no resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

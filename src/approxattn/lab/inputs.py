@@ -160,7 +160,8 @@ def _real_inputs(spec, source, values, cache, on_load) -> list[AttentionInput]:
         def loader(text=text, offset=offset, layer=layer, n=n, capture_n=capture_n):
             from .models import captured_qkv
 
-            data = captured_qkv(source, text, capture_n, [layer], offset=offset, cache=cache, on_load=on_load)[layer]
+            # every layer of the spec in one forward pass (cached together), then this one
+            data = captured_qkv(source, text, capture_n, layers, offset=offset, cache=cache, on_load=on_load)[layer]
             q = data["q"][:, q_heads, :n].contiguous()
             k = data["k"][:, groups, :n].contiguous()
             v = data["v"][:, groups, :n].contiguous()

@@ -81,11 +81,13 @@ def summary_table(plan: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if inp.source not in sources:
             sources.append(inp.source)
     ref = plan.reference_input
+    from .advise import exact_reference
+
+    exact = exact_reference()  # the method most others approximate (softmax), read from the registry
     softmax_time = None
     for r in measures:
-        if r["input"] == ref.id and r.get("family") == "exact" and r.get("method") == "softmax" and r["status"] == "ok":
+        if r["input"] == ref.id and r.get("method") == exact and r["status"] == "ok":
             softmax_time = r.get("time_ms")
-    # the exact baseline: the registry's "exact" family member named by every exact_limit chain's root
     table = []
     reasons: dict[str, str] = {}
     for method in plan.methods:
@@ -220,7 +222,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
 
 
 def write_report(plan: Any, rows: list[dict[str, Any]], env: dict[str, Any], *, wall_s: float, computed: int,
-                 reused: int) -> tuple[list[str], dict[str, Any]]:
+                 reused: int, extra: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
     from .runner import config_dict, environment
 
     out = plan.out_dir
@@ -254,6 +256,7 @@ def write_report(plan: Any, rows: list[dict[str, Any]], env: dict[str, Any], *, 
         "hybrid": [r for r in rows if r["kind"] == "hybrid"],
         "plots": plot_status,
         "files": sorted(set(files) | {"summary.json"}),
+        **(extra or {}),
     }
     (out / "summary.json").write_text(json.dumps(_clean(document), indent=1, default=str))
     return document["files"], document

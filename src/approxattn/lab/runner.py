@@ -83,8 +83,11 @@ class CompareConfig:
     heatmap_tokens: int = 96
     plots: bool = True
     resume: bool = True
-    time_budget_s: float = 0.2
-    threads: int | None = None  # torch intra-op threads while measuring (None: torch's default)
+    time_budget_s: float = 0.1
+    # torch CPU threads while measuring (None: torch's default, one per core). One by default: on a
+    # shared or busy machine, multi-threaded small kernels stall on descheduled threads (10-1000x
+    # slower and erratic); one thread gives stable, comparable timings. Ignored on CUDA.
+    threads: int | None = 1
 
     def resolved_inputs(self) -> list[str]:
         if self.inputs:
@@ -524,6 +527,7 @@ def _run(plan: Plan, config: CompareConfig, console: Any, progress: bool, status
                          lambda ctx, m=method, b=budget: measure_row(ctx, m, b, plan, env, with_matrix=False)))
 
     computed = reused = 0
+    load_s: dict[str, float] = {}
     new_rows: list[dict[str, Any]] = []
     contexts: dict[str, InputContext] = {}
     pending = {}
@@ -544,8 +548,12 @@ def _run(plan: Plan, config: CompareConfig, console: Any, progress: bool, status
             ctx = contexts.get(inp.id)
             if ctx is None:
                 contexts.clear()  # one input's tensors and references alive at a time
+                t0 = time.perf_counter()
                 ctx = contexts[inp.id] = InputContext(inp, plan.device, cfg.matrix_limit)
+                load_s[inp.id] = round(load_s.get(inp.id, 0.0) + time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
             row = fn(ctx)
+            row["row_s"] = round(time.perf_counter() - t0, 4)
             row["key"] = key
             row["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             store.add(row)
@@ -563,7 +571,8 @@ def _run(plan: Plan, config: CompareConfig, console: Any, progress: bool, status
     _append_measurements(cfg.cache, new_rows)
     from .report import write_report
 
-    files, summary = write_report(plan, rows, env, wall_s=time.perf_counter() - start, computed=computed, reused=reused)
+    files, summary = write_report(plan, rows, env, wall_s=time.perf_counter() - start, computed=computed, reused=reused,
+                                  extra={"input_load_s": load_s})
     return CompareResult(plan, rows, time.perf_counter() - start, computed, reused, files, summary)
 
 

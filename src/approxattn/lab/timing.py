@@ -33,8 +33,8 @@ def median_time(
     device: torch.device | str = "cpu",
     warmup: int = 1,
     min_reps: int = 3,
-    max_reps: int = 50,
-    budget_s: float = 0.3,
+    max_reps: int = 30,
+    budget_s: float = 0.1,
 ) -> dict[str, float]:
     """Median, min and max seconds of ``fn()`` and the number of timed repetitions."""
     device = torch.device(device)
