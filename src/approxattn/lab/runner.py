@@ -48,6 +48,7 @@ DEFAULT_INPUTS = (
 )
 QUICK_INPUTS = (
     "minilm:text=kjv:n=256:layers=1:heads=0,3,6,9",
+    "smollm2:text=kjv:n=256:layers=3:heads=0",
     "gaussian:n=256:spread=2:heads=2",
 )
 DEFAULT_SCALING = (256, 512, 1024, 2048, 4096)
