@@ -26,6 +26,7 @@ from approxattn.blocks.pseudo_inverse import (
     soft_newton_iterates,
     soft_newton_pinv,
 )
+from approxattn.linalg import randomized_svd
 from approxattn.methods.gaussian import skyformer_factors, skyformer_landmarks
 from approxattn.validation import AttentionShape
 from helpers import qkv, rel_err
@@ -39,6 +40,12 @@ def gen(seed: int) -> torch.Generator:
 
 def spectral(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(x, ord=2)
+
+
+def spectral_estimate(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂ of a large matrix by a block power method (LAPACK's SVD of the 1024×1024 error
+    matrices below takes seconds; this agrees with it to ~1e-9 on them)."""
+    return randomized_svd(x, 1, oversample=15, power_iterations=8, generator=gen(0))[1][..., 0]
 
 
 def naive_gaussian(q, k, scale):
@@ -251,11 +258,11 @@ def test_skyformer_reproduces_the_published_error_table():
     for seed in seeds:
         q, k = reference_inputs(seed)
         c = gaussian_kernel(q, k, scale=D_REF ** -0.5)[0, 0]
-        norm = spectral(c)
+        norm = spectral_estimate(c)
         for i, ell in enumerate(ELLS):
             for mode, gamma in (("exact", 0.0), ("iterative", 0.1)):
                 approx = skyformer_matrix(q, k, ell, pinv=mode, gamma=gamma, seed=seed)
-                errors[mode][i] += float(spectral(c - approx) / norm) / len(seeds)
+                errors[mode][i] += float(spectral_estimate(c - approx) / norm) / len(seeds)
     for mode, published in PUBLISHED.items():
         measured = errors[mode]
         assert bool((measured[1:] < measured[:-1]).all()), (mode, measured)
@@ -269,14 +276,14 @@ def test_symmetric_augmentation_beats_naive_nystrom_on_the_non_psd_matrix():
     for seed in range(2):
         q, k = reference_inputs(seed)
         c = gaussian_kernel(q, k, scale=D_REF ** -0.5)[0, 0]
-        norm = spectral(c)
+        norm = spectral_estimate(c)
         for ell in (32, 128):
             g = gen(seed)
             rows, cols = torch.randperm(N_REF, generator=g)[:ell], torch.randperm(N_REF, generator=g)[:ell]
             naive = c[:, cols] @ torch.linalg.pinv(c[rows][:, cols]) @ c[rows, :]
             augmented = skyformer_matrix(q, k, ell, pinv="exact", gamma=0.0, seed=seed)
-            naive_error = float(spectral(c - naive) / norm)
-            augmented_error = float(spectral(c - augmented) / norm)
+            naive_error = float(spectral_estimate(c - naive) / norm)
+            augmented_error = float(spectral_estimate(c - augmented) / norm)
             assert augmented_error < 0.1
             assert naive_error > 4 * augmented_error, (ell, naive_error, augmented_error)
 
