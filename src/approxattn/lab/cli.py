@@ -135,10 +135,10 @@ def run_compare_command(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         result = run_compare(config, console=err, progress=not args.no_progress)
     except (ValueError, TypeError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. a model wheel that is not installed
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     out = Console()
     if not out.is_terminal:
@@ -147,6 +147,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
     out.print(rich_table(summary, title=f"approxattn compare — time, memory, GFLOP at {summary['reference_input']}"))
     for mark, reason in summary["reasons"].items():
         out.print(f"{mark} n/a: {reason}", highlight=False)
+    for line in analysis_lines(result.rows):
+        out.print(line, highlight=False)
     hybrids = [r for r in result.rows if r and r.get("kind") == "hybrid" and r.get("status") == "ok"]
     if hybrids:
         within = sum(bool(r["within_sum"]) for r in hybrids)
@@ -156,6 +158,38 @@ def run_compare_command(args: argparse.Namespace) -> int:
     out.print(f"report: {result.plan.out_dir}/ ({len(result.files)} files; {result.computed} rows measured, "
               f"{result.reused} reused) in {result.wall_s:.1f} s", highlight=False)
     return 0
+
+
+def analysis_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per real source: spectrum and robust-PCA split of its exact attention matrices."""
+    import statistics
+
+    lines = []
+    sources = []
+    for r in rows:
+        if r and r.get("kind") in ("spectrum", "rpca") and r.get("status") == "ok" and r["source"] not in sources:
+            sources.append(r["source"])
+    for source in sources:
+        heads = [h for r in rows if r and r.get("kind") == "spectrum" and r.get("status") == "ok"
+                 and r["source"] == source for h in r["heads_analysis"]]
+        parts = []
+        if heads:
+            stable = statistics.median(h["stable_rank"] for h in heads)
+            r90 = [h["energy_rank_90"] for h in heads]
+            known = [x for x in r90 if x is not None]
+            r90_text = (f"{statistics.median(known):.0f}" if len(known) == len(r90)
+                        else f">{heads[0]['svd_rank']} in {len(r90) - len(known)}/{len(r90)} heads")
+            n = sorted({r["seq_len"] for r in rows if r and r.get("kind") == "spectrum" and r["source"] == source})
+            parts.append(f"{len(heads)} heads (n={','.join(map(str, n))}): median stable rank {stable:.1f}, "
+                         f"rank for 90% of ‖A‖²_F {r90_text}")
+        split = [h for r in rows if r and r.get("kind") == "rpca" and r.get("status") == "ok"
+                 and r["source"] == source for h in r["heads_analysis"]]
+        if split:
+            parts.append(f"robust PCA: low-rank part holds {statistics.median(h['low_rank_energy'] for h in split):.0%} "
+                         f"of the energy (rank {statistics.median(h['rank'] for h in split):.0f}), sparse part "
+                         f"{statistics.median(h['sparse_density'] for h in split):.0%} dense")
+        lines.append(f"attention of {source}: " + "; ".join(parts))
+    return lines
 
 
 def add_advise_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,13 +213,12 @@ def run_advise_command(args: argparse.Namespace) -> int:
 
     from .advise import advise, render
 
-    err = Console(stderr=True)
     try:
         advice = advise(seq_len=args.seq_len, head_dim=args.head_dim, causal=args.causal, max_error=args.max_error,
                         device=args.device, heads=args.heads, measurements=args.measurements, cache=args.cache_dir,
                         methods=args.methods)
     except (ValueError, TypeError) as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         import json
