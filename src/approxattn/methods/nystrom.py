@@ -57,10 +57,6 @@ def _masked_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
     return logits.masked_fill(~valid[:, None, None, :], float("-inf"))
 
 
-def _zero_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    return masked_rows(x, valid)
-
-
 # ----------------------------------------------------------------------------- Nyströmformer
 
 
@@ -119,7 +115,7 @@ class NystromformerAttention(AttentionModule):
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
         dtype = compute_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        k, v = _zero_rows(k, key_padding_mask), _zero_rows(v, key_padding_mask)
+        k, v = masked_rows(k, key_padding_mask), masked_rows(v, key_padding_mask)
         if self.conv_weight is not None and shape.seq_q != shape.seq_k:
             raise ValueError(
                 "option 'conv_kernel_size' of method 'nystromformer': the conv skip adds conv(v) to the "
@@ -133,8 +129,8 @@ class NystromformerAttention(AttentionModule):
         kernel_f = torch.softmax(_masked_logits(scale * q @ k_land.transpose(-1, -2), k_land_valid), dim=-1)
         kernel_a = torch.softmax(_masked_logits(scale * q_land @ k_land.transpose(-1, -2), k_land_valid), dim=-1)
         kernel_b = torch.softmax(_masked_logits(scale * q_land @ k.transpose(-1, -2), key_padding_mask), dim=-1)
-        kernel_a = _zero_rows(kernel_a, q_land_valid)
-        kernel_b = _zero_rows(kernel_b, q_land_valid)
+        kernel_a = masked_rows(kernel_a, q_land_valid)
+        kernel_b = masked_rows(kernel_b, q_land_valid)
 
         if self.options["pinv"] == "exact":
             a_pinv = torch.linalg.pinv(kernel_a)
@@ -228,10 +224,10 @@ class LowRankOracleAttention(AttentionModule):
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
         dtype = compute_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        v = _zero_rows(v, key_padding_mask)
+        v = masked_rows(v, key_padding_mask)
         rank = self.options["rank"]
         if rank >= min(shape.seq_q, shape.seq_k):
-            return softmax_attention(q, _zero_rows(k, key_padding_mask), v, key_valid=key_padding_mask, scale=scale)
+            return softmax_attention(q, masked_rows(k, key_padding_mask), v, key_valid=key_padding_mask, scale=scale)
         matrix = softmax_attention_matrix(q, k, key_valid=key_padding_mask, scale=scale)
         generator = torch.Generator().manual_seed(int(self.test_matrix_seed))
         u, s, vh = randomized_svd(
