@@ -9,7 +9,7 @@ Public API::
     approxattn.nn.MultiheadAttention(embed_dim, num_heads, method=..., **options)
 """
 
-from . import nn
+from . import linalg, nn
 from .api import attention, build
 from .module import AttentionModule, RandomFeatureModule
 from .registry import Cost, ExactLimit, MethodSpec, Option, available_methods, get_method
@@ -27,5 +27,6 @@ __all__ = [
     "available_methods",
     "build",
     "get_method",
+    "linalg",
     "nn",
 ]
