@@ -157,3 +157,43 @@ def _input_grad(x, dl, wt, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
         if FEATURE == 1:
             dx = dx - (xs * xs) * x.to(tl.float32) * tl.sum(dl, axis=1)[:, None]
         return dx
+
+
+# ----------------------------------------------------------------------------- feature blocks
+# The non-causal kernels walk the m features in blocks of BMB columns so that no m-wide tile
+# lives in registers; the projection arrives split on the host into hi + lo halves in the
+# input dtype (fp32 inputs: hi is the fp32 projection and lo is ignored).
+
+
+@triton.jit
+def _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.constexpr, BMB: tl.constexpr,
+                BD: tl.constexpr):
+    """Rows ``mb·BMB …`` of the projection, transposed to ``(BD, BMB)``: (hi, lo)."""
+    if FEATURE == 0:
+        zero = tl.zeros([BD, BMB], dtype=tl.float32)
+        return zero, zero
+    else:
+        offs_m = mb * BMB + tl.arange(0, BMB)
+        offs_d = tl.arange(0, BD)
+        offs = offs_m[None, :] * stride_wm + offs_d[:, None] * stride_wd
+        mask = (offs_m[None, :] < m) & (offs_d[:, None] < d)
+        return tl.load(whi_ptr + offs, mask=mask, other=0.0), tl.load(wlo_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """Pre-activations ``(BN, BMB)`` of one feature block (ELU: x itself, BMB == BD)."""
+    if FEATURE == 0:
+        return x.to(tl.float32)
+    else:
+        if LP and _INTERPRET:
+            p = tl.dot(x.to(tl.float32), whi.to(tl.float32) + wlo.to(tl.float32), input_precision="ieee")
+        elif LP:
+            p = tl.dot(x, whi) + tl.dot(x, wlo)
+        else:
+            p = tl.dot(x.to(tl.float32), whi.to(tl.float32), input_precision="ieee")
+        p = p * xs
+        if FEATURE == 1:
+            xf = x.to(tl.float32)
+            p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=1)[:, None]
+        return p

@@ -28,10 +28,13 @@ def _sm_count(index: int) -> int:
 
 
 def num_programs_hint(device: torch.device) -> int:
-    """How many programs keep the device busy (2 per multiprocessor on a GPU)."""
+    """How many programs keep the device busy (8 per multiprocessor on a GPU)."""
     if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+PROGRAMS_PER_SM = 8
 
 
 # Launch overrides for tuning runs: {kind: {BN, num_warps, num_stages}}.
@@ -44,12 +47,22 @@ def pick_config(kind: str, m: int, d: int, dv: int) -> dict[str, int]:
         return {"BN": 16}
     if kind in OVERRIDES:
         return dict(OVERRIDES[kind])
-    wide = triton.next_power_of_2(m) * triton.next_power_of_2(dv) >= 128 * 64
     if kind.startswith("causal"):
-        return {"BN": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
-    if wide:
-        return {"BN": 64, "num_warps": 8, "num_stages": 2}
-    return {"BN": 128 if kind in ("state", "out") else 64, "num_warps": 4, "num_stages": 2}
+        if triton.next_power_of_2(m) * triton.next_power_of_2(dv) >= 128 * 64:
+            return {"BN": 32, "num_warps": 8, "num_stages": 1}
+        return {"BN": 32, "num_warps": 4, "num_stages": 2}
+    return dict(DEFAULTS.get(kind, {"BN": 64, "num_warps": 4, "num_stages": 2}))
+
+
+# Non-causal kernels work on feature blocks of at most 64 columns, so one config per kind
+# (picked on an H100 by benchmarks/tune.py at N = 65,536).
+DEFAULTS: dict[str, dict[str, int]] = {
+    "state": {"BN": 128, "num_warps": 4, "num_stages": 2},
+    "out": {"BN": 128, "num_warps": 4, "num_stages": 3},
+    "q_bwd": {"BN": 128, "num_warps": 4, "num_stages": 2},
+    "dstate": {"BN": 64, "num_warps": 4, "num_stages": 2},
+    "kv_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
+}
 
 
 def key_valid_arg(valid: torch.Tensor | None, like: torch.Tensor):

@@ -38,6 +38,16 @@ class FeatureConfig:
     def weight_strides(self, like: torch.Tensor) -> tuple[int, int]:
         return (0, 0) if self.projection is None else tuple(self.projection.stride())
 
+    def split_weight(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection as hi + lo halves in ``like``'s dtype (fp32: the projection twice)."""
+        if self.projection is None:
+            return like, like
+        w = self.projection.float().contiguous()
+        if like.dtype == torch.float32:
+            return w, w
+        hi = w.to(like.dtype)
+        return hi, (w - hi.float()).to(like.dtype)
+
     @staticmethod
     def low_precision(t: torch.Tensor) -> bool:
         return t.dtype in (torch.float16, torch.bfloat16)

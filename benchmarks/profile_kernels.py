@@ -1,0 +1,46 @@
+"""Per-kernel CUDA times and host time per call of the fused ops (torch.profiler).
+
+Usage: PYTHONPATH=src python benchmarks/profile_kernels.py
+"""
+
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from approxattn.kernels import FeatureConfig, feature_attention
+
+dev = "cuda"
+W = torch.randn(256, 64, device=dev)
+CASES = [
+    ("elu", FeatureConfig("elu", den_eps=1e-6), False, 4096),
+    ("elu", FeatureConfig("elu", den_eps=1e-6), False, 65536),
+    ("favor m=256", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), False, 65536),
+    ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 4096),
+    ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 65536),
+    ("relu m=256 causal", FeatureConfig("relu", W, x_scale=64**-0.25, eps=1e-3), True, 65536),
+]
+for name, cfg, causal, n in CASES:
+    q, k, v, do = (torch.randn(1, 16, n, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def step():
+        torch.autograd.grad(feature_attention(q, k, v, cfg, causal=causal), (q, k, v), do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        step()
+    host = (time.perf_counter() - t0) / 10 * 1e3  # launch-side time (no sync inside)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 10 * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {name} N={n}: host {host:.3f} ms/call, wall {wall:.3f} ms/call", flush=True)
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        print(f"   {e.key[:60]:<60} {e.device_time_total / 5 / 1e3:8.3f} ms/call  x{e.count // 5}", flush=True)

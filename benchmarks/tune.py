@@ -1,0 +1,60 @@
+"""Launch-config sweep for the fused kernels on the GPU (B=1, H=16, d=64, bf16, N=65,536).
+
+For each kernel kind, every candidate (BN, num_warps, num_stages) is timed with the other
+kinds at their defaults; prints the fastest per kind (copy them into kernels/_launch.py).
+Usage: PYTHONPATH=src python benchmarks/tune.py [N]
+"""
+
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from approxattn.kernels import FeatureConfig, feature_attention
+from approxattn.kernels import _launch
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (128, 4, 3)]
+dev = "cuda"
+gen = torch.Generator(device=dev).manual_seed(0)
+q, k, v, do = (torch.randn(1, 16, N, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+W = torch.randn(256, 64, device=dev, generator=gen)
+SETTINGS = [
+    ("favor m=256", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), False,
+     ["state", "out", "q_bwd", "dstate", "kv_bwd"]),
+    ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd", "dstate", "kv_bwd"]),
+    ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, ["causal_fwd"]),
+]
+
+
+def timed(cfg, causal):
+    fwd = do_bench(lambda: feature_attention(q, k, v, cfg, causal=causal), warmup=5, rep=25, return_mode="median")
+    both = do_bench(lambda: torch.autograd.grad(feature_attention(q, k, v, cfg, causal=causal), (q, k, v), do),
+                    warmup=5, rep=25, return_mode="median")
+    return fwd, both
+
+
+for name, cfg, causal, kinds in SETTINGS:
+    _launch.OVERRIDES.clear()
+    base_out = feature_attention(q, k, v, cfg, causal=causal).float()
+    f0, b0 = timed(cfg, causal)
+    print(f"== {name}: defaults fwd {f0:.3f} ms, fwd+bwd {b0:.3f} ms", flush=True)
+    for kind in kinds:
+        best = None
+        for bn, warps, stages in CONFIGS:
+            _launch.OVERRIDES.clear()
+            _launch.OVERRIDES[kind] = {"BN": bn, "num_warps": warps, "num_stages": stages}
+            try:
+                out = feature_attention(q, k, v, cfg, causal=causal).float()
+                diff = float((out - base_out).norm() / base_out.norm())
+                f, b = timed(cfg, causal)
+            except Exception as e:  # noqa: BLE001
+                print(f"   {kind} {bn},{warps},{stages}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                continue
+            print(f"   {kind:<10} BN={bn:<4} warps={warps} stages={stages}: fwd {f:.3f} fwd+bwd {b:.3f} "
+                  f"(diff {diff:.1e})", flush=True)
+            score = b
+            if best is None or score < best[0]:
+                best = (score, bn, warps, stages)
+        print(f" best {name} {kind}: {best}", flush=True)

@@ -1,0 +1,87 @@
+"""Named sweeps. ``headline``: the issue's side-by-side run (B=1, H=16, d=64, bf16, N = 1K…128K);
+``sweep``: the other axes (batch×heads, head dim, dtype, feature budget) at a few lengths;
+``quick``: a smoke test."""
+
+from __future__ import annotations
+
+from .impls import Case
+
+HEADLINE_SEQ = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def noncausal_family(seq: int, **shape) -> list[Case]:
+    return [
+        Case("sdpa", "SDPA flash", seq, False, method="softmax", **shape),
+        Case("fused", "FAVOR+ m=256 (fused)", seq, False, method="performer", options={"num_features": 256}, **shape),
+        Case("reference", "FAVOR+ m=256 (PyTorch ref)", seq, False, method="performer",
+             options={"num_features": 256}, **shape),
+        Case("performer-pytorch", "performer-pytorch m=256", seq, False, feature_dim=256, **shape),
+        Case("fused", "ReLU features m=256 (fused)", seq, False, method="performer",
+             options={"num_features": 256, "kernel": "relu"}, **shape),
+        Case("fused", "elu+1 linear (fused)", seq, False, method="linear", **shape),
+        Case("fused", "FLuRKA r=128 m=64 (fused)", seq, False, method="flurka-performer",
+             options={"rank": 128, "num_features": 64}, **shape),
+        Case("fused", "FLuRKA r=128 m=256 (fused)", seq, False, method="flurka-performer",
+             options={"rank": 128, "num_features": 256}, **shape),
+        Case("reference", "Linformer r=128 (PyTorch)", seq, False, method="linformer", options={"rank": 128},
+             **shape),
+    ]
+
+
+def causal_family(seq: int, **shape) -> list[Case]:
+    cases = [
+        Case("sdpa", "SDPA flash causal", seq, True, method="softmax", **shape),
+        Case("fused", "elu+1 linear causal (fused)", seq, True, method="linear", **shape),
+        Case("fla", "fla chunk_linear_attn K=64 (elu+1 in PyTorch)", seq, True, feature_dim=64,
+             options={"feature_map": "elu"}, **shape),
+        Case("fla", "fla chunk_linear_attn K=256 (features given)", seq, True, feature_dim=256, **shape),
+        Case("fused", "ReLU features m=256 causal (fused)", seq, True, method="performer",
+             options={"num_features": 256, "kernel": "relu"}, **shape),
+        Case("fused", "FAVOR+ m=256 causal, no stabiliser (fused)", seq, True, method="performer",
+             options={"num_features": 256, "stabilize": False}, **shape),
+    ]
+    if seq <= 16384:
+        cases += [
+            Case("reference", "elu+1 linear causal (PyTorch ref)", seq, True, method="linear", **shape),
+            Case("reference", "FAVOR+ m=256 causal (PyTorch ref, prefix max)", seq, True, method="performer",
+                 options={"num_features": 256}, **shape),
+        ]
+    return cases
+
+
+def headline(seqs=HEADLINE_SEQ) -> list[Case]:
+    cases: list[Case] = []
+    for seq in seqs:
+        cases += noncausal_family(seq) + causal_family(seq)
+    return cases
+
+
+def sweep(seqs=(4096, 16384, 65536)) -> list[Case]:
+    """Batch×heads, head dim, dtype and feature budget around the headline shape."""
+    cases: list[Case] = []
+    for seq in seqs:
+        for batch, heads in ((4, 16), (1, 32)):
+            cases += [Case("sdpa", "SDPA flash", seq, False, batch=batch, heads=heads, method="softmax"),
+                      Case("fused", "FAVOR+ m=256 (fused)", seq, False, batch=batch, heads=heads,
+                           method="performer", options={"num_features": 256})]
+        cases += [Case("sdpa", "SDPA flash", seq, False, head_dim=128, heads=8, method="softmax"),
+                  Case("fused", "FAVOR+ m=256 (fused)", seq, False, head_dim=128, heads=8, method="performer",
+                       options={"num_features": 256}),
+                  Case("fused", "elu+1 linear causal (fused)", seq, True, head_dim=128, heads=8, method="linear")]
+        for dtype in ("float16", "float32"):
+            cases += [Case("fused", "FAVOR+ m=256 (fused)", seq, False, dtype=dtype, method="performer",
+                           options={"num_features": 256}),
+                      Case("fused", "elu+1 linear causal (fused)", seq, True, dtype=dtype, method="linear")]
+        for m in (64, 128, 512):
+            cases.append(Case("fused", f"FAVOR+ m={m} (fused)", seq, False, method="performer",
+                              options={"num_features": m}))
+        cases.append(Case("fused", "FAVOR+ m=256 GQA 16/4 (fused)", seq, False, kv_heads=4, method="performer",
+                          options={"num_features": 256}))
+    return cases
+
+
+def quick() -> list[Case]:
+    return noncausal_family(4096)[:3] + causal_family(4096)[:3]
+
+
+PRESETS = {"headline": headline, "sweep": sweep, "quick": quick}

@@ -1,0 +1,277 @@
+"""Results → JSON, a markdown report (tables and the issue's targets) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HEADLINE = {"batch": 1, "heads": 16, "head_dim": 64, "dtype": "bfloat16", "kv_heads": 16}
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def save(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def _headline_rows(results):
+    return [r for r in results if all(r["case"].get(k) == v for k, v in HEADLINE.items())]
+
+
+def _index(rows):
+    """{(label, seq): row}"""
+    return {(r["case"]["label"], r["case"]["seq"]): r for r in rows}
+
+
+def _fmt(ms):
+    if ms is None:
+        return "—"
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def time_table(rows, causal: bool) -> str:
+    rows = [r for r in rows if r["case"]["causal"] == causal]
+    labels = list(dict.fromkeys(r["case"]["label"] for r in rows))
+    seqs = sorted({r["case"]["seq"] for r in rows})
+    idx = _index(rows)
+    head = "| method | " + " | ".join(f"N={s:,}" for s in seqs) + " |"
+    lines = [head, "|" + "---|" * (len(seqs) + 1)]
+    for label in labels:
+        cells = []
+        for s in seqs:
+            r = idx.get((label, s))
+            cells.append("" if r is None else f"{_fmt(r.get('fwd'))} / {_fmt(r.get('fwd+bwd'))}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speedup_table(rows, causal: bool) -> str:
+    rows = [r for r in rows if r["case"]["causal"] == causal]
+    base_label = "SDPA flash causal" if causal else "SDPA flash"
+    idx = _index(rows)
+    labels = [l for l in dict.fromkeys(r["case"]["label"] for r in rows) if l != base_label]
+    seqs = sorted({r["case"]["seq"] for r in rows})
+    lines = ["| fwd+bwd speed-up over SDPA | " + " | ".join(f"N={s:,}" for s in seqs) + " |",
+             "|" + "---|" * (len(seqs) + 1)]
+    for label in labels:
+        cells = []
+        for s in seqs:
+            base, r = idx.get((base_label, s)), idx.get((label, s))
+            x = _ratio(base and base.get("fwd+bwd"), r and r.get("fwd+bwd"))
+            cells.append("" if x is None else f"{x:.2f}×")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def floor_table(rows) -> str:
+    lines = ["| fused path | N | fwd ms (floor) | × floor | fwd+bwd ms (floor) | × floor | bound |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r.get("floor")
+        if r["case"]["impl"] != "fused" or not f:
+            continue
+        fx, bx = _ratio(r.get("fwd"), f["fwd"]), _ratio(r.get("fwd+bwd"), f["fwd+bwd"])
+        lines.append(f"| {r['case']['label']} | {r['case']['seq']:,} | {_fmt(r.get('fwd'))} ({f['fwd']:.3f}) | "
+                     f"{'—' if fx is None else f'{fx:.1f}'} | {_fmt(r.get('fwd+bwd'))} ({f['fwd+bwd']:.3f}) | "
+                     f"{'—' if bx is None else f'{bx:.1f}'} | {f['bound']} |")
+    return "\n".join(lines)
+
+
+def memory_table(rows) -> str:
+    lines = ["| method | N | causal | peak fwd+bwd (MiB) | q,k,v,o + grads (MiB) | ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "peak_bytes" not in r:
+            continue
+        lines.append(f"| {r['case']['label']} | {r['case']['seq']:,} | {'yes' if r['case']['causal'] else 'no'} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['qkvo_and_grads_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_over_io']:.2f} |")
+    return "\n".join(lines)
+
+
+def _crossover(idx, label, base_label, seqs):
+    """Smallest N from which ``label`` is faster than the baseline (fwd+bwd) at every longer N."""
+    found = None
+    for s in sorted(seqs, reverse=True):
+        base, r = idx.get((base_label, s)), idx.get((label, s))
+        if not base or not r or r.get("fwd+bwd") is None or base.get("fwd+bwd") is None:
+            continue
+        if r["fwd+bwd"] < base["fwd+bwd"]:
+            found = s
+        else:
+            break
+    return found
+
+
+def targets(rows) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured numbers and met / missed."""
+    idx = _index(rows)
+    seqs = sorted({r["case"]["seq"] for r in rows})
+    out = []
+
+    def t(label, seq, mode="fwd+bwd"):
+        r = idx.get((label, seq))
+        return None if r is None else r.get(mode)
+
+    def add(name, value, goal, met, detail):
+        out.append({"target": name, "value": value, "goal": goal, "met": met, "detail": detail})
+
+    n = 65536
+    for ours in ("FAVOR+ m=256 (fused)", "FLuRKA r=128 m=64 (fused)", "FLuRKA r=128 m=256 (fused)"):
+        sdpa, pp, mine = t("SDPA flash", n), t("performer-pytorch m=256", n), t(ours, n)
+        x, y = _ratio(sdpa, mine), _ratio(pp, mine)
+        add(f"{ours} vs SDPA, N=65,536 non-causal fwd+bwd", x, "≥ 65×", x is not None and x >= 65,
+            f"{_fmt(mine)} ms vs SDPA {_fmt(sdpa)} ms")
+        add(f"{ours} vs performer-pytorch, N=65,536 fwd+bwd", y, "≥ 9×", y is not None and y >= 9,
+            f"{_fmt(mine)} ms vs {_fmt(pp)} ms")
+    for seq, goal in [(65536, 1.5)] + [(s, 3.0) for s in seqs if s <= 4096]:
+        fla, mine = t("fla chunk_linear_attn K=64 (elu+1 in PyTorch)", seq), t("elu+1 linear causal (fused)", seq)
+        x = _ratio(fla, mine)
+        add(f"causal elu+1 vs fla K=64, N={seq:,} fwd+bwd", x, f"≥ {goal}×", x is not None and x >= goal,
+            f"{_fmt(mine)} ms vs fla {_fmt(fla)} ms")
+    for seq in seqs:
+        fla = t("fla chunk_linear_attn K=256 (features given)", seq)
+        for label in ("FAVOR+ m=256 causal (PyTorch ref, prefix max)", "FAVOR+ m=256 causal, no stabiliser (fused)",
+                      "ReLU features m=256 causal (fused)"):
+            mine = t(label, seq)
+            if mine is None or fla is None:
+                continue
+            x = _ratio(fla, mine)
+            add(f"{label} vs fla K=256, N={seq:,} fwd+bwd", x, "≥ 1×", x >= 1, f"{_fmt(mine)} ms vs fla {_fmt(fla)} ms")
+    for r in rows:
+        f = r.get("floor")
+        if r["case"]["impl"] != "fused" or not f or r["case"]["seq"] < 16384:
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            x = _ratio(r.get(mode), f[mode])
+            add(f"{r['case']['label']} {mode} within 3× of floor, N={r['case']['seq']:,}", x, "≤ 3×",
+                x is not None and x <= 3, f"{_fmt(r.get(mode))} ms vs floor {f[mode]:.3f} ms ({f['bound']}-bound)")
+    for causal, limit, label in ((False, 2048, "FAVOR+ m=256 (fused)"), (False, 2048, "elu+1 linear (fused)"),
+                                 (True, 4096, "elu+1 linear causal (fused)")):
+        base = "SDPA flash causal" if causal else "SDPA flash"
+        c = _crossover(idx, label, base, seqs)
+        add(f"cross-over of {label} with SDPA (fwd+bwd)", c, f"≤ {limit:,}", c is not None and c <= limit,
+            "first N from which it stays faster" if c else "never faster in this sweep")
+    for seq in seqs:
+        flurka, lin = t("FLuRKA r=128 m=64 (fused)", seq), t("Linformer r=128 (PyTorch)", seq)
+        x = _ratio(lin, flurka)
+        if x is not None:
+            add(f"FLuRKA r=128 m=64 vs Linformer r=128 (m < r), N={seq:,} fwd+bwd", x, "≥ 3.3×", x >= 3.3,
+                f"{_fmt(flurka)} ms vs {_fmt(lin)} ms")
+        flurka, perf = t("FLuRKA r=128 m=256 (fused)", seq), t("FAVOR+ m=256 (fused)", seq)
+        x = _ratio(perf, flurka)
+        if x is not None:
+            add(f"FLuRKA r=128 m=256 vs Performer m=256 fused (r < m), N={seq:,} fwd+bwd", x, "≥ 1.7×", x >= 1.7,
+                f"{_fmt(flurka)} ms vs {_fmt(perf)} ms")
+    for r in rows:
+        if r["case"]["seq"] == max(seqs) and r["case"]["impl"] == "fused" and "peak_over_io" in r:
+            x = r["peak_over_io"]
+            add(f"peak memory {r['case']['label']}, N={r['case']['seq']:,}", x, "≤ 1.5× q,k,v,o+grads", x <= 1.5,
+                f"{r['peak_bytes'] / 2**20:.0f} MiB vs {r['qkvo_and_grads_bytes'] / 2**20:.0f} MiB")
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    dev = data["device"]
+    rows = data["results"]
+    head = _headline_rows(rows)
+    parts = [
+        "# approxattn bench",
+        "",
+        f"Device: {dev['name']} ({dev['multiprocessors']} SMs), torch {dev['torch']}, CUDA {dev['cuda']}, "
+        f"triton {dev['triton']}; measured copy bandwidth {dev['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {dev['matmul_flops_per_s']['bfloat16'] / 1e12:.0f} TFLOP/s, fp32 matmul "
+        f"{dev['matmul_flops_per_s']['float32'] / 1e12:.0f} TFLOP/s. Date: {dev['date']}.",
+        f"Command: `{data.get('command', '')}`",
+        "",
+        "Median ms, forward / forward+backward (`triton.testing.do_bench`, rotating inputs). "
+        "Headline shape: B=1, H=16, d=64, bf16.",
+        "",
+    ]
+    if head:
+        parts += ["## Non-causal", "", time_table(head, False), "", speedup_table(head, False), "",
+                  "## Causal", "", time_table(head, True), "", speedup_table(head, True), ""]
+    other = [r for r in rows if r not in head]
+    if other:
+        parts += ["## Other shapes", "", "| method | B×H (kv) | d | dtype | causal | N | fwd | fwd+bwd |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in other:
+            c = r["case"]
+            parts.append(f"| {c['label']} | {c['batch']}×{c['heads']} ({c['kv_heads']}) | {c['head_dim']} | "
+                         f"{c['dtype']} | {'yes' if c['causal'] else 'no'} | {c['seq']:,} | {_fmt(r.get('fwd'))} | "
+                         f"{_fmt(r.get('fwd+bwd'))} |")
+        parts.append("")
+    parts += ["## Roofline", "", "Floor = max(flops / matmul rate, bytes / bandwidth), flops from the registry's "
+              "cost formula, bytes = q, k, v read and o written once (×3 both for fwd+bwd).", "",
+              floor_table(rows), "", "## Peak memory (fwd+bwd)", "", memory_table(head or rows), ""]
+    if head:
+        parts += ["## Targets", "", "| target | measured | goal | met | detail |", "|---|---|---|---|---|"]
+        for t in targets(head):
+            v = t["value"]
+            shown = "—" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.2f}")
+            parts.append(f"| {t['target']} | {shown} | {t['goal']} | {'yes' if t['met'] else '**no**'} | "
+                         f"{t['detail']} |")
+    notes = [(r["case"]["label"], r["case"]["seq"], n) for r in rows for n in r.get("notes", [])]
+    notes += [(r["case"]["label"], r["case"]["seq"], r["error"]) for r in rows if "error" in r]
+    if notes:
+        parts += ["", "## Notes", ""] + [f"- {label}, N={seq:,}: {note}" for label, seq, note in notes]
+    return "\n".join(parts) + "\n"
+
+
+def plots(data: dict[str, Any], outdir: str | Path) -> list[Path]:
+    """time vs N, speed-up over SDPA vs N, memory vs N, fraction of floor: one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _headline_rows(data["results"])
+    outdir = Path(outdir)
+    written = []
+    series: dict[tuple[bool, str], list] = defaultdict(list)
+    for r in rows:
+        series[(r["case"]["causal"], r["case"]["label"])].append(r)
+
+    def figure(name, ylabel, value, logy=True):
+        fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+        for ax, causal in zip(axes, (False, True)):
+            for (c, label), rs in series.items():
+                if c != causal:
+                    continue
+                pts = [(r["case"]["seq"], value(r)) for r in sorted(rs, key=lambda r: r["case"]["seq"])]
+                pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
+                if pts:
+                    style = "--" if "PyTorch" in label or label.startswith(("fla", "performer-pytorch", "SDPA")) else "-"
+                    ax.plot(*zip(*pts), style, marker="o", markersize=3, label=label)
+            ax.set_xscale("log", base=2)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(ylabel)
+            ax.set_title(("causal" if causal else "non-causal") + " — B=1, H=16, d=64, bf16")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = outdir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    sdpa = {(r["case"]["causal"], r["case"]["seq"]): r.get("fwd+bwd") for r in rows if r["case"]["impl"] == "sdpa"}
+    figure("time_vs_n", "fwd+bwd time (ms, median)", lambda r: r.get("fwd+bwd"))
+    figure("speedup_vs_sdpa", "fwd+bwd speed-up over SDPA (×)",
+           lambda r: _ratio(sdpa.get((r["case"]["causal"], r["case"]["seq"])), r.get("fwd+bwd")))
+    figure("memory_vs_n", "peak fwd+bwd memory (MiB)",
+           lambda r: r["peak_bytes"] / 2**20 if "peak_bytes" in r else None)
+    figure("fraction_of_floor", "fwd+bwd time / roofline floor (×)",
+           lambda r: _ratio(r.get("fwd+bwd"), (r.get("floor") or {}).get("fwd+bwd")) if r["case"]["impl"] == "fused"
+           else None)
+    return written
