@@ -52,7 +52,7 @@ def attention(
     of such modules (e.g. Linformer's E, F) are fixed: use :func:`build` to train them.
     """
     spec = get_method(method)
-    shape, _ = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    shape, scale_value = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if spec.infer_options is not None:
         options = spec.infer_options(shape.seq_q, shape.seq_k) | options
     resolved = spec.resolve_options(options)
@@ -65,4 +65,6 @@ def attention(
             _FUNCTIONAL_CACHE.popitem(last=False)
     else:
         _FUNCTIONAL_CACHE.move_to_end(key)
-    return module(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    # inputs are checked once, here; the module runs only its method-specific checks
+    return module.forward_checked(q, k, v, shape, scale_value, causal=causal,
+                                  key_padding_mask=key_padding_mask, scale_given=scale is not None)

@@ -46,6 +46,23 @@ class AttentionModule(nn.Module):
         scale: float | None = None,
     ) -> torch.Tensor:
         shape, scale_value = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return self.forward_checked(q, k, v, shape, scale_value, causal=causal,
+                                    key_padding_mask=key_padding_mask, scale_given=scale is not None)
+
+    def forward_checked(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        shape: AttentionShape,
+        scale: float,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None,
+        scale_given: bool,
+    ) -> torch.Tensor:
+        """``forward`` for inputs already passed through :func:`check_inputs` (which gave
+        ``shape`` and the resolved ``scale``): the method-specific checks, then the method."""
         if shape.head_dim != self.head_dim:
             raise ValueError(
                 f"q: expected head_dim {self.head_dim} (this {self.spec.name!r} module was built for it), "
@@ -56,7 +73,7 @@ class AttentionModule(nn.Module):
                 f"method {self.spec.name!r} does not support causal=True; methods that do: "
                 + ", ".join(causal_methods())
             )
-        if scale is not None and not self.spec.uses_scale:
+        if scale_given and not self.spec.uses_scale:
             raise ValueError(
                 f"scale: method {self.spec.name!r} has no softmax temperature (its feature map is "
                 f"scale-free); expected None, got {scale!r}"
@@ -65,7 +82,7 @@ class AttentionModule(nn.Module):
         if not self.native_gqa and shape.groups > 1:
             k = k.repeat_interleave(shape.groups, dim=1)
             v = v.repeat_interleave(shape.groups, dim=1)
-        out = self.attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale_value, shape=shape)
+        out = self.attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, shape=shape)
         return out.to(q.dtype)
 
     def before_call(self) -> None:
