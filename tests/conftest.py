@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter. The switch is read when a kernel
+# module is first imported, so it must be set here, before any test module (or anything they
+# import, e.g. the bench or HF packages) imports approxattn.kernels; a kernel compiled for the GPU
+# and then called from an interpreted one fails with "Cannot call @triton.jit'd outside of the
+# scope of a kernel".
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
