@@ -19,8 +19,15 @@ CASES = [
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 4096),
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 65536),
     ("relu m=256 causal", FeatureConfig("relu", W, x_scale=64**-0.25, eps=1e-3), True, 65536),
+    ("favor m=256 causal prefix-max", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6),
+     True, 65536),
 ]
 for name, cfg, causal, n in CASES:
+    if causal and cfg.use_key_max:
+        from approxattn.kernels import causal_linear_attn
+
+        if not causal_linear_attn.SUPPORTS_PREFIX_MAX:
+            continue
     q, k, v, do = (torch.randn(1, 16, n, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()

@@ -69,9 +69,11 @@ def inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed):
 
 
 def check(feature, dtype, *, causal, B=2, HQ=4, HKV=2, N=48, NK=None, d=16, dv=16, m=32, padding=None,
-          stabilize=True, device="cpu", seed=0, tol=None):
+          stabilize=True, device="cpu", seed=0, tol=None, key_ramp=None):
     NK = N if NK is None else NK
     (q, k, v, do), gen = inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed)
+    if key_ramp is not None:  # keys growing along the sequence: the causal prefix max keeps rising
+        k = (k.float() * torch.linspace(*key_ramp, NK, device=device)[:, None]).to(dtype)
     cfg = make_cfg(feature, d, m, stabilize=stabilize, generator=gen)
     if cfg.projection is not None:
         cfg = FeatureConfig(**{**cfg.__dict__, "projection": cfg.projection.to(device)})
@@ -130,6 +132,21 @@ def test_causal_fp32_gqa_padding(feature):
 
 @needs_triton
 @cpu_only
+def test_causal_favor_prefix_max_fp32_gqa_padding():
+    """The no-look-ahead stabiliser: running prefix max over key rows, rescaled states."""
+    check("favor", torch.float32, causal=True, N=45, padding=7)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["favor", "elu"])
+def test_causal_segments_rising_keys(feature):
+    """One query head: several segments (scans across them), keys whose logits rise along N."""
+    check(feature, torch.float32, causal=True, B=1, HQ=1, HKV=1, N=100, padding=5, key_ramp=(0.3, 2.5))
+
+
+@needs_triton
+@cpu_only
 def test_causal_bf16_elu():
     check("elu", torch.bfloat16, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32)
 
@@ -148,6 +165,7 @@ def test_modules_dispatch_to_kernels(monkeypatch):
         ("performer", dict(num_features=32), False),
         ("performer", dict(num_features=16, kernel="softmax-hyperbolic"), False),
         ("performer", dict(num_features=32, kernel="relu"), True),
+        ("performer", dict(num_features=32), True),  # causal FAVOR+ with the prefix-max stabiliser
         ("linear", {}, True),
         ("flurka-performer", dict(num_features=32, rank=8), False),
     ]
@@ -177,16 +195,15 @@ def test_reference_path_without_cuda_or_triton(monkeypatch):
     assert not dispatch.kernels_enabled(t)
 
 
-def test_causal_favor_with_prefix_max_falls_back():
+def test_causal_favor_with_prefix_max_is_fused():
     module = approxattn.build("performer", head_dim=8, num_features=16)
     q = torch.randn(1, 1, 8, 8)
     cfg = dispatch.performer_config(module, 8**-0.5)
     assert cfg.use_key_max
-    from approxattn.kernels import causal_linear_attn as _  # noqa: F401  (needs triton)
-    assert dispatch.supported(cfg, q, q, q, causal=True) == _.SUPPORTS_PREFIX_MAX
+    assert dispatch.supported(cfg, q, q, q, causal=True)
 
 
-test_causal_favor_with_prefix_max_falls_back = needs_triton(test_causal_favor_with_prefix_max_falls_back)
+test_causal_favor_with_prefix_max_is_fused = needs_triton(test_causal_favor_with_prefix_max_is_fused)
 
 
 # ----------------------------------------------------------------------------- GPU, real sizes
@@ -202,9 +219,31 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("feature,m", [("elu", 64), ("favor", 256), ("relu", 256)])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_gpu_real_sizes(feature, m, dtype, causal):
-    # causal FAVOR+ with the prefix-max stabiliser has no fused kernel: the unstabilised map here
+    # causal FAVOR+: the prefix-max stabiliser, keys rising along N so that the prefix max moves
     check(feature, dtype, causal=causal, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=m, padding=300, device="cuda",
-          stabilize=not causal)
+          key_ramp=(0.5, 1.5) if causal and feature == "favor" else None)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+def test_gpu_causal_favor_unstabilised():
+    check("favor", torch.bfloat16, causal=True, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=256, padding=300,
+          device="cuda", stabilize=False)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gpu_cached_launches(causal):
+    """Repeated calls of one layout take the cached direct launches; each is checked afresh."""
+    from approxattn.kernels import _launch
+
+    for seed in range(3):
+        check("favor", torch.bfloat16, causal=causal, B=1, HQ=4, HKV=2, N=1500, d=64, dv=64, m=128,
+              device="cuda", seed=seed)
+    assert _launch.DIRECT_LAUNCH, "the direct launch path was switched off (Triton's launcher refused it)"
 
 
 @gpu

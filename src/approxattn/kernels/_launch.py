@@ -71,3 +71,77 @@ def key_valid_arg(valid: torch.Tensor | None, like: torch.Tensor):
         return like, 0, 0
     mask = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     return mask, mask.stride(0), mask.stride(1)
+
+
+# ----------------------------------------------------------------------------- cached launches
+# ``kernel[grid](...)`` re-specialises every argument on every call: with ~30–40 arguments that
+# is tens of µs of host time per launch on the H100 machine, several launches per call. A
+# :class:`Launch` binds one call site's constant arguments (sizes, strides, scalars, block sizes)
+# and, after one ordinary launch, calls the compiled kernel (``CompiledKernel[grid]``, Triton's
+# own launcher) with them directly. That is only valid while nothing Triton specialises on
+# changes, so launches live in plans keyed by :func:`layout_key` (shapes, strides, dtypes and
+# 16-byte alignment of every tensor) plus the feature map's constants.
+
+DIRECT_LAUNCH = os.environ.get("APPROXATTN_DIRECT_LAUNCH", "1") == "1"
+
+
+class Launch:
+    """One kernel launch with its non-pointer arguments fixed: ``launch(*pointers)``.
+
+    ``consts`` follow the pointers in the kernel's signature; ``meta`` holds the constexpr
+    parameters (which close the signature) and the launch options (num_warps, num_stages).
+    """
+
+    __slots__ = ("fn", "grid", "consts", "meta", "runner", "tail", "device")
+
+    def __init__(self, fn, grid: tuple[int, ...], consts: tuple, meta: dict, device: torch.device):
+        self.fn, self.grid, self.consts, self.meta = fn, grid, tuple(consts), meta
+        self.runner = self.tail = None
+        self.device = device.index if device.type == "cuda" else None
+
+    def __call__(self, *pointers) -> None:
+        global DIRECT_LAUNCH
+        if self.runner is not None:
+            try:
+                self.runner(*pointers, *self.tail, stream=_raw_stream(self.device))
+                return
+            except (TypeError, ValueError, AttributeError, IndexError):  # launcher refused the arguments
+                DIRECT_LAUNCH = False
+                self.runner = None
+        compiled = self.fn[self.grid](*pointers, *self.consts, **self.meta)
+        if DIRECT_LAUNCH and self.device is not None and not interpreting():
+            self._bind(compiled, len(pointers))
+
+    def _bind(self, compiled, num_pointers: int) -> None:
+        global DIRECT_LAUNCH
+        try:
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            constexprs = self.fn.arg_names[num_pointers + len(self.consts):]
+            self.tail = self.consts + tuple(self.meta[name] for name in constexprs)
+            grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+            self.runner = compiled[grid]
+        except Exception:  # noqa: BLE001  (another Triton's internals: keep the ordinary launch)
+            DIRECT_LAUNCH = False
+            self.runner = None
+
+
+def _raw_stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def layout_key(*tensors) -> tuple:
+    """Everything about ``tensors`` that a compiled launch depends on (None entries allowed)."""
+    return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0, t.device)
+                 for t in tensors)
+
+
+class PlanCache(dict):
+    """Per-layout launch plans, bounded (oldest dropped) so varying shapes cannot grow it forever."""
+
+    LIMIT = 256
+
+    def add(self, key, plan):
+        if len(self) >= self.LIMIT:
+            del self[next(iter(self))]
+        self[key] = plan
+        return plan

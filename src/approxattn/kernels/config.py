@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+# (id, version, dtype) of a projection → (weak reference, hi, lo): the split is redone only
+# when the projection changes (a redraw writes it in place, which bumps its version)
+_SPLITS: dict[tuple, tuple] = {}
+_SPLITS_LIMIT = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,11 +48,25 @@ class FeatureConfig:
         """The projection as hi + lo halves in ``like``'s dtype (fp32: the projection twice)."""
         if self.projection is None:
             return like, like
-        w = self.projection.float().contiguous()
+        projection = self.projection
+        key = (id(projection), projection._version, like.dtype, projection.device)
+        hit = _SPLITS.get(key)
+        if hit is not None and hit[0]() is projection:
+            return hit[1], hit[2]
+        w = projection.detach().float().contiguous()
         if like.dtype == torch.float32:
-            return w, w
-        hi = w.to(like.dtype)
-        return hi, (w - hi.float()).to(like.dtype)
+            hi = lo = w
+        else:
+            hi = w.to(like.dtype)
+            lo = (w - hi.float()).to(like.dtype)
+        if len(_SPLITS) >= _SPLITS_LIMIT:
+            _SPLITS.clear()
+        _SPLITS[key] = (weakref.ref(projection), hi, lo)
+        return hi, lo
+
+    def key(self, d: int) -> tuple:
+        """The constants a compiled launch depends on (not the projection's values)."""
+        return (self.feature, self.features(d), self.x_scale, self.ratio, self.eps, self.stabilize, self.den_eps)
 
     @staticmethod
     def low_precision(t: torch.Tensor) -> bool:

@@ -4,24 +4,25 @@ No N×m tensor ever reaches memory; features are computed in registers, 64 at a 
 (``FEATURE_BLOCK``), from the projection split on the host into hi + lo halves of the input
 dtype (nearly fp32-exact logits from two half-precision dots).
 
-Forward, two launches:
+Forward, three launches:
 
 1. ``_state_fwd`` (grid: key/value head × feature block, key split): partial
-   ``A = Σ e(k)vᵀ``, ``a = Σ e(k)`` in fp32, e being the feature without its constant ε part.
-   FAVOR keys are relative to the program's own running max (rescaled when it grows, as in
-   flash attention); the reference's stabiliser, one max over all keys and features of a
-   (batch, head), is the maximum of these, and the partials are combined relative to it on
-   the host (a few m×dv tensors). As ``φ = ratio·(exp(l − M) + ε)``, the ε part of the state
-   is ``ratio·ε·Σv`` and needs no offset.
-2. ``_out_fwd`` (grid: query head × query block): ``o = φ(q)S / (φ(q)·z + den_eps)`` in one
+   ``A = Σ e(k)vᵀ``, ``a = Σ e(k)`` in fp32, e being the feature without its constant ε part,
+   one record per split (:func:`record_size`). FAVOR keys are relative to the program's own
+   running max (rescaled when it grows, as in flash attention); the reference's stabiliser,
+   one max over all keys and features of a (batch, head), is the maximum of these.
+2. ``_combine_parts`` (grid: key/value head × feature block): the partials relative to that
+   maximum, summed: ``S = ratio·Σ_p w_p A_p + ratio·ε·Σv`` (as ``φ = ratio·(exp(l − M) + ε)``,
+   the ε part of the state needs no offset), and z.
+3. ``_out_fwd`` (grid: query head × query block): ``o = φ(q)S / (φ(q)·z + den_eps)`` in one
    sweep over the feature blocks, FAVOR's per-row max taken as a running max (the ε part of
    φ(q) is applied at the end through ``Σ_m S_m``); the denominators and row maxima are kept
    for the backward (4 + 4 bytes a row).
 
-Backward, three launches: ``_q_bwd`` (dq), ``_dstate_bwd`` (partial ``dS = Σ φ(q)dnumᵀ`` and
-``dz`` per feature block and query split) and ``_kv_bwd`` (dk, dv), each recomputing the
-features it needs. Grouped-query heads index their key/value head (h // G); padded keys
-read a validity mask.
+Backward, four launches: ``_q_bwd`` (dq), ``_dstate_bwd`` (partial ``dS = Σ φ(q)dnumᵀ`` and
+``dz`` per feature block and query split), ``_combine_parts`` (their sum per key/value head)
+and ``_kv_bwd`` (dk, dv), each recomputing the features it needs. Grouped-query heads index
+their key/value head (h // G); padded keys read a validity mask.
 """
 
 from __future__ import annotations
@@ -31,20 +32,30 @@ import triton
 import triton.language as tl
 
 from ._feature_map import FEATURE_CODES, _apply, _cast_out, _dot, _dot_split, _load_w_blk, _logits_blk
-from ._launch import FeatureConfig, block_sizes, key_valid_arg, num_programs_hint, pick_config
+from ._launch import (
+    FeatureConfig,
+    Launch,
+    PlanCache,
+    block_sizes,
+    key_valid_arg,
+    layout_key,
+    num_programs_hint,
+    pick_config,
+)
 
 
 @triton.jit
 def _state_fwd(
-    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, A_ptr, a_ptr, vs_ptr, cnt_ptr, off_ptr,
+    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, part_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HKV, NMB, N, m, d, dv, tokens, xs,
+    HKV, NMB, N, m, d, dv, tokens, rec_size, xs,
     FEATURE: tl.constexpr, USE_MAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head × feature block, key split): partial state of one feature block."""
+    """Grid (key/value head × feature block, key split): partial state of one feature block,
+    written into the split's record (see :func:`record_size`)."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -94,35 +105,91 @@ def _state_fwd(
         vsum += tl.sum(vv.to(tl.float32), axis=0)
         cnt += valid.to(tl.float32)
 
-    part = bh * num_p + pid_p
-    tl.store(A_ptr + part.to(tl.int64) * m * dv + offs_m[:, None] * dv + offs_v[None, :], acc,
-             mask=fmask[:, None] & (offs_v[None, :] < dv))
-    tl.store(a_ptr + part * m + offs_m, zacc, mask=fmask)
+    rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
+    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], acc, mask=fmask[:, None] & (offs_v[None, :] < dv))
+    tl.store(rec + m * dv + offs_m, zacc, mask=fmask)
     if mb == 0:
-        tl.store(vs_ptr + part * dv + offs_v, vsum, mask=offs_v < dv)
-        tl.store(cnt_ptr + part, tl.sum(cnt, axis=0))
+        tl.store(rec + m * dv + m + offs_v, vsum, mask=offs_v < dv)
+        tl.store(rec + m * dv + m + dv, tl.sum(cnt, axis=0))
     if USE_MAX:
-        tl.store(off_ptr + part * NMB + mb, tl.max(run_max, axis=0))
+        tl.store(rec + m * dv + m + dv + 1 + mb, tl.max(run_max, axis=0))
+
+
+@triton.jit
+def _combine_parts(
+    part_ptr, out_ptr, SRC, NMB, m, dv, rec_size, mult, const,
+    USE_MAX: tl.constexpr, HAS_CONST: tl.constexpr, BMB: tl.constexpr, BDV: tl.constexpr, BNMB: tl.constexpr,
+):
+    """Grid (output record, feature block): records ``o·SRC … o·SRC + SRC − 1`` summed into record o,
+    ``S = mult·Σ_p w_p A_p + const·Σ_p vsum_p``, ``z`` alike. USE_MAX (FAVOR's key stabiliser):
+    ``w_p = exp(offset_p − M)`` with M the largest offset of all SRC records and blocks, stored
+    as the output's first offset; otherwise w_p = 1."""
+    o = tl.program_id(0)
+    mb = tl.program_id(1)
+    offs_m = mb * BMB + tl.arange(0, BMB)
+    offs_v = tl.arange(0, BDV)
+    fmask = offs_m < m
+    vmask = offs_v < dv
+    tile = offs_m[:, None] * dv + offs_v[None, :]
+    tmask = fmask[:, None] & vmask[None, :]
+    first = part_ptr + (o * SRC).to(tl.int64) * rec_size
+    if USE_MAX:
+        offs_b = tl.arange(0, BNMB)
+        maxima = tl.full([BNMB], -1.0e30, dtype=tl.float32)
+        for s in range(0, SRC):
+            maxima = tl.maximum(maxima, tl.load(first + s * rec_size + m * dv + m + dv + 1 + offs_b,
+                                                mask=offs_b < NMB, other=-1.0e30))
+        top = tl.max(maxima, axis=0)
+    acc = tl.zeros([BMB, BDV], dtype=tl.float32)
+    zacc = tl.zeros([BMB], dtype=tl.float32)
+    vsum = tl.zeros([BDV], dtype=tl.float32)
+    cnt = tl.zeros([BDV], dtype=tl.float32)  # the count in element 0
+    for s in range(0, SRC):
+        rec = first + s * rec_size
+        A = tl.load(rec + tile, mask=tmask, other=0.0)
+        a = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
+        if USE_MAX:
+            w = tl.exp(tl.load(rec + m * dv + m + dv + 1 + mb) - top)
+            A = A * w
+            a = a * w
+        acc += A
+        zacc += a
+        if HAS_CONST:
+            vsum += tl.load(rec + m * dv + m + offs_v, mask=vmask, other=0.0)
+            cnt += tl.load(rec + m * dv + m + dv + offs_v, mask=offs_v == 0, other=0.0)
+    acc = acc * mult
+    zacc = zacc * mult
+    if HAS_CONST:
+        acc += const * vsum[None, :]
+        zacc += const * tl.sum(cnt, axis=0)
+    out = out_ptr + o.to(tl.int64) * rec_size
+    tl.store(out + tile, acc, mask=tmask)
+    tl.store(out + m * dv + offs_m, zacc, mask=fmask)
+    if USE_MAX:
+        if mb == 0:
+            tl.store(out + m * dv + m + dv + 1, top)
 
 
 @triton.jit
 def _out_fwd(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, z_ptr, Ssum_ptr, zsum_ptr, o_ptr, den_ptr, qmax_ptr,
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_wm, stride_wd,
-    HQ, G, NMB, N, m, d, dv, xs, ratio, eps, den_eps,
+    HQ, G, NMB, N, m, d, dv, rec_size, xs, ratio, eps, den_eps,
     FEATURE: tl.constexpr, STAB: tl.constexpr, LP: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (query head, query block): o = φ(q)S / (φ(q)·z + den_eps) in one sweep over the
-    feature blocks. FAVOR's per-row max is a running max (partial sums rescaled when it
-    grows); its ε part is ``ratio·ε·(Σ_m S_m, Σ_m z_m)``, which no offset touches."""
+    feature blocks (S, z: the key/value head's state record). FAVOR's per-row max is a running
+    max (partial sums rescaled when it grows); its ε part is ``ratio·ε·(Σ_m S_m, Σ_m z_m)``,
+    which no offset touches. ``stats`` gets the denominators, then the row maxima."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     kv = (b * (HQ // G) + h // G).to(tl.int64)
+    rec = S_ptr + kv * rec_size
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
@@ -137,6 +204,8 @@ def _out_fwd(
         row_max = row_max - 1.0e30
     num = tl.zeros([BN, BDV], dtype=tl.float32)
     den = tl.zeros([BN], dtype=tl.float32)
+    s_sum = tl.zeros([BDV], dtype=tl.float32)  # Σ_m S_m and Σ_m z_m (FAVOR's ε part)
+    z_sum = tl.zeros([BMB], dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = offs_m < m
@@ -151,33 +220,33 @@ def _out_fwd(
             phi, _ = _apply(p, row_max[:, None], 1.0, 0.0, fmask[None, :], FEATURE)
         else:
             phi, _ = _apply(p, 0.0, ratio, eps, fmask[None, :], FEATURE)
-        S = tl.load(S_ptr + kv * m * dv + offs_m[:, None] * dv + offs_v[None, :],
-                    mask=fmask[:, None] & vmask[None, :], other=0.0)
-        z = tl.load(z_ptr + kv * m + offs_m, mask=fmask, other=0.0)
+        S = tl.load(rec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
         num += _dot(phi, S, LP)
         den += tl.sum(phi * z[None, :], axis=1)
+        if online:
+            s_sum += tl.sum(S, axis=0)
+            z_sum += z
     if online:
-        s_sum = tl.load(Ssum_ptr + kv * dv + offs_v, mask=vmask, other=0.0)
-        z_sum = tl.load(zsum_ptr + kv)
         num = ratio * (num + eps * s_sum[None, :])
-        den = ratio * (den + eps * z_sum)
+        den = ratio * (den + eps * tl.sum(z_sum, axis=0))
     den += den_eps
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
              _cast_out(num / den[:, None], o_ptr.dtype.element_ty), mask=rows[:, None] & vmask[None, :])
-    tl.store(den_ptr + pid_bh.to(tl.int64) * N + offs_n, den, mask=rows)
-    tl.store(qmax_ptr + pid_bh.to(tl.int64) * N + offs_n, row_max, mask=rows)
+    tl.store(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, den, mask=rows)
+    tl.store(stats_ptr + (tl.num_programs(0) + pid_bh).to(tl.int64) * N + offs_n, row_max, mask=rows)
 
 
 @triton.jit
 def _q_bwd(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, z_ptr, o_ptr, do_ptr, den_ptr, qmax_ptr, dq_ptr,
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_wm, stride_wd,
-    HQ, G, NMB, N, m, d, dv, xs, ratio, eps,
+    HQ, G, NMB, N, m, d, dv, rec_size, xs, ratio, eps,
     FEATURE: tl.constexpr, LP: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
@@ -202,9 +271,10 @@ def _q_bwd(
     do_raw = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
                      + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                      mask=rows[:, None] & vmask[None, :], other=0.0)
-    den = tl.load(den_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-    row_max = tl.load(qmax_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+    den = tl.load(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+    row_max = tl.load(stats_ptr + (tl.num_programs(0) + pid_bh).to(tl.int64) * N + offs_n, mask=rows, other=0.0)
     do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
+    rec = S_ptr + kv * rec_size
     dx = tl.zeros([BN, BD], dtype=tl.float32)
     dl_sum = tl.zeros([BN], dtype=tl.float32)
     for mb in range(0, NMB):
@@ -213,9 +283,8 @@ def _q_bwd(
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
         _, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
                            fmask[None, :], FEATURE)
-        S = tl.load(S_ptr + kv * m * dv + offs_m[:, None] * dv + offs_v[None, :],
-                    mask=fmask[:, None] & vmask[None, :], other=0.0)
-        z = tl.load(z_ptr + kv * m + offs_m, mask=fmask, other=0.0)
+        S = tl.load(rec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
         # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
         dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
         dl = dphi * factor
@@ -235,16 +304,17 @@ def _q_bwd(
 
 @triton.jit
 def _dstate_bwd(
-    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, den_ptr, qmax_ptr, dS_ptr, dz_ptr,
+    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, stats_ptr, part_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_wm, stride_wd,
-    HQ, NMB, N, m, d, dv, tokens, xs, ratio, eps,
+    HQ, NMB, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
     FEATURE: tl.constexpr, LP: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head × feature block, query split): partial dS = Σ φ(q)dnumᵀ and dz."""
+    """Grid (query head × feature block, query split): partial dS = Σ φ(q)dnumᵀ and dz, in the
+    split's record (the A and a slots)."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -262,6 +332,7 @@ def _dstate_bwd(
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    qmax_base = stats_ptr + (tl.num_programs(0) // NMB + bh).to(tl.int64) * N
     dS = tl.zeros([BMB, BDV], dtype=tl.float32)
     dz = tl.zeros([BMB], dtype=tl.float32)
     start = pid_p * tokens
@@ -275,32 +346,33 @@ def _dstate_bwd(
                     mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         do = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                      mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        den = tl.load(den_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-        row_max = tl.load(qmax_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+        den = tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+        row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
         phi, _ = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
                         rows[:, None] & fmask[None, :], FEATURE)
         dnum = do / den[:, None]
         dden = -tl.sum(do * o, axis=1) / den
         dS += _dot(tl.trans(phi), dnum, LP)
         dz += tl.sum(phi * dden[:, None], axis=0)
-    part = (bh * num_p + pid_p).to(tl.int64)
-    tl.store(dS_ptr + part * m * dv + offs_m[:, None] * dv + offs_v[None, :], dS, mask=fmask[:, None] & vmask[None, :])
-    tl.store(dz_ptr + part * m + offs_m, dz, mask=fmask)
+    rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
+    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], dS, mask=fmask[:, None] & vmask[None, :])
+    tl.store(rec + m * dv + offs_m, dz, mask=fmask)
 
 
 @triton.jit
 def _kv_bwd(
-    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, off_ptr, dS_ptr, dz_ptr, dk_ptr, dv_ptr,
+    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, S_ptr, dS_ptr, dk_ptr, dv_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HKV, NMB, N, m, d, dv, xs, ratio, eps,
+    HKV, NMB, N, m, d, dv, rec_size, xs, ratio, eps,
     FEATURE: tl.constexpr, USE_MAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head, key block): dk and dv, feature block by block."""
+    """Grid (key/value head, key block): dk and dv, feature block by block (dS, dz: the head's
+    combined record; S: its state record, for FAVOR's key offset)."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -311,8 +383,9 @@ def _kv_bwd(
     dmask = offs_d < d
     vmask = offs_v < dv
     rows = offs_n < N
+    drec = dS_ptr + pid_bh.to(tl.int64) * rec_size
     if USE_MAX:
-        offset = tl.load(off_ptr + pid_bh)
+        offset = tl.load(S_ptr + pid_bh.to(tl.int64) * rec_size + m * dv + m + dv + 1)
     else:
         offset = 0.0
     valid = rows
@@ -333,9 +406,8 @@ def _kv_bwd(
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
         phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), offset, ratio, eps,
                              valid[:, None] & fmask[None, :], FEATURE)
-        dS = tl.load(dS_ptr + pid_bh.to(tl.int64) * m * dv + offs_m[:, None] * dv + offs_v[None, :],
-                     mask=fmask[:, None] & vmask[None, :], other=0.0)
-        dz = tl.load(dz_ptr + pid_bh.to(tl.int64) * m + offs_m, mask=fmask, other=0.0)
+        dS = tl.load(drec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        dz = tl.load(drec + m * dv + offs_m, mask=fmask, other=0.0)
         dphi = _dot_split(vv, tl.trans(dS), LP, True) + dz[None, :]
         dvv += _dot(phi, dS, LP)
         dl = dphi * factor
@@ -358,6 +430,8 @@ def _kv_bwd(
 
 
 # ----------------------------------------------------------------------------- host side
+# Each call runs a plan: the launches of one layout (shapes, strides, dtypes, alignment) and
+# feature map, built once (see ``_launch.Launch``); per call only the buffers are allocated.
 
 
 FEATURE_BLOCK = 64  # features per block of the projected maps (ELU: one block of width d)
@@ -365,6 +439,14 @@ FEATURE_BLOCK = 64  # features per block of the projected maps (ELU: one block o
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
+
+
+def _contiguous_strides(*shape: int) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def feature_blocks(cfg: FeatureConfig, d: int, dv: int) -> tuple[int, int, int, int, int]:
@@ -375,15 +457,38 @@ def feature_blocks(cfg: FeatureConfig, d: int, dv: int) -> tuple[int, int, int, 
     return m, BMB, triton.cdiv(m, BMB), BD, BDV
 
 
+RECORD_ALIGN = 32  # words: records start 128-byte aligned, so tiles of S load vectorised
+
+
+def record_size(m: int, dv: int, blocks: int) -> int:
+    """fp32 words of one state record: ``A (m×dv) | a (m) | Σv (dv) | count | offsets (blocks)``,
+    padded to a multiple of ``RECORD_ALIGN``.
+
+    Partial key states, their combinations, the backward's partial ``dS``/``dz`` (A and a
+    slots) and the causal scans' running states all use this layout; the offsets are FAVOR's
+    key stabiliser per feature block (a combined record keeps its maximum in the first). The
+    kernels get the size as an argument: Triton specialises integers divisible by 16, so
+    ``base + i·size`` is known aligned (an unpadded size made every S tile load scalar:
+    measured 2.4–3.8× slower ``_out_fwd``/``_q_bwd`` for FAVOR+ m=256 on the H100)."""
+    return triton.cdiv(m * dv + m + dv + 1 + blocks, RECORD_ALIGN) * RECORD_ALIGN
+
+
+def weight_strides(cfg: FeatureConfig, d: int) -> tuple[int, int]:
+    """Strides of the split projection (contiguous ``(m, d)``; a dummy for ELU)."""
+    return (0, 0) if cfg.projection is None else (d, 1)
+
+
 def _splits(n: int, programs: int, device, bn: int) -> int:
     """Tokens per split: enough splits to fill the device, whole multiples of 256."""
     splits = max(1, min(triton.cdiv(n, bn), num_programs_hint(device) // max(1, programs)))
     return triton.cdiv(triton.cdiv(n, splits), 256) * 256
 
 
-def key_state(k, v, w, valid, cfg: FeatureConfig, *, tokens: int | None = None):
-    """Partial key states over splits of ``tokens`` keys: ``A (B·Hkv, P, m, dv)``, ``a``, Σv,
-    counts and the offsets ``(B·Hkv, P, blocks)`` of FAVOR's stabiliser, all fp32."""
+def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) -> tuple[Launch, int]:
+    """The ``_state_fwd`` launch over splits of ``tokens`` keys and the number of splits P.
+
+    It writes ``B·Hkv·P`` records (:func:`record_size`) of partial key states
+    ``(k, v, w_hi, w_lo, mask, records)``."""
     B, HKV, N, d = k.shape
     dv = v.shape[-1]
     m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
@@ -391,119 +496,134 @@ def key_state(k, v, w, valid, cfg: FeatureConfig, *, tokens: int | None = None):
     if tokens is None:
         tokens = _splits(N, B * HKV * NMB, k.device, launch["BN"])
     P = triton.cdiv(N, tokens)
-    f32 = dict(device=k.device, dtype=torch.float32)
-    A = torch.empty(B * HKV, P, m, dv, **f32)
-    a = torch.empty(B * HKV, P, m, **f32)
-    vsum = torch.empty(B * HKV, P, dv, **f32)
-    cnt = torch.empty(B * HKV, P, **f32)
-    offsets = torch.zeros(B * HKV, P, NMB, **f32)
-    whi, wlo = cfg.split_weight(k)
-    valid_t, smb, smn = key_valid_arg(valid, k)
-    _state_fwd[(B * HKV * NMB, P)](
-        k, v, whi, wlo, valid_t, A, a, vsum, cnt, offsets,
-        *_strides(k), *_strides(v), *cfg.weight_strides(k), smb, smn,
-        HKV, NMB, N, m, d, dv, tokens, cfg.x_scale,
-        FEATURE=FEATURE_CODES[cfg.feature], USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None,
-        LP=cfg.low_precision(k), BMB=BMB, BD=BD, BDV=BDV, **launch,
-    )
-    return A, a, vsum, cnt, offsets
+    _, smb, smn = key_valid_arg(valid, k)
+    return Launch(
+        _state_fwd, (B * HKV * NMB, P),
+        (*_strides(k), *_strides(v), *weight_strides(cfg, d), smb, smn, HKV, NMB, N, m, d, dv, tokens,
+         record_size(m, dv, NMB), cfg.x_scale),
+        dict(FEATURE=FEATURE_CODES[cfg.feature], USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None,
+             LP=cfg.low_precision(k), BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
+    ), P
 
 
-def _state_from_partials(A, a, vsum, cnt, offsets, cfg):
-    """``S = mult·Σ_p w_p A_p + c·Σv`` and z over the split axis, ``w = exp(offset − M)`` with M
-    the global key max (FAVOR's stabilised features are ``ratio·(exp(l − M) + ε)``)."""
-    reference = None
-    if cfg.use_key_max:
-        reference = offsets.amax(dim=(1, 2))
-        m, blocks = A.shape[2], offsets.shape[2]
-        block_of_row = torch.arange(m, device=A.device) // FEATURE_BLOCK if blocks > 1 else None
-        w = torch.exp(offsets - reference[:, None, None])
-        w = w[..., block_of_row] if block_of_row is not None else w.expand(-1, -1, m)
-        S = torch.einsum("bpm,bpmd->bmd", w, A)
-        z = (w * a).sum(1)
-    else:
-        S, z = A.sum(1), a.sum(1)
-    mult, const = cfg.state_terms()
-    if mult != 1.0:
-        S, z = S * mult, z * mult
-    if const:
-        S = S + const * vsum.sum(1)[:, None, :]
-        z = z + const * cnt.sum(1)[:, None]
-    return S.contiguous(), z.contiguous(), reference
+def combine_launch(outputs: int, sources: int, m: int, dv: int, BMB: int, BDV: int, NMB: int, *, mult: float,
+                   const: float, use_max: bool, device) -> Launch:
+    """``_combine_parts``: ``outputs`` records, each the sum of ``sources`` consecutive ones."""
+    return Launch(_combine_parts, (outputs, NMB), (sources, NMB, m, dv, record_size(m, dv, NMB), float(mult),
+                                                    float(const)),
+                  dict(USE_MAX=use_max, HAS_CONST=const != 0.0, BMB=BMB, BDV=BDV,
+                       BNMB=max(16, triton.next_power_of_2(NMB))), device)
+
+
+class _ForwardPlan:
+    def __init__(self, q, k, v, valid, cfg: FeatureConfig):
+        B, HQ, N, d = q.shape
+        HKV, dv = k.shape[1], v.shape[-1]
+        m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
+        self.state, P = state_launch(k, v, valid, cfg)
+        mult, const = cfg.state_terms()
+        self.combine = combine_launch(B * HKV, P, m, dv, BMB, BDV, NMB, mult=mult, const=const,
+                                      use_max=cfg.use_key_max, device=q.device)
+        rec = record_size(m, dv, NMB)
+        self.parts, self.records, self.rows = B * HKV * P * rec, B * HKV * rec, B * HQ * N
+        self.o_shape = (B, HQ, N, dv)
+        launch = pick_config("out", m, d, dv)
+        self.out = Launch(
+            _out_fwd, (B * HQ, triton.cdiv(N, launch["BN"])),
+            (*_strides(q), *_contiguous_strides(*self.o_shape), *weight_strides(cfg, d),
+             HQ, HQ // HKV, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps, cfg.den_eps),
+            dict(FEATURE=FEATURE_CODES[cfg.feature], STAB=cfg.stabilize, LP=cfg.low_precision(q),
+                 BMB=BMB, BD=BD, BDV=BDV, **launch), q.device,
+        )
+
+
+class _BackwardPlan:
+    def __init__(self, do, q, k, v, valid, cfg: FeatureConfig):
+        B, HQ, N, d = q.shape
+        HKV, NK, dv = k.shape[1], k.shape[2], v.shape[-1]
+        G = HQ // HKV
+        m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
+        common = dict(FEATURE=FEATURE_CODES[cfg.feature], LP=cfg.low_precision(q), BMB=BMB, BD=BD, BDV=BDV)
+        o_strides = _contiguous_strides(B, HQ, N, dv)
+        w_strides = weight_strides(cfg, d)
+        self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
+        rec = record_size(m, dv, NMB)
+        launch = pick_config("q_bwd", m, d, dv)
+        self.q_bwd = Launch(
+            _q_bwd, (B * HQ, triton.cdiv(N, launch["BN"])),
+            (*_strides(q), *o_strides, *_strides(do), *_contiguous_strides(*q.shape), *w_strides,
+             HQ, G, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
+        )
+        launch = pick_config("dstate", m, d, dv)
+        tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
+        P = triton.cdiv(N, tokens)
+        self.dstate = Launch(
+            _dstate_bwd, (B * HQ * NMB, P),
+            (*_strides(q), *o_strides, *_strides(do), *w_strides, HQ, NMB, N, m, d, dv, tokens, rec,
+             cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
+        )
+        self.parts, self.records = B * HQ * P * rec, B * HKV * rec
+        self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
+                                      device=q.device)
+        _, smb, smn = key_valid_arg(valid, k)
+        launch = pick_config("kv_bwd", m, d, dv)
+        self.kv_bwd = Launch(
+            _kv_bwd, (B * HKV, triton.cdiv(NK, launch["BN"])),
+            (*_strides(k), *_strides(v), *_contiguous_strides(*k.shape), *_contiguous_strides(*v.shape),
+             *w_strides, smb, smn, HKV, NMB, NK, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps),
+            dict(USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, **launch), q.device,
+        )
+
+
+_FORWARD_PLANS = PlanCache()
+_BACKWARD_PLANS = PlanCache()
 
 
 def _forward(q, k, v, valid, cfg: FeatureConfig):
-    B, HQ, N, d = q.shape
-    HKV, dv = k.shape[1], v.shape[-1]
-    m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
-    S, z, key_max = _state_from_partials(*key_state(k, v, None, valid, cfg), cfg)
-    o = torch.empty(B, HQ, N, dv, device=q.device, dtype=q.dtype)
-    den = torch.empty(B * HQ, N, device=q.device, dtype=torch.float32)
-    qmax = torch.empty(B * HQ, N, device=q.device, dtype=torch.float32)
+    key = (layout_key(q, k, v, valid), cfg.key(q.shape[-1]))
+    plan = _FORWARD_PLANS.get(key) or _FORWARD_PLANS.add(key, _ForwardPlan(q, k, v, valid, cfg))
     whi, wlo = cfg.split_weight(q)
-    launch = pick_config("out", m, d, dv)
-    _out_fwd[(B * HQ, triton.cdiv(N, launch["BN"]))](
-        q, whi, wlo, S, z, S.sum(1), z.sum(1), o, den, qmax, *_strides(q), *_strides(o), *cfg.weight_strides(q),
-        HQ, HQ // HKV, NMB, N, m, d, dv, cfg.x_scale, cfg.ratio, cfg.eps, cfg.den_eps,
-        FEATURE=FEATURE_CODES[cfg.feature], STAB=cfg.stabilize, LP=cfg.low_precision(q),
-        BMB=BMB, BD=BD, BDV=BDV, **launch,
-    )
-    return o, den, qmax, S, z, key_max
+    mask = key_valid_arg(valid, k)[0]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    parts = torch.empty(plan.parts, **f32)
+    state = torch.empty(plan.records, **f32)
+    o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
+    stats = torch.empty(2 * plan.rows, **f32)  # denominators, then FAVOR's query row maxima
+    plan.state(k, v, whi, wlo, mask, parts)
+    plan.combine(parts, state)
+    plan.out(q, whi, wlo, state, o, stats)
+    return o, stats, state, key
 
 
-def _backward(do, q, k, v, o, den, qmax, S, z, key_max, valid, cfg: FeatureConfig):
-    B, HQ, N, d = q.shape
-    HKV, NK, dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // HKV
-    m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
-    LP, code = cfg.low_precision(q), FEATURE_CODES[cfg.feature]
+def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConfig):
+    key = (forward_key, layout_key(do))
+    plan = _BACKWARD_PLANS.get(key) or _BACKWARD_PLANS.add(key, _BackwardPlan(do, q, k, v, valid, cfg))
     whi, wlo = cfg.split_weight(q)
-    common = dict(FEATURE=code, LP=LP, BMB=BMB, BD=BD, BDV=BDV)
-    dq = torch.empty_like(q)
-    launch = pick_config("q_bwd", m, d, dv)
-    _q_bwd[(B * HQ, triton.cdiv(N, launch["BN"]))](
-        q, whi, wlo, S, z, o, do, den, qmax, dq,
-        *_strides(q), *_strides(o), *_strides(do), *_strides(dq), *cfg.weight_strides(q),
-        HQ, G, NMB, N, m, d, dv, cfg.x_scale, cfg.ratio, cfg.eps, **common, **launch,
-    )
-    launch = pick_config("dstate", m, d, dv)
-    tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
-    P = triton.cdiv(N, tokens)
-    dS_part = torch.empty(B * HQ, P, m, dv, device=q.device, dtype=torch.float32)
-    dz_part = torch.empty(B * HQ, P, m, device=q.device, dtype=torch.float32)
-    _dstate_bwd[(B * HQ * NMB, P)](
-        q, whi, wlo, o, do, den, qmax, dS_part, dz_part,
-        *_strides(q), *_strides(o), *_strides(do), *cfg.weight_strides(q),
-        HQ, NMB, N, m, d, dv, tokens, cfg.x_scale, cfg.ratio, cfg.eps, **common, **launch,
-    )
-    dS = dS_part.view(B * HKV, G * P, m, dv).sum(1)
-    dz = dz_part.view(B * HKV, G * P, m).sum(1)
-    dk = torch.empty_like(k)
-    dvv = torch.empty_like(v)
-    valid_t, smb, smn = key_valid_arg(valid, k)
-    offsets = key_max if key_max is not None else dz  # dummy pointer when unused
-    launch = pick_config("kv_bwd", m, d, dv)
-    _kv_bwd[(B * HKV, triton.cdiv(NK, launch["BN"]))](
-        k, v, whi, wlo, valid_t, offsets, dS, dz, dk, dvv,
-        *_strides(k), *_strides(v), *_strides(dk), *_strides(dvv), *cfg.weight_strides(k), smb, smn,
-        HKV, NMB, NK, m, d, dv, cfg.x_scale, cfg.ratio, cfg.eps,
-        USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, **launch,
-    )
-    return dq, dk, dvv
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
+    plan.q_bwd(q, whi, wlo, state, o, do, stats, dq)
+    parts = torch.empty(plan.parts, **f32)
+    plan.dstate(q, whi, wlo, o, do, stats, parts)
+    dstate = torch.empty(plan.records, **f32)
+    plan.combine(parts, dstate)
+    dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(plan.dv_shape, device=v.device, dtype=v.dtype)
+    plan.kv_bwd(k, v, whi, wlo, key_valid_arg(valid, k)[0], state, dstate, dk, dv)
+    return dq, dk, dv
 
 
 class _FeatureAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, valid, cfg):
-        o, den, qmax, S, z, key_max = _forward(q, k, v, valid, cfg)
-        ctx.save_for_backward(q, k, v, o, den, qmax, S, z, key_max, valid)
-        ctx.cfg = cfg
+        o, stats, state, key = _forward(q, k, v, valid, cfg)
+        ctx.save_for_backward(q, k, v, o, stats, state, valid)
+        ctx.cfg, ctx.key = cfg, key
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, den, qmax, S, z, key_max, valid = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, den, qmax, S, z, key_max, valid, ctx.cfg)
+        q, k, v, o, stats, state, valid = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, stats, state, valid, ctx.key, ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
