@@ -11,10 +11,12 @@ import approxattn
 from helpers import METHODS, example, qkv
 
 
-def call(method="softmax", q=None, k=None, v=None, **kwargs):
+def call(method="softmax", q=None, k=None, v=None, options=None, **kwargs):
+    # method options travel apart from the tensors: an option may be named like one (SEA's k)
     base_q, base_k, base_v = qkv(seq_q=8, dtype=torch.float32)
     return approxattn.attention(
-        base_q if q is None else q, base_k if k is None else k, base_v if v is None else v, method, **kwargs
+        base_q if q is None else q, base_k if k is None else k, base_v if v is None else v, method,
+        **(options or {}), **kwargs
     )
 
 
@@ -42,7 +44,7 @@ def call(method="softmax", q=None, k=None, v=None, **kwargs):
 )
 def test_bad_tensors(method, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
-        call(method, **kwargs, **example(method, 8))
+        call(method, **kwargs, options=example(method, 8))
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if approxattn.get_method(m).uses_scale])
@@ -50,7 +52,7 @@ def test_bad_tensors(method, kwargs, error, pattern):
                                           (0.0, ValueError), ("0.1", TypeError), (True, TypeError)])
 def test_bad_scale(method, scale, error):
     with pytest.raises(error, match=r"scale: expected a positive finite float or None"):
-        call(method, scale=scale, **example(method, 8))
+        call(method, scale=scale, options=example(method, 8))
 
 
 def test_causal_needs_equal_lengths():

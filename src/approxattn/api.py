@@ -33,6 +33,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    /,
     method: str = "softmax",
     *,
     causal: bool = False,
@@ -44,6 +45,7 @@ def attention(
 
     q ``(B, Hq, Nq, d)``, k ``(B, Hkv, Nk, d)``, v ``(B, Hkv, Nk, dv)`` with Hq a multiple of
     Hkv; key_padding_mask ``(B, Nk)`` bool, True = keep → ``(B, Hq, Nq, dv)``.
+    q, k, v are positional-only, so a method option may be called ``k`` (SEA's top-k budget).
 
     The functional form uses a module in eval mode (random features never redrawn) built
     from ``options`` and the method's ``seed`` (default 0), so the same call gives the same

@@ -25,7 +25,7 @@ def run_command(args: argparse.Namespace) -> int:
     cases = []
     for name in args.preset:
         builder = presets.PRESETS[name]
-        cases += builder(args.seq) if args.seq and name in ("headline", "sweep") else builder()
+        cases += builder(args.seq) if args.seq and name in ("headline", "sweep", "sea") else builder()
     if args.impls:
         cases = [c for c in cases if c.impl in args.impls]
     if args.match:
@@ -45,7 +45,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"time budget reached: {len(cases) - i} cases not run", flush=True)
             data["skipped"] = [c.key() for c in cases[i:]]
             break
-        result = time_case(case, warmup=args.warmup, rep=args.rep, memory=not args.no_memory)
+        result = time_case(case, modes=case.modes, warmup=args.warmup, rep=args.rep, memory=not args.no_memory)
         result["case"] = case.key()
         result["floor"] = floors(case, device)
         data["results"].append(result)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-IMPLS = ("fused", "reference", "sdpa", "flex", "fla", "performer-pytorch")
+IMPLS = ("fused", "reference", "sdpa", "flex", "fla", "performer-pytorch",
+         "sparse-kernel", "sparse-runs", "sparse-flex", "sparse-reference")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Case:
     method: str | None = None  # registry method (ours), also used for the roofline floor
     options: dict[str, Any] = field(default_factory=dict)
     feature_dim: int | None = None  # fla's K / performer-pytorch's nb_features
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")  # what the runner times
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -74,6 +76,11 @@ def _standard_inputs(case: Case, device: str, requires_grad: bool, seed: int):
 def build(case: Case, device: str = "cuda") -> tuple[Callable, Callable[[bool, int], tuple]]:
     """``(run, make_inputs)`` for one case; raises ImportError when a peer is missing."""
     make = lambda requires_grad, seed: _standard_inputs(case, device, requires_grad, seed)  # noqa: E731
+
+    if case.impl.startswith("sparse-"):
+        from .sparse import build_sparse
+
+        return build_sparse(case, device)
 
     if case.impl in ("fused", "reference"):
         import approxattn

@@ -1,12 +1,13 @@
 """Named sweeps. ``headline``: the issue's side-by-side run (B=1, H=16, d=64, bf16, N = 1K…128K);
 ``sweep``: the other axes (batch×heads, head dim, dtype, feature budget) at a few lengths;
-``quick``: a smoke test."""
+``quick``: a smoke test; ``sea``: SEA's sparse step and module, forward only (``bench/sparse.py``)."""
 
 from __future__ import annotations
 
 from .impls import Case
 
 HEADLINE_SEQ = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+FLEX_SEQ = (4096, 65536)
 
 
 def noncausal_family(seq: int, **shape) -> list[Case]:
@@ -39,7 +40,11 @@ def causal_family(seq: int, **shape) -> list[Case]:
              options={"num_features": 256, "kernel": "relu"}, **shape),
         Case("fused", "FAVOR+ m=256 causal, no stabiliser (fused)", seq, True, method="performer",
              options={"num_features": 256, "stabilize": False}, **shape),
+        Case("fused", "FAVOR+ m=256 causal, prefix max (fused)", seq, True, method="performer",
+             options={"num_features": 256}, **shape),
     ]
+    if seq in FLEX_SEQ:  # torch.compile per shape costs tens of seconds: a few lengths only
+        cases.append(Case("flex", "FlexAttention causal (compiled)", seq, True, method="softmax", **shape))
     if seq <= 16384:
         cases += [
             Case("reference", "elu+1 linear causal (PyTorch ref)", seq, True, method="linear", **shape),
@@ -84,4 +89,6 @@ def quick() -> list[Case]:
     return noncausal_family(4096)[:3] + causal_family(4096)[:3]
 
 
-PRESETS = {"headline": headline, "sweep": sweep, "quick": quick}
+from .sparse import sea  # noqa: E402  (SEA's sparse step and the sea module)
+
+PRESETS = {"headline": headline, "sweep": sweep, "quick": quick, "sea": sea}

@@ -1,3 +1,3 @@
 """Method families; importing this package registers every method."""
 
-from . import exact, kernel, lowrank, hybrid, nystrom, gaussian  # noqa: F401  (registration order = listing order)
+from . import exact, kernel, lowrank, hybrid, nystrom, gaussian, sparse  # noqa: F401  (registration order = listing order)

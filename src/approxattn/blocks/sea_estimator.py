@@ -1,0 +1,254 @@
+"""SEA's attention estimator pieces: positional probes, decoders (row MLP + CNN), causal convs.
+
+Shapes: ``e (B, H, N, 2d)`` is the encoder output per (head, query row); a decoder turns it into
+logits ``(B, H, N, T)`` over T compressed columns. Heads are CNN channels when the decoder is
+built with ``num_heads`` (SEA's design: the CNN mixes heads); with ``num_heads=None`` every head
+runs the same small CNN (heads folded into the batch, weights shared across heads).
+
+All layers run in the dtype of their input (weights are cast), so a module kept in fp32 serves
+fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
+def layer_norm(x: torch.Tensor, layer: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, layer.normalized_shape, layer.weight.to(x.dtype), layer.bias.to(x.dtype), layer.eps)
+
+
+def conv2d(x: torch.Tensor, layer: nn.Conv2d, **kwargs) -> torch.Tensor:
+    return F.conv2d(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype), stride=layer.stride,
+                    dilation=layer.dilation, **kwargs)
+
+
+def resize_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Linear resampling of the last axis to ``width`` (half-pixel centres, like ``F.interpolate``)."""
+    if x.shape[-1] == width:
+        return x
+    flat = x.reshape(-1, 1, x.shape[-1])
+    return F.interpolate(flat, size=width, mode="linear", align_corners=False).reshape(*x.shape[:-1], width)
+
+
+def fit_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x (..., w)`` cut or zero-padded to ``width`` channels (values of another width than d)."""
+    if x.shape[-1] == width:
+        return x
+    if x.shape[-1] > width:
+        return x[..., :width]
+    return F.pad(x, (0, width - x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def relative_position_probe(key_rank: torch.Tensor, n_valid: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Non-causal probe ``(B, Nk, d)``: the d×d identity resampled bilinearly at ``rank/(n−1)``.
+
+    Row j is a hat function over d bins centred at ``rank_j·(d−1)/(n_valid−1)``: a soft one-hot
+    of where key j sits among the valid keys (SEA's ``grid_sample`` of ``eye(d)`` with
+    ``align_corners=True``). Padded keys (rank −1) get zero rows. key_rank ``(B, Nk)``,
+    n_valid ``(B,)``.
+    """
+    spread = (n_valid - 1).clamp(min=1).to(dtype)[:, None]
+    centre = key_rank.to(dtype) / spread * (dim - 1)                        # (B, Nk)
+    bins = torch.arange(dim, device=key_rank.device, dtype=dtype)
+    probe = (1.0 - (bins - centre[..., None]).abs()).clamp(min=0.0)
+    return probe * (key_rank >= 0)[..., None].to(dtype)
+
+
+def learned_probe_rows(table: torch.Tensor, key_rank: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """Causal probe ``(B, Nk, d)``: row ``rank_j`` of the learned table ``(max_positions, d)``.
+
+    When a sample has more valid keys n than the table has rows, the table is stretched by
+    nearest-neighbour interpolation to n rows (SEA's long-context path); outputs then depend on n,
+    so strict causality holds only for n ≤ max_positions. Padded keys get zero rows.
+    """
+    rows = table.shape[0]
+    rank = key_rank.clamp(min=0)
+    n = n_valid[:, None]
+    index = torch.where(n > rows, torch.div(rank * rows, n.clamp(min=1), rounding_mode="floor"), rank)
+    index = index.clamp(max=rows - 1)
+    return table[index] * (key_rank >= 0)[..., None].to(table.dtype)
+
+
+def probe_histogram_logits(
+    histogram: torch.Tensor, n_valid: torch.Tensor, columns: int, *, floor: float = 1e-6
+) -> torch.Tensor:
+    """Log of the probe histogram resampled from d bins to T columns, ``(B, H, Nq, T)``.
+
+    histogram ``(B, H, Nq, d)``: the first d channels of the Performer context, ≈ Σ_j A_ij P_j,
+    i.e. how row i's attention mass spreads over the d position bins. Column c's centre holds
+    rank ``(c + ½)·n/T − ½``, i.e. bin ``rank·(d−1)/(n−1)``; the histogram is read there by linear
+    interpolation, clamped below by ``floor`` and logged. n_valid ``(B,)``.
+    """
+    B, _, _, dim = histogram.shape
+    dtype = histogram.dtype
+    n = n_valid.to(dtype)[:, None]
+    centre_rank = (torch.arange(columns, device=histogram.device, dtype=dtype)[None] + 0.5) * n / columns - 0.5
+    position = (centre_rank / (n - 1).clamp(min=1) * (dim - 1)).clamp(0.0, dim - 1)     # (B, T)
+    lower = position.floor().to(torch.int64).clamp(max=dim - 1)
+    upper = (lower + 1).clamp(max=dim - 1)
+    frac = (position - lower.to(dtype))[:, None, None, :]
+    index_shape = (B, histogram.shape[1], histogram.shape[2], columns)
+    low = histogram.gather(-1, lower[:, None, None, :].expand(index_shape))
+    high = histogram.gather(-1, upper[:, None, None, :].expand(index_shape))
+    return torch.log((low * (1 - frac) + high * frac).clamp(min=floor))
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+
+class CausalConv2d(nn.Module):
+    """A 2-D convolution over (rows = query positions, width = columns) in which output row i
+    sees input rows ≤ i only: all row padding goes on top (SEA masks the lower half of a taller
+    kernel instead; same function). Width padding keeps the width.
+
+    ``step`` computes one new row from the rows kept in ``history`` (``rows_needed`` of them),
+    the decoding form of the same convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, dilation=dilation)
+        self.rows_needed = dilation * (kernel_size - 1)
+        self.width_padding = dilation * (kernel_size - 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(N, C, rows, W)`` → ``(N, C_out, rows, W)``."""
+        x = F.pad(x, (self.width_padding, self.width_padding, self.rows_needed, 0))
+        return conv2d(x, self.conv)
+
+    def initial_history(self, x_like: torch.Tensor, batch: int) -> torch.Tensor:
+        """The zero rows that stand above row 0 (the forward's top padding), ``(N, C, rows_needed, W)``."""
+        return x_like.new_zeros(batch, self.conv.in_channels, self.rows_needed, x_like.shape[-1])
+
+    def step(self, row: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """row ``(N, C, 1, W)``, history ``(N, C, rows_needed, W)`` → (output row, new history)."""
+        window = torch.cat([history, row], dim=2)
+        out = conv2d(F.pad(window, (self.width_padding, self.width_padding, 0, 0)), self.conv)
+        return out, window[:, :, 1:]
+
+
+def _split_channels(x: torch.Tensor, splits: int, mix_heads: bool) -> torch.Tensor:
+    """``(B, H, N, splits·W)`` → CNN input: ``(B, H·splits, N, W)`` (heads as channels) or
+    ``(B·H, splits, N, W)`` (heads in the batch). SEA's ``ChannelSplit``: channel = h·splits + s."""
+    B, H, N, width = x.shape
+    x = x.reshape(B, H, N, splits, width // splits).permute(0, 1, 3, 2, 4)
+    return x.reshape(B, H * splits, N, width // splits) if mix_heads else x.reshape(B * H, splits, N, width // splits)
+
+
+def _check_heads(num_heads: int | None, heads: int) -> None:
+    if num_heads is not None and heads != num_heads:
+        raise ValueError(
+            f"q: expected {num_heads} heads (the SEA module was built with num_heads={num_heads}, whose "
+            f"decoder CNN has heads as channels), got {heads}; build with num_heads=None for any head count"
+        )
+
+
+class NonCausalDecoder(nn.Module):
+    """SEA's non-causal decoder (BERT): ``Linear_{2d→4·T/2}`` → ChannelSplit(4) → CNN → width T.
+
+    CNN: ``Conv3×3(c→c, stride (2,1))`` → ReLU → ``Conv3×3(c→c)`` → ReLU → nearest upsample of
+    the rows ×2 (cropped back to N rows) → ``Conv3×3(c→H)``, c = 4H (or 4 → 1 per head), then a
+    linear resize of the width from ⌈T/2⌉ to T. ``zero_last`` zero-initialises the last conv (used
+    with the histogram residual so that an untrained decoder adds nothing).
+    """
+
+    splits = 4
+
+    def __init__(self, head_dim: int, columns: int, num_heads: int | None, *, zero_last: bool) -> None:
+        super().__init__()
+        self.columns = columns
+        self.num_heads = num_heads
+        self.width = math.ceil(columns / 2)
+        heads = num_heads or 1
+        channels = self.splits * heads
+        self.row = nn.Linear(2 * head_dim, self.splits * self.width)
+        self.down = nn.Conv2d(channels, channels, 3, stride=(2, 1), padding=1)
+        self.middle = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out = nn.Conv2d(channels, heads, 3, padding=1)
+        if zero_last:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        """e ``(B, H, N, 2d)`` → logits ``(B, H, N, T)``."""
+        B, H, N, _ = e.shape
+        _check_heads(self.num_heads, H)
+        x = _split_channels(linear(e, self.row), self.splits, self.num_heads is not None)
+        y = F.relu(conv2d(x, self.down, padding=self.down.padding))
+        y = F.relu(conv2d(y, self.middle, padding=self.middle.padding))
+        y = y.repeat_interleave(2, dim=2)[:, :, :N]
+        y = conv2d(y, self.out, padding=self.out.padding)
+        return resize_width(y.reshape(B, H, N, self.width), self.columns)
+
+
+class CausalDecoder(nn.Module):
+    """SEA's causal decoder (OPT): ``Linear_{2d→2·T/4}`` → ChannelSplit(2) → LayerNorm(width) →
+    [CausalConv3×3 dilation 2 → ReLU] ×2 → nearest upsample of the width ×4 → Conv1×1(c→H) →
+    linear resize to T → LayerNorm(T), with c = 2H (or 2 → 1 per head).
+
+    Row i depends on rows ≤ i only; :meth:`step` computes one new row from a small history
+    (``rows_needed`` rows per causal conv), so decoding costs O(T) per token.
+    """
+
+    splits = 2
+    upsample = 4
+
+    def __init__(self, head_dim: int, columns: int, num_heads: int | None) -> None:
+        super().__init__()
+        self.columns = columns
+        self.num_heads = num_heads
+        self.width = math.ceil(columns / self.upsample)
+        heads = num_heads or 1
+        channels = self.splits * heads
+        self.row = nn.Linear(2 * head_dim, self.splits * self.width)
+        self.input_norm = nn.LayerNorm(self.width)
+        self.conv1 = CausalConv2d(channels, channels, 3, dilation=2)
+        self.conv2 = CausalConv2d(channels, channels, 3, dilation=2)
+        self.out = nn.Conv2d(channels, heads, 1)
+        self.output_norm = nn.LayerNorm(columns)
+
+    def _head_input(self, e: torch.Tensor) -> torch.Tensor:
+        _check_heads(self.num_heads, e.shape[1])
+        x = _split_channels(linear(e, self.row), self.splits, self.num_heads is not None)
+        return layer_norm(x, self.input_norm)
+
+    def _head_output(self, y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        y = y.repeat_interleave(self.upsample, dim=-1)
+        y = conv2d(y, self.out)
+        y = resize_width(y.reshape(*shape, self.width * self.upsample), self.columns)
+        return layer_norm(y, self.output_norm)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        """e ``(B, H, N, 2d)`` → logits ``(B, H, N, T)``."""
+        B, H, N, _ = e.shape
+        x = self._head_input(e)
+        y = F.relu(self.conv1(x))
+        y = F.relu(self.conv2(y))
+        return self._head_output(y, (B, H, N))
+
+    def initial_history(self, e_like: torch.Tensor, batch: int, heads: int) -> list[torch.Tensor]:
+        """Zero histories for :meth:`step` (``batch·heads`` or ``batch`` CNN samples)."""
+        samples = batch if self.num_heads is not None else batch * heads
+        like = e_like.new_zeros(1, 1, 1, self.width)
+        return [conv.initial_history(like, samples) for conv in (self.conv1, self.conv2)]
+
+    def step(self, e_row: torch.Tensor, history: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One new row: e_row ``(B, H, 1, 2d)`` → (logits ``(B, H, 1, T)``, new history)."""
+        B, H = e_row.shape[:2]
+        x = self._head_input(e_row)
+        y, first = self.conv1.step(x, history[0])
+        y, second = self.conv2.step(F.relu(y), history[1])
+        return self._head_output(F.relu(y), (B, H, 1)), [first, second]

@@ -1,0 +1,124 @@
+"""SEA's grouped top-k: which compressed cells of the estimated attention to compute exactly.
+
+The estimate ``probs (B, H, Nq, T)`` (softmax over T compressed columns) is thinned to a bool
+``selected (B, H, Nq, T)``. A cell of row i covers about ``L_i / T`` keys, so a row that keeps
+``k·T / L_i`` cells attends to about k keys. Groupings (who shares a budget):
+
+- ``"batch"``: all heads and rows of a sample share ``Σ_rows H·r_i`` cells (SEA's BERT default);
+- ``"head"``: the rows of one (sample, head) share ``Σ_rows r_i`` cells;
+- ``"query"``: every (head, row) keeps its own ``r_i`` cells;
+- ``"causal_batch"``: the heads of one (sample, row) share ``H·r_i`` cells (SEA's OPT default),
+
+with the per-row budget ``r_i = max(1, round(k·T / L_i))`` (as the reference code rounds it; 0 for
+a row that sees no key). ``batch``/``head`` share budgets across rows, so a later row could change
+an earlier row's cells: they are not causal.
+
+Two rules make every row useful (this module's choices, see :func:`select_cells`): only cells that
+hold at least one eligible key are candidates, and every (head, row) keeps its best candidate cell
+whatever the shared budget does. Both leave the total number of kept cells at the budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUPINGS = ("batch", "head", "query", "causal_batch")
+CAUSAL_GROUPINGS = ("query", "causal_batch")
+
+# Score offsets used to order cells inside a group (probabilities lie in [0, 1]).
+_BEST_CELL_BONUS = 4.0      # a row's best cell outranks every ordinary cell
+_NONCOMPETING_PENALTY = 2.0  # rows outside the shared budget rank after every competing cell
+
+
+def row_budgets(row_length: torch.Tensor, k: int, columns: int) -> torch.Tensor:
+    """Cells per row, ``(B, Nq)`` int64: ``max(1, round(k·T / L_i))``, 0 where ``L_i = 0``."""
+    length = row_length.to(torch.float64)
+    budget = torch.round(k * columns / length.clamp(min=1)).clamp(min=1).to(torch.int64)
+    return torch.where(row_length > 0, budget, torch.zeros_like(budget))
+
+
+def select_cells(
+    probs: torch.Tensor,
+    candidates: torch.Tensor,
+    row_length: torch.Tensor,
+    *,
+    k: int,
+    grouping: str,
+    query_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped top-k of the estimate → ``selected (B, H, Nq, T)`` bool.
+
+    probs ``(B, H, Nq, T)``: the estimated compressed attention (no gradient needed).
+    candidates ``(B, Nq, T)`` bool: cells that hold an eligible key (``nonempty_columns``).
+    row_length ``(B, Nq)``: ``L_i``. query_valid ``(B, Nq)`` bool or None: rows of padded tokens
+    (self-attention with a padding mask) are False; in ``batch``/``head`` grouping they do not
+    take part in the shared budget (they rank after every valid row's cells and add nothing to
+    the budget). Per-row groupings ignore it: a row's budget is its own.
+
+    Algorithm: as SEA's reference, keep the cells of each group whose rank in the sorted scores is
+    below the group's budget, with ties broken by the lower flat index (see :func:`_top_cells`). Deviation: each
+    (head, row) with a candidate first gets its best cell (its score is raised above all others);
+    the budget of every group is at least its number of rows with candidates, so this only moves
+    cells between rows of a group (the totals are unchanged) and no head's row is left empty.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping: expected one of {GROUPINGS}, got {grouping!r}")
+    B, H, Nq, T = probs.shape
+    probs = probs.detach()
+    cand = candidates[:, None].expand(B, H, Nq, T)
+    shared = grouping in ("batch", "head")
+    competing = (
+        query_valid if (shared and query_valid is not None)
+        else torch.ones(B, Nq, dtype=torch.bool, device=probs.device)
+    )
+    competing_cells = competing[:, None, :, None]
+
+    masked = probs.masked_fill(~cand, float("-inf"))
+    best = torch.zeros_like(cand).scatter_(-1, masked.argmax(dim=-1, keepdim=True), True) & cand
+    score = torch.where(competing_cells, probs, probs - _NONCOMPETING_PENALTY)
+    score = score + _BEST_CELL_BONUS * (best & competing_cells).to(score.dtype)
+    score = score.masked_fill(~cand, float("-inf"))
+
+    per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
+    if grouping == "batch":
+        flat = score.reshape(B, H * Nq * T)
+        budget = H * per_row.sum(dim=1)
+    elif grouping == "head":
+        flat = score.reshape(B * H, Nq * T)
+        budget = per_row.sum(dim=1)[:, None].expand(B, H).reshape(-1)
+    elif grouping == "query":
+        flat = score.reshape(B * H * Nq, T)
+        budget = per_row[:, None, :].expand(B, H, Nq).reshape(-1)
+    else:  # causal_batch: heads of one row share the budget
+        flat = score.transpose(1, 2).reshape(B * Nq, H * T)
+        budget = H * per_row.reshape(-1)
+    chosen = _top_cells(flat, budget)
+    if grouping == "causal_batch":
+        chosen = chosen.reshape(B, Nq, H, T).transpose(1, 2)
+    chosen = chosen.reshape(B, H, Nq, T)
+    # cells past the candidates (budget larger than what a group holds) are dropped here
+    return (chosen | best) & cand
+
+
+def _top_cells(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """``(G, M)`` scores, ``(G,)`` budgets → bool ``(G, M)``: the ``budget[g]`` best cells of row g,
+    equal scores taken lowest index first (what a stable descending sort would keep).
+
+    Equal scores are common (the causal decoder upsamples its width by repetition) and must be
+    broken the same way every time, or decoding one row would pick other cells than the full
+    forward; ``topk`` alone does not promise an order among ties. So ``topk`` only finds each
+    row's threshold (the budget-th score): everything above it is kept, and of the cells equal
+    to it the first ones in index order fill the rest. O(M) memory, no full sort.
+    """
+    groups, cells = flat.shape
+    budget = budget.clamp(max=cells)
+    largest = int(budget.max()) if budget.numel() else 0
+    if largest == 0:
+        return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    values = torch.topk(flat, largest, dim=-1, sorted=True).values
+    threshold = values.gather(-1, (budget - 1).clamp(min=0)[:, None])             # (G, 1)
+    above = flat > threshold
+    tied = flat == threshold
+    missing = budget[:, None] - above.sum(dim=-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(dim=-1) <= missing))
+    return chosen & (budget > 0)[:, None]

@@ -1,0 +1,376 @@
+"""Triton forward kernel for exact attention on a compressed-column mask (SEA's sparse step).
+
+Same op as :func:`approxattn.blocks.sparse_attention.column_mask_attention`, for inference.
+
+Host side (tensor ops, ``O(B·H·N·T / BM)`` plus the sort of each block's T columns, no
+``Nq × Nk`` tensor and no host sync): for every (batch, head, block of ``BM`` query rows),
+
+1. the block's rows have lengths ``L ∈ [L_min, L_max]``; column c of any of them holds ranks
+   inside ``[lo_c(L_min), hi_c(L_max))`` (lo and hi grow with L), so its keys lie between the
+   positions of those two ranks: a run of ``BN``-key tiles ``[first_c, last_c]`` (a superset for
+   causal rows and for padding in the middle of a sequence, exact otherwise up to tile edges);
+2. the columns selected by *any* row of the block keep their runs; runs are non-decreasing in c,
+   so overlaps (a tile shared by neighbouring columns) are cut against the running maximum of
+   the previous runs' ends: every tile is visited once;
+3. the non-empty runs are compacted to the front (``start``, ``count``) with their number ``runs``.
+
+Kernel (grid: query block × batch·head): flash-attention online softmax over those tiles; the
+exact per-element mask is computed in registers: key rank (−1 padded), ``rank < L_i`` and
+``selected[b, h, i, c(i, j)]`` read from global memory, ``c = ((2·rank + 1)·T) // (2·L_i)`` via
+an fp32 estimate corrected to the exact integer quotient (no integer division per element).
+Grouped-query heads index their key/value head; rows with no key give 0; fp32 math
+(bf16/fp16 tiles go through tensor cores with fp32 accumulation; fp32 inputs use IEEE dots).
+
+:func:`flex_column_mask_attention` runs the same op through FlexAttention (a ``BlockMask`` from
+the same runs and a ``mask_mod`` reading the same tables): a peer for the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..blocks.sparse_attention import ColumnLayout, _check_attention, _positions_by_rank, column_rank_range
+from .dispatch import HAS_TRITON, kernels_enabled
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._feature_map import _INTERPRET, _cast_out, _round_bf16
+else:  # pragma: no cover - the module still imports, fast_column_mask_attention returns None
+    triton = None
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+# Launch configuration by head dim (tuned on an H100 at N = 16K–64K, bf16; see benchmarks/results/h100/sea).
+CONFIGS = {64: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+           128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+           256: {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}}
+OVERRIDE: dict[str, int] = {}   # tuning runs set this
+
+
+def triton_tile_runs() -> bool:
+    """Whether the kernel builds its tile runs in one Triton launch (``APPROXATTN_TRITON_TILE_RUNS=1``)
+    instead of ~30 small tensor ops (about 1.2 ms of launch overhead on an H100). Off by default
+    until validated on a GPU: it matches the tensor-op version under the interpreter only."""
+    return os.environ.get("APPROXATTN_TRITON_TILE_RUNS", "0") == "1"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(d: int, dv: int) -> dict[str, int]:
+    if _interpreting():
+        return {"BM": 16, "BN": 16}
+    if OVERRIDE:
+        return dict(OVERRIDE)
+    width = max(d, dv)
+    return dict(CONFIGS[64 if width <= 64 else 128 if width <= 128 else 256])
+
+
+def tile_runs(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int):
+    """Per (batch, head, query block) the runs of KV tiles the kernel visits.
+
+    Returns ``start, count`` ``(B, H, NMB, T)`` int32 (runs compacted to the front, in key order)
+    and ``runs`` ``(B, H, NMB)`` int32, the number of runs.
+    """
+    B, H, Nq, T = selected.shape
+    Nk = layout.seq_k
+    nmb = -(-Nq // block_m)
+    pad = nmb * block_m - Nq
+    # rows past Nq repeat the last row's length, so they change neither the min nor the max
+    length = torch.cat([layout.row_length, layout.row_length[:, -1:].expand(B, pad)], 1).view(B, nmb, block_m)
+    l_min, l_max = length.amin(-1), length.amax(-1)
+    column = torch.arange(T, device=selected.device)
+    lo, _ = column_rank_range(column, l_min[..., None], T)          # (B, NMB, T)
+    _, hi = column_rank_range(column, l_max[..., None], T)
+    nonempty = hi > lo
+    positions = _positions_by_rank(layout)                          # (B, Nk)
+    first = torch.gather(positions, 1, lo.clamp(max=Nk - 1).flatten(1)).view_as(lo) // block_n
+    last = torch.gather(positions, 1, (hi - 1).clamp(min=0, max=Nk - 1).flatten(1)).view_as(hi) // block_n
+    used = torch.nn.functional.pad(selected, (0, 0, 0, pad)).view(B, H, nmb, block_m, T).any(3)
+    used &= nonempty[:, None]                                       # (B, H, NMB, T)
+    end = torch.where(used, last[:, None], torch.full_like(last[:, None], -1))
+    # tiles already covered by an earlier selected column: the running max of previous ends
+    covered = torch.nn.functional.pad(end.cummax(-1).values[..., :-1], (1, 0), value=-1)
+    start = torch.maximum(first[:, None], covered + 1)
+    count = torch.where(used, end - start + 1, torch.zeros_like(end)).clamp(min=0)
+    order = torch.sort((count == 0).to(torch.uint8), dim=-1, stable=True).indices
+    start = torch.gather(start, -1, order).to(torch.int32).contiguous()
+    count = torch.gather(count, -1, order).to(torch.int32).contiguous()
+    runs = (count > 0).sum(-1, dtype=torch.int32)
+    return start, count, runs
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mma(a, b, PREC: tl.constexpr):
+        """``a @ b`` with fp32 accumulation. The CPU interpreter mis-multiplies bf16 operands:
+        there the operands are taken to fp32 (a rounded to b's dtype, as on the GPU) and
+        multiplied exactly."""
+        if _INTERPRET:
+            if b.dtype == tl.bfloat16:
+                a = _round_bf16(a.to(tl.float32))
+            elif b.dtype == tl.float16:
+                a = a.to(tl.float16)
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a.to(b.dtype), b, input_precision=PREC)
+
+    @triton.jit
+    def _column_mask_fwd(
+        q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, rank_ptr, len_ptr, start_ptr, count_ptr, runs_ptr,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_sb, stride_sh, stride_sn,
+        stride_rb, stride_lb,
+        H, G, Nq, Nk, d, dv, T, NMB, qk_scale,
+        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Grid (query block, batch·head): one block of BM query rows of one head."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // G
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        offs_v = tl.arange(0, BDV)
+        row_ok = offs_m < Nq
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+        length = tl.load(len_ptr + b.to(tl.int64) * stride_lb + offs_m, mask=row_ok, other=0).to(tl.int32)
+        den = 2 * tl.maximum(length, 1)
+        inv_den = 1.0 / den.to(tl.float32)
+        sel_row = (sel_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+                   + offs_m.to(tl.int64) * stride_sn)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BDV], dtype=tl.float32)
+        run_base = (bh.to(tl.int64) * NMB + pid_m) * T
+        n_runs = tl.load(runs_ptr + bh.to(tl.int64) * NMB + pid_m)
+        for r in range(0, n_runs):
+            t0 = tl.load(start_ptr + run_base + r)
+            t1 = t0 + tl.load(count_ptr + run_base + r)
+            for t in range(t0, t1):
+                offs_n = t * BN + tl.arange(0, BN)
+                key_ok = offs_n < Nk
+                rank = tl.load(rank_ptr + b.to(tl.int64) * stride_rb + offs_n, mask=key_ok, other=-1).to(tl.int32)
+                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=key_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vd,
+                            mask=key_ok[:, None] & (offs_v[None, :] < dv), other=0.0)
+                eligible = (rank[None, :] >= 0) & (rank[None, :] < length[:, None]) & row_ok[:, None]
+                # c = num // den exactly: an fp32 quotient is off by at most one, then corrected
+                num = (2 * rank[None, :] + 1) * T
+                col = (num.to(tl.float32) * inv_den[:, None]).to(tl.int32)
+                col = tl.where(col * den[:, None] > num, col - 1, col)
+                col = tl.where((col + 1) * den[:, None] <= num, col + 1, col)
+                col = tl.minimum(tl.maximum(col, 0), T - 1)
+                keep = tl.load(sel_row[:, None] + col, mask=eligible, other=0) != 0
+                s = _mma(q, tl.trans(k), PREC) * qk_scale
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing yet
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _mma(p, v, PREC)
+                m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                 + offs_m[:, None].to(tl.int64) * stride_on + offs_v[None, :] * stride_od,
+                 _cast_out(out, o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < dv))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _column_runs(sel_ptr, pos_ptr, c, row_ok, Nk, T, BN: tl.constexpr, l_min, l_max, cmask):
+        """First/last KV tile and "used by a row of the block" for columns c (a vector)."""
+        lo = (2 * c * l_min + T - 1) // (2 * T)
+        hi = (2 * (c + 1) * l_max + T - 1) // (2 * T)
+        ok = cmask & (c >= 0) & (hi > lo)
+        first = tl.load(pos_ptr + tl.minimum(lo, Nk - 1), mask=ok, other=0) // BN
+        last = tl.load(pos_ptr + tl.minimum(tl.maximum(hi - 1, 0), Nk - 1), mask=ok, other=0) // BN
+        tile = tl.load(sel_ptr + c[None, :], mask=row_ok[:, None] & ok[None, :], other=0)
+        used = (tl.max(tile.to(tl.int32), 0) > 0) & ok
+        return first.to(tl.int32), last.to(tl.int32), used
+
+    @triton.jit
+    def _tile_runs_kernel(
+        sel_ptr, len_ptr, pos_ptr, start_ptr, count_ptr, runs_ptr,
+        stride_sb, stride_sh, stride_sn, stride_lb, stride_pb,
+        H, Nq, Nk, T, NMB,
+        BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    ):
+        """Grid (query block, batch·head): :func:`tile_runs` for one block, in registers."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = pid_m * BM + tl.arange(0, BM)
+        row_ok = rows < Nq
+        length = tl.load(len_ptr + b.to(tl.int64) * stride_lb + rows, mask=row_ok, other=0).to(tl.int32)
+        l_min = tl.min(tl.where(row_ok, length, 2147483647), 0)
+        l_max = tl.max(length, 0)
+        sel = (sel_ptr + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+               + rows[:, None].to(tl.int64) * stride_sn)
+        pos = pos_ptr + b.to(tl.int64) * stride_pb
+        c = tl.arange(0, BT)
+        cmask = c < T
+        first, last, used = _column_runs(sel, pos, c, row_ok, Nk, T, BN, l_min, l_max, cmask)
+        # the previous column's end (−1 when unused), recomputed rather than shifted in registers
+        _, last_prev, used_prev = _column_runs(sel, pos, c - 1, row_ok, Nk, T, BN, l_min, l_max, cmask)
+        end_prev = tl.where(used_prev, last_prev, -1)
+        covered = tl.associative_scan(end_prev, 0, _max_combine)     # max end of the columns before c
+        start = tl.maximum(first, covered + 1)
+        count = tl.where(used, tl.maximum(last - start + 1, 0), 0)
+        live = count > 0
+        slot = tl.cumsum(live.to(tl.int32), 0) - 1
+        out = (bh.to(tl.int64) * NMB + pid_m) * T
+        tl.store(start_ptr + out + slot, start, mask=live)
+        tl.store(count_ptr + out + slot, count, mask=live)
+        tl.store(runs_ptr + bh.to(tl.int64) * NMB + pid_m, tl.sum(live.to(tl.int32), 0))
+
+
+def tile_runs_triton(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int):
+    """:func:`tile_runs` in one Triton launch (plus the rank → position table). Entries of
+    ``start``/``count`` past ``runs`` are left unwritten."""
+    B, H, Nq, T = selected.shape
+    nmb = -(-Nq // block_m)
+    sel = selected.view(torch.uint8)
+    if sel.stride(3) != 1:
+        sel = sel.contiguous()
+    length = layout.row_length if layout.row_length.stride(1) == 1 else layout.row_length.contiguous()
+    positions = _positions_by_rank(layout)
+    start = torch.empty(B, H, nmb, T, dtype=torch.int32, device=selected.device)
+    count = torch.empty_like(start)
+    runs = torch.empty(B, H, nmb, dtype=torch.int32, device=selected.device)
+    _tile_runs_kernel[(nmb, B * H)](
+        sel, length, positions, start, count, runs,
+        sel.stride(0), sel.stride(1), sel.stride(2), length.stride(0), positions.stride(0),
+        H, Nq, layout.seq_k, T, nmb,
+        BM=block_m, BN=block_n, BT=max(16, triton.next_power_of_2(T)),
+    )
+    return start, count, runs
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor) -> bool:
+    """Whether the kernel covers these inputs (dtype, head dims, no gradient, int32 column math)."""
+    if not HAS_TRITON or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    T = selected.shape[-1]
+    return (2 * k.shape[2] + 1) * T < 2**31 and 2 * k.shape[2] * T < 2**31
+
+
+def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, scale: float) -> torch.Tensor:
+    """The kernel's output (no checks beyond :func:`supported`; call through the fast path)."""
+    B, H, Nq, d = q.shape
+    Hkv, Nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    T = layout.columns
+    cfg = launch_config(d, dv)
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    build_runs = tile_runs_triton if triton_tile_runs() else tile_runs
+    start, count, runs = build_runs(selected, layout, BM, BN)
+    nmb = start.shape[2]
+    out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=q.device)
+    sel = selected.view(torch.uint8)
+    if sel.stride(3) != 1:
+        sel = sel.contiguous()
+    rank, length = layout.key_rank, layout.row_length
+    if rank.stride(1) != 1:
+        rank = rank.contiguous()
+    if length.stride(1) != 1:
+        length = length.contiguous()
+    BD = max(16, triton.next_power_of_2(d))
+    BDV = max(16, triton.next_power_of_2(dv))
+    _column_mask_fwd[(nmb, B * H)](
+        q, k, v, out, sel, rank, length, start, count, runs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        sel.stride(0), sel.stride(1), sel.stride(2), rank.stride(0), length.stride(0),
+        H, H // Hkv, Nq, Nk, d, dv, T, nmb, float(scale) * LOG2E,
+        BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+    )
+    return out
+
+
+def fast_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale: float) -> torch.Tensor | None:
+    """The Triton kernel's output, or None where it does not apply (then use the reference).
+
+    None when: not CUDA (unless ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``),
+    Triton missing, ``APPROXATTN_DISABLE_KERNELS=1``, a gradient is required, the dtype is not
+    fp16/bf16/fp32, a head dim is over 256, or ``(2·Nk + 1)·T`` overflows int32.
+    Bad inputs raise like the reference.
+    """
+    _check_attention(q, k, v, selected, layout, scale)
+    if not kernels_enabled(q) or not supported(q, k, v, selected):
+        return None
+    return column_mask_attention_triton(q, k, v, selected, layout, scale=scale)
+
+
+def flex_block_mask(selected: torch.Tensor, layout: ColumnLayout, block: int = 128):
+    """A FlexAttention ``BlockMask`` for the op: KV blocks from :func:`tile_runs` at ``block`` tokens
+    (``kv_indices`` padded to every KV block, so its tables are ``O(N² / block²)``) and a
+    ``mask_mod`` reading the same rank / length / selected tables as the Triton kernel."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, Nq, T = selected.shape
+    Nk = layout.seq_k
+    start, count, _ = tile_runs(selected, layout, block, block)
+    nkb = -(-Nk // block)
+    # runs → a dense (B, H, NMB, NKB) block map through a difference array along the KV blocks
+    edges = torch.zeros(*start.shape[:3], nkb + 1, dtype=torch.int32, device=selected.device)
+    live = count > 0
+    edges.scatter_add_(-1, torch.where(live, start, nkb).long(), live.to(torch.int32))
+    edges.scatter_add_(-1, torch.where(live, start + count, nkb).long(), -live.to(torch.int32))
+    blocks = edges.cumsum(-1)[..., :nkb] > 0
+    num = blocks.sum(-1, dtype=torch.int32)
+    indices = torch.sort((~blocks).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    rank, length = layout.key_rank, layout.row_length
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        r = rank[b, kv_idx]
+        L = length[b, q_idx]
+        c = torch.div((2 * r + 1) * T, 2 * L.clamp(min=1), rounding_mode="floor").clamp(0, T - 1)
+        return (r >= 0) & (r < L) & selected[b, h, q_idx, c]
+
+    return BlockMask.from_kv_blocks(num, indices, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(Nq, Nk))
+
+
+def flex_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale: float, block_mask=None,
+                               compiled=None):
+    """The same op through FlexAttention (benchmark peer; CUDA, torch ≥ 2.5).
+
+    block_mask: from :func:`flex_block_mask` (built here when None); compiled: a
+    ``torch.compile``d ``flex_attention`` to reuse across calls (eager FlexAttention is quadratic).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _check_attention(q, k, v, selected, layout, scale)
+    mask = flex_block_mask(selected, layout) if block_mask is None else block_mask
+    fn = compiled or flex_attention
+    return fn(q, k, v, block_mask=mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
+
+
+__all__ = ["fast_column_mask_attention", "flex_block_mask", "flex_column_mask_attention", "supported", "tile_runs",
+           "tile_runs_triton"]

@@ -1,0 +1,437 @@
+"""SEA (method 'sea'): dense limit, mask statistics, causality, decoding, interpretability outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported (as test_kernels)
+
+import approxattn  # noqa: E402
+from approxattn.blocks.exact import softmax_attention, softmax_attention_matrix  # noqa: E402
+from approxattn.blocks.sea_mask import row_budgets, select_cells  # noqa: E402
+from approxattn.blocks.sparse_attention import column_layout, dense_column_mask, nonempty_columns  # noqa: E402
+from helpers import qkv, rel_err  # noqa: E402
+
+D = 8
+
+
+def build(**options):
+    base = {"k": 4, "columns": 16, "num_features": 16}
+    return approxattn.build("sea", head_dim=options.pop("head_dim", D), **(base | options)).double().eval()
+
+
+def padding_mask(n: int) -> torch.Tensor:
+    """Right padding in sample 0, left padding and a hole in sample 1."""
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, n - 5:] = False
+    mask[1, :3] = False
+    mask[1, n // 2] = False
+    return mask
+
+
+def local_inputs(seed: int, *, batch=2, heads=4, kv_heads=2, n=128, d=D, sharpness=8.0):
+    """Peaked attention: each query is a scaled copy of one key (the real-ish case SEA targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, n, (n,), generator=gen)
+    q = k.repeat_interleave(heads // kv_heads, dim=1)[:, :, target] * sharpness / d**0.5
+    q = q + 0.1 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------- dense limit
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_mask_without_gates_is_exact_softmax(causal, padded):
+    n = 24
+    q, k, v = qkv(heads=6, kv_heads=2, seq_q=n)                  # grouped-query heads too
+    mask = padding_mask(n) if padded else None
+    sea = build(k=n, grouping="query", gates=False, columns=8)
+    out = sea(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = softmax_attention(q, k, v, causal=causal, key_valid=mask, scale=D**-0.5)
+    assert rel_err(out, ref) < 1e-10
+
+
+# ----------------------------------------------------------------------------- mask statistics
+
+
+def keys_per_row(result) -> torch.Tensor:
+    return dense_column_mask(result.selected, result.layout).sum(dim=-1).double()      # (B, H, Nq)
+
+
+@pytest.mark.parametrize("grouping", ["batch", "head", "query", "causal_batch"])
+def test_mean_keys_per_row_is_exactly_k_when_columns_divide_the_length(grouping):
+    # N = 128, T = 16: every column holds 8 keys and every row's budget is k·T/N = 2 cells
+    q, k, v = local_inputs(0)
+    result = build(k=16, grouping=grouping).forward_with_details(q, k, v)
+    counts = keys_per_row(result)
+    assert counts.mean().item() == 16.0
+    assert counts.min().item() >= 8                                    # each (head, row) keeps a cell
+    if grouping == "query":
+        assert (counts == 16).all()
+
+
+@pytest.mark.parametrize("grouping", ["batch", "head", "query", "causal_batch"])
+def test_mean_keys_per_row_with_padding_within_rounding(grouping):
+    n, T, k_keys = 128, 16, 16
+    q, k, v = local_inputs(1, n=n)
+    mask = padding_mask(n)
+    result = build(k=k_keys, grouping=grouping).forward_with_details(q, k, v, key_padding_mask=mask)
+    counts = keys_per_row(result)
+    for b in range(2):
+        n_valid = int(mask[b].sum())
+        rows = counts[b][:, mask[b]]                                   # rows of real tokens
+        cells = round(k_keys * T / n_valid)
+        # bound: rounding the budget to whole cells moves it by ≤ n/(2T) keys, and a cell
+        # holds ⌊n/T⌋ or ⌈n/T⌉ keys (≤ 1 key per kept cell off the mean width)
+        assert abs(rows.mean().item() - k_keys) <= n_valid / (2 * T) + cells
+
+
+@pytest.mark.parametrize("grouping", ["query", "causal_batch"])
+def test_causal_keys_per_row_follow_each_rows_budget(grouping):
+    n, T, k_keys = 96, 16, 8
+    q, k, v = local_inputs(2, n=n)
+    result = build(k=k_keys, grouping=grouping).forward_with_details(q, k, v, causal=True)
+    counts = keys_per_row(result)
+    assert counts.min().item() >= 1                                    # row 0 included
+    assert (counts[:, :, 0] == 1).all()
+    length = torch.arange(1, n + 1, dtype=torch.float64)
+    cells = row_budgets(length.long()[None], k_keys, T)[0].double()
+    # cells are capped by the columns that hold keys (min(L, T)); each holds ⌊L/T⌋..⌈L/T⌉ keys
+    kept = torch.minimum(cells, torch.clamp(length, max=T))
+    low, high = kept * torch.floor(length / T).clamp(min=1), kept * torch.ceil(length / T)
+    per_row = counts.mean(dim=(0, 1)) if grouping == "causal_batch" else counts
+    assert (per_row >= low - 1e-9).all() and (per_row <= high + 1e-9).all()
+    # and the average over the long rows is k up to the stated rounding
+    long_rows = length >= 2 * T
+    assert abs(counts[..., long_rows].mean().item() - k_keys) <= (length[long_rows] / (2 * T)).mean() + 1
+
+
+@pytest.mark.parametrize("grouping", ["batch", "head", "query", "causal_batch"])
+def test_each_group_keeps_exactly_its_budget_of_cells(grouping):
+    B, H, N, T = 2, 3, 20, 8
+    probs = torch.rand(B, H, N, T, dtype=torch.float64).softmax(-1)
+    layout = column_layout(B, N, N, T, causal=False, key_padding_mask=padding_mask(N))
+    candidates = nonempty_columns(layout)
+    selected = select_cells(probs, candidates, layout.row_length, k=3, grouping=grouping)
+    per_row = row_budgets(layout.row_length, 3, T)                   # (B, N)
+    if grouping == "batch":
+        assert (selected.sum(dim=(1, 2, 3)) == H * per_row.sum(1)).all()
+    elif grouping == "head":
+        assert (selected.sum(dim=(2, 3)) == per_row.sum(1)[:, None]).all()
+    elif grouping == "query":
+        assert (selected.sum(dim=3) == per_row[:, None]).all()
+    else:
+        assert (selected.sum(dim=(1, 3)) == H * per_row).all()
+    assert selected.any(dim=-1).all()
+
+
+def test_top_cells_break_ties_like_a_stable_sort():
+    from approxattn.blocks.sea_mask import _top_cells
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        scores = torch.randint(0, 4, (6, 30), generator=gen).double()            # many exact ties
+        scores[0, :5] = float("-inf")
+        budget = torch.randint(0, 31, (6,), generator=gen)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(-1, order, torch.arange(30)[None] < budget[:, None])
+        assert torch.equal(_top_cells(scores, budget), expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_row_gets_a_real_key_even_with_a_tiny_budget(causal):
+    n = 40
+    q, k, v = qkv(seq_q=n)
+    mask = padding_mask(n)
+    for grouping in (["query", "causal_batch"] if causal else ["batch", "head", "query", "causal_batch"]):
+        result = build(k=1, columns=8, grouping=grouping).forward_with_details(
+            q, k, v, causal=causal, key_padding_mask=mask)
+        counts = keys_per_row(result)
+        sees_a_key = result.layout.row_length > 0                       # causal left padding: rows before
+        assert (counts.permute(1, 0, 2)[:, sees_a_key] >= 1).all()      # the first real key see none
+        assert (counts.permute(1, 0, 2)[:, ~sees_a_key] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_are_never_selected(causal):
+    n = 32
+    q, k, v = qkv(seq_q=n)
+    mask = padding_mask(n)
+    result = build(k=n, grouping="query").forward_with_details(q, k, v, causal=causal, key_padding_mask=mask)
+    chosen = dense_column_mask(result.selected, result.layout)
+    assert not chosen[:, :, :, ~mask[0]][0].any() and not chosen[1][:, :, ~mask[1]].any()
+    assert (result.sparse_probabilities()[~mask[:, None, None, :].expand_as(chosen)] == 0).all()
+    assert (result.estimated_attention()[~mask[:, None, None, :].expand_as(chosen)] == 0).all()
+
+
+# ----------------------------------------------------------------------------- causality
+
+
+def causal_views(result, upto: int) -> list[torch.Tensor]:
+    n = upto + 1
+    return [
+        result.output[:, :, :n], result.selected[:, :, :n], result.estimated_logits[:, :, :n],
+        result.sparse_probabilities()[:, :, :n, :n], result.estimated_attention()[:, :, :n, :n],
+        result.gates[:, :, :n],
+    ]
+
+
+@pytest.mark.parametrize("grouping", ["query", "causal_batch"])
+@pytest.mark.parametrize("position", [0, 9, 30])
+def test_causal_canary_changed_and_injected_tokens(grouping, position):
+    n = 40
+    q, k, v = qkv(seq_q=n)
+    sea = build(grouping=grouping, columns=12)
+    base = sea.forward_with_details(q, k, v, causal=True)
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[:, :, position + 1:] = torch.randn_like(t[:, :, position + 1:]) * 3
+    other = sea.forward_with_details(*changed, causal=True)
+    # injection: canary tokens spliced in after `position` (the sequence gets longer)
+    canary = [torch.randn(t.shape[0], t.shape[1], 7, t.shape[3], dtype=t.dtype) * 3 for t in (q, k, v)]
+    injected = [torch.cat([t[:, :, :position + 1], c, t[:, :, position + 1:]], dim=2) for t, c in zip((q, k, v), canary)]
+    longer = sea.forward_with_details(*injected, causal=True)
+    for mine, theirs, spliced in zip(causal_views(base, position), causal_views(other, position),
+                                     causal_views(longer, position)):
+        assert torch.equal(mine, theirs) or rel_err(theirs, mine) < 1e-12
+        assert torch.equal(mine, spliced) or rel_err(spliced, mine) < 1e-12
+    assert rel_err(other.output, base.output) > 1e-3                   # the change did reach later rows
+
+
+def test_causal_rejects_budgets_shared_across_rows():
+    q, k, v = qkv(seq_q=8)
+    for grouping in ("batch", "head"):
+        sea = build(grouping=grouping)
+        sea(q, k, v)                                                   # fine non-causally
+        with pytest.raises(ValueError, match=r"grouping: .*later tokens.*causal=True"):
+            sea(q, k, v, causal=True)
+        with pytest.raises(ValueError, match=r"grouping: "):
+            sea.decoding_state(batch=2, heads=4, kv_heads=2, value_dim=D)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize(
+    "options, heads, kv_heads, n",
+    [
+        ({}, 4, 2, 40),                                                      # GQA, N > T
+        ({"grouping": "query", "columns": 10, "num_features": None}, 2, 2, 13),  # T % 4 ≠ 0, N < T
+        ({"num_heads": 4, "k": 6}, 4, 1, 30),                                # heads as CNN channels
+        ({"gates": False, "columns": 4}, 2, 1, 20),
+    ],
+)
+def test_decode_steps_equal_the_full_causal_forward(options, heads, kv_heads, n):
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads, seq_q=n, value_dim=5)
+    sea = build(**options)
+    full = sea(q, k, v, causal=True)
+    state = sea.decoding_state(batch=2, heads=heads, kv_heads=kv_heads, value_dim=5, dtype=torch.float64)
+    steps = [sea.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state) for t in range(n)]
+    assert rel_err(torch.cat(steps, dim=2), full) < 1e-10
+    assert state.position == n
+
+
+def test_decoding_gathers_only_the_selected_keys():
+    # with a budget of one cell per row over T columns, a step reads ⌈t/T⌉ keys per head, not t
+    n, T = 64, 8
+    q, k, v = qkv(seq_q=n)
+    sea = build(k=1, columns=T, grouping="query")
+    state = sea.decoding_state(batch=2, heads=4, kv_heads=2, value_dim=D, dtype=torch.float64)
+    seen = []
+    original = sea._decode_sparse
+
+    def spy(q_t, state_, selected, lo, hi, scale, shape):
+        out = original(q_t, state_, selected, lo, hi, scale, shape)
+        seen.append(int((hi - lo).max()) * int(selected.sum(-1).max()))
+        return out
+
+    sea._decode_sparse = spy
+    for t in range(n):
+        sea.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+    assert max(seen) <= math.ceil(n / T) + 1
+
+
+def test_decoding_beyond_the_learned_probe_is_refused():
+    sea = build(max_positions=3)
+    q, k, v = qkv(seq_q=4)
+    state = sea.decoding_state(batch=2, heads=4, kv_heads=2, value_dim=D, dtype=torch.float64)
+    for t in range(3):
+        sea.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+    with pytest.raises(ValueError, match=r"max_positions=3"):
+        sea.decode_step(q[:, :, 3:4], k[:, :, 3:4], v[:, :, 3:4], state)
+    # the full forward stretches the table instead (documented)
+    assert torch.isfinite(sea(q, k, v, causal=True)).all()
+
+
+def test_decode_step_checks_its_inputs():
+    sea = build()
+    state = sea.decoding_state(batch=2, heads=4, kv_heads=2, value_dim=D, dtype=torch.float64)
+    q, k, v = qkv(seq_q=1)
+    with pytest.raises(ValueError, match=r"k_t: expected shape \(2, 2, 1, 8\)"):
+        sea.decode_step(q, k[:, :1], v, state)
+    with pytest.raises(TypeError, match=r"q_t: expected dtype torch.float64"):
+        sea.decode_step(q.float(), k, v, state)
+    with pytest.raises(TypeError, match=r"state: expected a SEADecodingState"):
+        sea.decode_step(q, k, v, {})
+    with pytest.raises(ValueError, match=r"kv_heads: expected a divisor of heads=4, got 3"):
+        sea.decoding_state(batch=2, heads=4, kv_heads=3, value_dim=D)
+
+
+# ----------------------------------------------------------------------------- interpretability outputs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_details_match_forward_and_rows_sum_as_documented(causal):
+    n = 20
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=n)
+    mask = padding_mask(n)
+    sea = build()
+    result = sea.forward_with_details(q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.equal(result.output, sea(q, k, v, causal=causal, key_padding_mask=mask))
+    B, H, T = 2, 4, 16
+    assert result.estimated_logits.shape == (B, H, n, T) and result.selected.shape == (B, H, n, T)
+    assert result.gates.shape == (B, H, n, 2) and ((result.gates > 0) & (result.gates < 1)).all()
+    has_key = (result.layout.row_length > 0)[:, None].expand(B, H, n)
+    estimated = result.estimated_attention()
+    assert estimated.shape == (B, H, n, n)
+    assert torch.allclose(estimated.sum(-1)[has_key], torch.ones(()).double())
+    assert (estimated.sum(-1)[~has_key] == 0).all()
+    sparse = result.sparse_probabilities()
+    assert torch.allclose(sparse.sum(-1)[has_key], result.gates[..., 0][has_key])
+    logits = result.estimated_attention_logits()
+    assert torch.equal(torch.isinf(logits), estimated == 0) or (torch.isinf(logits) <= (estimated == 0)).all()
+    # one head: the same slice
+    assert torch.equal(result.sparse_probabilities(head=3), sparse[:, 3:4])
+    assert torch.equal(result.estimated_attention(head=1), estimated[:, 1:2])
+    with pytest.raises(ValueError, match=r"head: expected None or an int in \[0, 4\), got 4"):
+        result.estimated_attention(head=4)
+
+
+@pytest.mark.parametrize("causal, residual", [(False, True), (False, False), (True, True)])
+def test_estimator_learns_through_the_estimated_attention(causal, residual):
+    # the distillation loss on the resized estimate reaches the decoder and encoder (not the top-k)
+    n = 16
+    q, k, v = qkv(seq_q=n)
+    sea = build(decoder_residual=residual).train()
+    result = sea.forward_with_details(q, k, v, causal=causal)
+    target = softmax_attention_matrix(q, k, causal=causal, scale=D**-0.5)
+    log_estimate = torch.log_softmax(result.estimated_attention_logits(), dim=-1).clamp(min=-1e4)
+    loss = torch.nn.functional.kl_div(log_estimate, target, reduction="batchmean") + result.output.square().mean()
+    loss.backward()
+    decoder = "causal_decoder" if causal else "decoder"
+    names = ["gate.weight", f"{decoder}.out.weight"]
+    if causal or not residual:
+        # a zero-initialised last conv (the residual's start) passes no gradient further back yet
+        names += ["encoder.weight", f"{decoder}.row.weight"]
+    for name in names:
+        grad = dict(sea.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert sea.estimator_parameters() == list(sea.parameters())
+
+
+def test_decoder_residual_selects_from_the_performers_estimate():
+    # undistilled, non-causal, peaked inputs: with the histogram residual the mask finds the
+    # key each query attends to far more often than the randomly initialised paper decoder
+    recalls, errors = {True: [], False: []}, {True: [], False: []}
+    for seed in range(2):
+        q, k, v = local_inputs(seed, n=128, d=16, sharpness=8.0)
+        attention = softmax_attention_matrix(q, k, scale=16**-0.5)
+        for residual in (True, False):
+            sea = build(head_dim=16, k=8, columns=16, num_features=128, gates=False, decoder_residual=residual,
+                        seed=seed)
+            result = sea.forward_with_details(q, k, v)
+            chosen = dense_column_mask(result.selected, result.layout)
+            recalls[residual].append(chosen.gather(-1, attention.argmax(-1, keepdim=True)).double().mean().item())
+            errors[residual].append(rel_err(result.output, attention @ v.repeat_interleave(2, dim=1)))
+    assert min(recalls[True]) > 2 * max(recalls[False])
+    assert sum(errors[True]) < sum(errors[False])
+
+
+# ----------------------------------------------------------------------------- options and errors
+
+
+def test_num_heads_mismatch_is_a_clear_error():
+    sea = build(num_heads=3)
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=8)
+    with pytest.raises(ValueError, match=r"q: expected 3 heads .*num_heads=3.*got 4"):
+        sea(q, k, v)
+    with pytest.raises(ValueError, match=r"q: expected 3 heads"):
+        sea.forward_with_details(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize(
+    "options, error, pattern",
+    [
+        ({"k": 0}, ValueError, r"option 'k' of method 'sea': expected an int >= 1"),
+        ({"columns": 0}, ValueError, r"option 'columns'"),
+        ({"grouping": "rows"}, ValueError, r"option 'grouping' of method 'sea': expected one of 'auto', 'batch'"),
+        ({"num_features": 0}, ValueError, r"option 'num_features'"),
+        ({"gates": "yes"}, TypeError, r"option 'gates' of method 'sea': expected a bool"),
+        ({"num_heads": 2.0}, TypeError, r"option 'num_heads'"),
+        ({"max_positions": -1}, ValueError, r"option 'max_positions'"),
+        ({"decoder_residual": 1}, TypeError, r"option 'decoder_residual'"),
+        ({"redraw": 0}, ValueError, r"option 'redraw'"),
+        ({"topk": 3}, ValueError, r"unknown option 'topk' for method 'sea'"),
+    ],
+)
+def test_bad_options(options, error, pattern):
+    with pytest.raises(error, match=pattern):
+        approxattn.build("sea", head_dim=D, **options)
+
+
+def test_functional_form_takes_k_as_an_option():
+    q, k, v = qkv(seq_q=16)
+    out = approxattn.attention(q, k, v, "sea", k=16, grouping="query", gates=False, columns=8)
+    assert rel_err(out, approxattn.attention(q, k, v)) < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_path_is_finite_and_keeps_fp32_estimates(causal):
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=48, head_dim=16, dtype=torch.bfloat16, std=2.0)
+    sea = approxattn.build("sea", head_dim=16, k=8, columns=16, num_features=16)
+    result = sea.forward_with_details(q, k, v, causal=causal, key_padding_mask=padding_mask(48))
+    assert result.output.dtype == torch.bfloat16 and torch.isfinite(result.output).all()
+    assert result.estimated_logits.dtype == torch.float32 and torch.isfinite(result.estimated_logits).all()
+    state = sea.decoding_state(batch=2, heads=4, kv_heads=2, value_dim=16, dtype=torch.bfloat16)
+    step = sea.decode_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+    assert step.dtype == torch.bfloat16 and torch.isfinite(step).all()
+
+
+def test_default_num_features_rule():
+    assert build(num_features=None).num_features == int(D * math.log(D) / 8)
+    assert approxattn.build("sea", head_dim=64).num_features == 33                # SEA's OPT script (nbf = 8)
+
+
+def test_cost_is_linear_in_sequence_length():
+    spec = approxattn.get_method("sea")
+    costs = [spec.cost(1, 8, n, n, 64, causal=causal).flops for causal in (False, True) for n in (4096, 8192)]
+    assert 1.9 < costs[1] / costs[0] < 2.1 and 1.9 < costs[3] / costs[2] < 2.1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available()
+                    or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter test (CPU with triton)")
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_kernels_agree_with_the_reference_path(monkeypatch, causal):
+    # estimator (fused kernel attention) and sparse step (column-mask kernel), forced on CPU
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=24, head_dim=16, dtype=torch.float32)
+    sea = approxattn.build("sea", head_dim=16, k=4, columns=8, num_features=16).eval()
+    mask = padding_mask(24)
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+        ref = sea(q, k, v, causal=causal, key_padding_mask=mask)
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_FORCE_KERNELS", "1")
+        with torch.no_grad():
+            out = sea(q, k, v, causal=causal, key_padding_mask=mask)
+    assert rel_err(out, ref) < 1e-4

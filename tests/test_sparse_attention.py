@@ -1,0 +1,408 @@
+"""Exact attention on a compressed-column mask (SEA's sparse step): layout, both reference paths,
+gradients, errors, and the Triton kernel under the interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+from hypothesis import given, settings, strategies as st
+
+from approxattn.blocks import sparse_attention as sp
+from approxattn.blocks.exact import softmax_attention
+from approxattn.blocks.sparse_attention import (
+    column_layout,
+    column_mask_attention,
+    column_mask_probabilities,
+    dense_column_mask,
+    key_columns,
+    nonempty_columns,
+)
+from helpers import qkv, rel_err
+
+
+def naive_sparse_attention(q, k, v, selected, layout, scale):
+    """Row by row in float64 with Python loops over keys: an independent twin of the reference."""
+    B, H, Nq, _ = q.shape
+    groups = H // k.shape[1]
+    T = layout.columns
+    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for i in range(Nq):
+            L = int(layout.row_length[b, i])
+            for h in range(H):
+                keys = [j for j in range(k.shape[2])
+                        if 0 <= int(layout.key_rank[b, j]) < L
+                        and bool(selected[b, h, i, math.floor((int(layout.key_rank[b, j]) + 0.5) / L * T)])]
+                if not keys:
+                    continue
+                logits = torch.stack([q[b, h, i].double() @ k[b, h // groups, j].double() for j in keys]) * scale
+                p = torch.softmax(logits, 0)
+                out[b, h, i] = sum(p[n] * v[b, h // groups, j].double() for n, j in enumerate(keys))
+    return out
+
+
+def random_padding(batch, n, gen, min_valid=1):
+    """A (batch, n) keep-mask with a random number (≥ min_valid) of valid keys at random positions."""
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        count = int(torch.randint(min_valid, n + 1, (), generator=gen))
+        mask[b, torch.randperm(n, generator=gen)[:count]] = True
+    return mask
+
+
+# ---------------------------------------------------------------- layout and column map
+
+
+def test_column_map_hand_computed():
+    layout = column_layout(1, 6, 6, 4, causal=False)
+    # floor((r + 0.5) / 6 · 4) for r = 0..5
+    assert key_columns(layout)[0, 0].tolist() == [0, 1, 1, 2, 3, 3]
+    causal = column_layout(1, 6, 6, 4, causal=True)
+    # row 2 (L = 3): floor((r + 0.5)/3 · 4) = 0, 2, 3 for r = 0, 1, 2; the future is −1
+    assert key_columns(causal)[0, 2].tolist() == [0, 2, 3, -1, -1, -1]
+    assert key_columns(causal)[0, 0].tolist() == [2, -1, -1, -1, -1, -1]   # floor(0.5 · 4)
+
+
+def test_column_layout_with_padding_hand_computed():
+    mask = torch.tensor([[False, True, True, False, True]])
+    layout = column_layout(1, 5, 5, 2, causal=False, key_padding_mask=mask)
+    assert layout.key_rank.tolist() == [[-1, 0, 1, -1, 2]]
+    assert layout.row_length.tolist() == [[3] * 5]
+    # L = 3, T = 2: floor((r + 0.5)/3 · 2) = 0, 1, 1
+    assert key_columns(layout)[0, 0].tolist() == [-1, 0, 1, -1, 1]
+    causal = column_layout(1, 5, 5, 2, causal=True, key_padding_mask=mask)
+    assert causal.row_length.tolist() == [[0, 1, 2, 2, 3]]
+    assert key_columns(causal)[0, 0].tolist() == [-1] * 5
+    assert key_columns(causal)[0, 3].tolist() == [-1, 0, 1, -1, -1]
+
+
+def test_rank_ranges_invert_the_column_map():
+    """Column c of a row of length L holds exactly the ranks [lo_c, hi_c); they tile [0, L)."""
+    for T in range(1, 20):
+        for L in range(0, 60):
+            rank = torch.arange(L)
+            col = sp.column_of_rank(rank, torch.tensor(L), T)
+            assert torch.equal(col, torch.floor((rank + 0.5) / L * T).long()) if L else True
+            lo, hi = sp.column_rank_range(torch.arange(T), torch.tensor(L), T)
+            assert int(lo[0]) == 0 and int(hi[-1]) == L
+            assert torch.equal(lo[1:], hi[:-1])
+            for c in range(T):
+                assert torch.equal(rank[col == c], torch.arange(int(lo[c]), int(hi[c])))
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), n=st.integers(1, 24), T=st.integers(1, 12), causal=st.booleans(),
+       padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_eligibility_padding_causality_nonempty(batch, n, T, causal, padded, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = random_padding(batch, n, gen) if padded else None
+    layout = column_layout(batch, n, n, T, causal=causal, key_padding_mask=mask)
+    cols = key_columns(layout)
+    assert cols.shape == (batch, n, n) and int(cols.max()) < T
+    eligible = cols >= 0
+    if mask is not None:
+        assert not eligible[~mask[:, None, :].expand_as(eligible)].any()     # padded keys never eligible
+        n_valid = mask.sum(1)
+    else:
+        n_valid = torch.full((batch,), n)
+    if causal:
+        assert not eligible[:, ~torch.ones(n, n, dtype=torch.bool).tril()].any()  # never the future
+    else:
+        assert torch.equal(eligible.sum(-1), n_valid[:, None].expand(batch, n))
+    assert torch.equal(eligible.sum(-1), layout.row_length)
+    count = torch.zeros(batch, n, T, dtype=torch.int64).scatter_add_(2, cols.clamp(min=0), eligible.long())
+    assert torch.equal(nonempty_columns(layout), count > 0)
+
+
+def test_dense_column_mask_reads_selected():
+    gen = torch.Generator().manual_seed(0)
+    layout = column_layout(2, 7, 7, 3, causal=True, key_padding_mask=random_padding(2, 7, gen))
+    selected = torch.rand(2, 2, 7, 3, generator=gen) < 0.5
+    mask = dense_column_mask(selected, layout)
+    cols = key_columns(layout)
+    for b, h, i, j in torch.cartesian_prod(*(torch.arange(s) for s in mask.shape)).tolist():
+        c = int(cols[b, i, j])
+        assert bool(mask[b, h, i, j]) == (c >= 0 and bool(selected[b, h, i, c]))
+
+
+# ---------------------------------------------------------------- attention, both paths
+
+
+def _case(batch, heads, kv_heads, nq, nk, T, causal, padded, density, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = qkv(batch, heads, kv_heads, nq, nk, 8, 5, dtype=dtype, std=1.0, generator=gen)
+    mask = random_padding(batch, nk, gen) if padded else None
+    layout = column_layout(batch, nq, nk, T, causal=causal, key_padding_mask=mask)
+    selected = torch.rand(batch, heads, nq, T, generator=gen) < density
+    return q, k, v, selected, layout, mask
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), groups=st.integers(1, 3), nq=st.integers(1, 20),
+       nk=st.integers(1, 20), T=st.integers(1, 9), causal=st.booleans(), padded=st.booleans(),
+       density=st.sampled_from([0.0, 0.2, 0.5, 1.0]), seed=st.integers(0, 2**16))
+def test_dense_and_gather_paths_match_a_naive_loop(batch, kv_heads, groups, nq, nk, T, causal, padded, density, seed):
+    if causal:
+        nk = nq
+    q, k, v, selected, layout, _ = _case(batch, kv_heads * groups, kv_heads, nq, nk, T, causal, padded, density, seed)
+    ref = naive_sparse_attention(q, k, v, selected, layout, 0.35)
+    dense = column_mask_attention(q, k, v, selected, layout, scale=0.35, path="dense")
+    gather = column_mask_attention(q, k, v, selected, layout, scale=0.35, path="gather")
+    assert dense.shape == gather.shape == (batch, kv_heads * groups, nq, 5)
+    assert torch.allclose(dense, ref, atol=1e-12) and torch.allclose(gather, ref, atol=1e-12)
+
+
+def test_gather_path_in_several_chunks(monkeypatch):
+    q, k, v, selected, layout, _ = _case(2, 4, 2, 37, 37, 6, True, True, 0.4, 3)
+    dense = column_mask_attention(q, k, v, selected, layout, scale=0.3, path="dense")
+    monkeypatch.setattr(sp, "GATHER_PAIRS_PER_CHUNK", 64)       # about one row per chunk
+    gather = column_mask_attention(q, k, v, selected, layout, scale=0.3, path="gather")
+    assert rel_err(gather, dense) < 1e-12
+
+
+def test_auto_path_switches_on_size(monkeypatch):
+    q, k, v, selected, layout, _ = _case(1, 2, 1, 12, 12, 4, False, False, 0.5, 4)
+    calls = []
+    for name in ("_dense_attention", "_gather_attention"):
+        original = getattr(sp, name)
+        monkeypatch.setattr(sp, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    column_mask_attention(q, k, v, selected, layout, scale=0.3)
+    monkeypatch.setattr(sp, "DENSE_CELLS_LIMIT", 10)
+    column_mask_attention(q, k, v, selected, layout, scale=0.3)
+    assert calls == ["_dense_attention", "_gather_attention"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_full_selection_is_exact_softmax_attention(causal, path):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(2, 4, 2, 16, 16, 8, dtype=torch.float64, generator=gen)
+    mask = random_padding(2, 16, gen, min_valid=4)
+    mask[:, 0] = True   # so no causal row is empty (softmax_attention would zero it too, but keep it simple)
+    layout = column_layout(2, 16, 16, 5, causal=causal, key_padding_mask=mask)
+    selected = torch.ones(2, 4, 16, 5, dtype=torch.bool)
+    out = column_mask_attention(q, k, v, selected, layout, scale=0.4, path=path)
+    ref = softmax_attention(q, k, v, causal=causal, key_valid=mask, scale=0.4)
+    assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_rows_without_keys_give_zero(path):
+    q, k, v, selected, layout, _ = _case(1, 2, 2, 6, 6, 3, False, False, 1.0, 6)
+    selected[0, 1, 2] = False                       # a row that selects nothing
+    mask = torch.tensor([[False, False, True, True, True, True]])
+    causal = column_layout(1, 6, 6, 3, causal=True, key_padding_mask=mask)   # rows 0, 1 have L = 0
+    out = column_mask_attention(q, k, v, selected, layout, scale=0.5, path=path)
+    assert torch.all(out[0, 1, 2] == 0) and out[0, 0, 2].abs().sum() > 0
+    out = column_mask_attention(q, k, v, torch.ones_like(selected), causal, scale=0.5, path=path)
+    assert torch.all(out[:, :, :2] == 0) and torch.isfinite(out).all() and out[:, :, 2:].abs().min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_return_their_dtype(dtype):
+    q, k, v, selected, layout, _ = _case(1, 2, 1, 10, 10, 4, True, False, 0.6, 7)
+    ref = column_mask_attention(q, k, v, selected, layout, scale=0.3)
+    for path in ("dense", "gather"):
+        out = column_mask_attention(q.to(dtype), k.to(dtype), v.to(dtype), selected, layout, scale=0.3, path=path)
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("path", ["dense", "gather"])
+def test_gradcheck(path):
+    q, k, v, selected, layout, _ = _case(1, 2, 1, 6, 6, 3, True, True, 0.6, 8)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: column_mask_attention(q, k, v, selected, layout, scale=0.5, path=path), (q, k, v))
+
+
+def test_probabilities():
+    q, k, v, selected, layout, _ = _case(2, 4, 2, 9, 9, 4, True, True, 0.5, 9)
+    probs = column_mask_probabilities(q, k, selected, layout, scale=0.5)
+    mask = dense_column_mask(selected, layout)
+    assert probs.shape == (2, 4, 9, 9) and torch.all(probs[~mask] == 0)
+    sums = probs.sum(-1)
+    has_key = mask.any(-1)
+    assert torch.allclose(sums[has_key], torch.ones(()).double()) and torch.all(sums[~has_key] == 0)
+    assert torch.allclose(probs @ torch.repeat_interleave(v, 2, dim=1),
+                          column_mask_attention(q, k, v, selected, layout, scale=0.5))
+    one = column_mask_probabilities(q, k, selected, layout, scale=0.5, head=3)
+    assert one.shape == (2, 1, 9, 9) and torch.equal(one, probs[:, 3:4])
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_inputs():
+    q, k, v, selected, layout, _ = _case(1, 4, 2, 8, 8, 4, False, False, 0.5, 10)
+    call = column_mask_attention
+    with pytest.raises(TypeError, match="selected"):
+        call(q, k, v, selected.float(), layout, scale=1.0)
+    with pytest.raises(ValueError, match="selected"):
+        call(q, k, v, selected[..., :3], layout, scale=1.0)
+    with pytest.raises(ValueError, match="selected"):
+        call(q, k, v, selected[:, :2], layout, scale=1.0)
+    with pytest.raises(ValueError, match="k: expected a number of heads"):
+        call(q, k[:, :1].expand(1, 3, 8, 8), v[:, :1].expand(1, 3, 8, 5), selected, layout, scale=1.0)
+    with pytest.raises(ValueError, match="layout"):
+        call(q, k, v, selected, column_layout(1, 8, 9, 4, causal=False), scale=1.0)
+    with pytest.raises(TypeError, match="layout"):
+        call(q, k, v, selected, (layout.key_rank, layout.row_length, 4), scale=1.0)
+    with pytest.raises(TypeError, match="k, v"):
+        call(q, k.float(), v, selected, layout, scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        call(q, k, v, selected, layout, scale=float("nan"))
+    with pytest.raises(ValueError, match="path"):
+        call(q, k, v, selected, layout, scale=1.0, path="sparse")
+    with pytest.raises(ValueError, match="q: expected a 4-D"):
+        call(q[0], k, v, selected, layout, scale=1.0)
+    with pytest.raises(ValueError, match="causal"):
+        column_layout(1, 4, 5, 2, causal=True)
+    with pytest.raises(ValueError, match="columns"):
+        column_layout(1, 4, 4, 0, causal=False)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        column_layout(1, 4, 4, 2, causal=False, key_padding_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        column_layout(1, 4, 4, 2, causal=False, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="head"):
+        column_mask_probabilities(q, k, selected, layout, scale=1.0, head=4)
+
+
+# ---------------------------------------------------------------- Triton kernel (interpreter on CPU)
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch):
+    """Kernels on CPU tensors under the interpreter; ``torch.empty`` poisoned with NaN."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("kernels were imported without TRITON_INTERPRET=1")
+    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def test_tile_runs_cover_every_masked_pair_once():
+    """Every (row, key) of the mask lies in a visited tile of its block; no tile is visited twice."""
+    from approxattn.kernels.sparse_attention import tile_runs
+
+    gen = torch.Generator().manual_seed(11)
+    for causal in (False, True):
+        layout = column_layout(2, 45, 45, 7, causal=causal, key_padding_mask=random_padding(2, 45, gen))
+        selected = torch.rand(2, 3, 45, 7, generator=gen) < 0.3
+        BM, BN = 8, 4
+        start, count, runs = tile_runs(selected, layout, BM, BN)
+        mask = dense_column_mask(selected, layout)
+        for b in range(2):
+            for h in range(3):
+                for mb in range(start.shape[2]):
+                    n = int(runs[b, h, mb])
+                    assert torch.all(count[b, h, mb, :n] > 0) and torch.all(count[b, h, mb, n:] == 0)
+                    tiles = torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in
+                                       zip(start[b, h, mb, :n], count[b, h, mb, :n])]) if n else torch.zeros(0)
+                    assert tiles.numel() == tiles.unique().numel()
+                    needed = mask[b, h, mb * BM:(mb + 1) * BM].any(0).nonzero().flatten() // BN
+                    assert set(needed.tolist()) <= set(tiles.long().tolist())
+
+
+@needs_triton
+@pytest.mark.parametrize("causal,padded,T", [(False, False, 7), (True, True, 16), (True, False, 5), (False, True, 20)])
+def test_triton_tile_runs_match_the_torch_ones(forced_kernels, causal, padded, T):
+    from approxattn.kernels.sparse_attention import tile_runs, tile_runs_triton
+
+    gen = torch.Generator().manual_seed(T)
+    mask = random_padding(2, 53, gen) if padded else None
+    layout = column_layout(2, 53, 53, T, causal=causal, key_padding_mask=mask)
+    selected = torch.rand(2, 3, 53, T, generator=gen) < 0.3
+    start, count, runs = tile_runs(selected, layout, 16, 8)
+    start_t, count_t, runs_t = tile_runs_triton(selected, layout, 16, 8)
+    assert torch.equal(runs, runs_t)
+    live = torch.arange(T) < runs[..., None]
+    assert torch.equal(start[live], start_t[live]) and torch.equal(count[live], count_t[live])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, True), (False, True), (True, False)])
+def test_kernel_matches_reference(forced_kernels, monkeypatch, dtype, causal, padded):
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention
+
+    nq = 40
+    nk = nq if causal else 37
+    q, k, v, selected, layout, _ = _case(2, 4, 2, nq, nk, 6, causal, padded, 0.35, 12, dtype=dtype)
+    selected[0, 1, 5] = False                                   # a row with no key
+    if dtype == torch.float16:                                  # one run with the Triton tile runs
+        monkeypatch.setenv("APPROXATTN_TRITON_TILE_RUNS", "1")
+    out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4)
+    assert out is not None and out.dtype == dtype
+    ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
+    assert rel_err(out, ref) < KERNEL_TOL[dtype]
+    assert torch.all(out[0, 1, 5] == 0)
+
+
+@needs_triton
+def test_kernel_odd_head_dims_and_strides(forced_kernels):
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention
+
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = qkv(1, 2, 1, 19, 23, 12, 20, dtype=torch.float32, std=1.0, generator=gen)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)          # (B, N, H, d) memory, like a fused projection
+    layout = column_layout(1, 19, 23, 5, causal=False)
+    selected = torch.rand(1, 2, 19, 5, generator=gen) < 0.5
+    out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.3)
+    ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.3)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_fast_path_declines(monkeypatch):
+    from approxattn.kernels import sparse_attention as ks
+
+    q, k, v, selected, layout, _ = _case(1, 2, 1, 8, 8, 4, False, False, 0.5, 14, dtype=torch.float32)
+    monkeypatch.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+    assert ks.fast_column_mask_attention(q, k, v, selected, layout, scale=0.3) is None
+    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS")
+    monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+    assert ks.fast_column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.3) is None
+    qg = q.clone().requires_grad_()
+    assert ks.fast_column_mask_attention(qg, k, v, selected, layout, scale=0.3) is None
+    with pytest.raises(ValueError, match="selected"):
+        ks.fast_column_mask_attention(q, k, v, selected[..., :2], layout, scale=0.3)
+
+
+# ---------------------------------------------------------------- the bench's SEA-like masks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_like_selection_reads_k_keys_per_row(causal):
+    from approxattn.bench.sparse import sea_like_selection
+
+    selected, layout = sea_like_selection(1, 4, 512, 32, 16, causal=causal, device="cpu", seed=1)
+    assert selected.shape == (1, 4, 512, 32) and selected.dtype == torch.bool
+    keys = dense_column_mask(selected, layout).sum(-1).double()     # (B, H, N)
+    assert abs(float(keys.mean()) - 16) < 3
+    assert torch.all(keys.sum(1) > 0)                                 # every row reads some key in some head
+    assert not (selected & ~nonempty_columns(layout)[:, None]).any()  # empty columns are never picked
+
+
+def test_sea_preset_cases_are_forward_only():
+    from approxattn.bench import presets
+
+    cases = presets.sea((4096,))
+    assert {c.impl for c in cases} >= {"sdpa", "sparse-kernel", "sparse-flex", "sparse-reference", "sparse-runs"}
+    assert all(c.modes == ("fwd",) for c in cases) and {c.causal for c in cases} == {False, True}
