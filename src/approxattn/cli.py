@@ -13,7 +13,7 @@ from rich.table import Table
 from .registry import available_methods
 
 # packages that contribute subcommands through ``add_commands(subparsers)``
-COMMAND_PROVIDERS: tuple[str, ...] = ("approxattn.lab.cli", "approxattn.bench.cli")
+COMMAND_PROVIDERS: tuple[str, ...] = ("approxattn.lab.cli", "approxattn.bench.cli", "approxattn.distill.cli")
 
 
 def list_methods(args: argparse.Namespace) -> int:

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Regenerate the held-out KJV text of ``approxattn distill`` (package data).
+
+Distillation trains on the lab's KJV excerpt (Genesis onwards, ``approxattn.lab`` data) and
+reports perplexity on text no model was distilled on: the last books of the Bible, Hebrews to
+Revelation, from Debian's ``bible-kjv-text`` package printed by ``bible-kjv``'s ``bible``
+program. Chapter headings and verse numbers are stripped as in ``scripts/make_lab_text.py``;
+each chapter becomes one paragraph.
+
+Usage (needs apt-get and dpkg; downloads .deb files only, installs nothing)::
+
+    python scripts/make_distill_text.py     # writes src/approxattn/distill/data/kjv_heldout.txt.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "src" / "approxattn" / "distill" / "data" / "kjv_heldout.txt.gz"
+
+
+def chapters(raw: str) -> list[str]:
+    found: list[str] = []
+    current: list[str] = []
+    for line in raw.splitlines():
+        if re.match(r"^[1-3]?\s?[A-Z][A-Za-z ]+ \d+$", line.strip()) and not line.startswith(" "):
+            if current:
+                found.append(" ".join(current))
+            current = []
+            continue
+        text = re.sub(r"^\s*\d+ ", "", line).strip()
+        if text:
+            current.append(text)
+    if current:
+        found.append(" ".join(current))
+    return [re.sub(r"\s+", " ", chapter) for chapter in found]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--range", default="Heb1:1-Rev22:21", help="bible passage range (default: Hebrews-Revelation)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subprocess.run(["apt-get", "download", "bible-kjv-text", "bible-kjv"], cwd=work, check=True)
+        root = work / "root"
+        for deb in sorted(work.glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        raw = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), args.range],
+                             check=True, capture_output=True, text=True).stdout
+    text = "\n\n".join(chapters(raw)) + "\n"
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    print(f"wrote {OUT} ({len(text)} characters)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Distillation of pretrained transformers models into approxattn methods (SEA's recipe).
+
+```python
+from approxattn.distill import DistillConfig, distill, perplexity
+d = distill(teacher, train_tokens, DistillConfig(method="performer", options={"num_features": 256}),
+            out_dir="runs/performer")
+print(perplexity(d.student, heldout_tokens, seq_len=1024))
+```
+``approxattn distill run|report`` runs the teacher-vs-methods comparison on the KJV text.
+"""
+
+from .data import SPLITS, eval_windows, split_text, token_stream, train_batch
+from .losses import RECIPES, LossWeights, attention_kl, attention_mse, layer_losses, model_losses, recipe_for
+from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
+
+__all__ = [
+    "RECIPES",
+    "SPLITS",
+    "DistillConfig",
+    "Distiller",
+    "LossWeights",
+    "attention_kl",
+    "attention_mse",
+    "distill",
+    "eval_windows",
+    "hidden_agreement",
+    "layer_losses",
+    "model_losses",
+    "perplexity",
+    "recipe_for",
+    "split_text",
+    "token_stream",
+    "train_batch",
+]

@@ -1,0 +1,259 @@
+"""The teacher-versus-methods comparison behind ``approxattn distill run``.
+
+For one pretrained teacher (SmolLM2-135M or MiniLM-L6, loaded offline through
+:func:`approxattn.lab.models.load_model`): evaluate the teacher on the held-out KJV split, then
+distil each method with the *same* budget (steps, batch, sequence length, optimizer) and
+evaluate it on the same windows. Causal LMs report perplexity; encoders (no LM head) report the
+cosine similarity of the student's last hidden states to the teacher's.
+
+Everything is written as it happens into the output folder — ``results.json`` (rewritten
+atomically after each model), ``table.md``, and per method ``<label>/checkpoint.pt`` and
+``log.jsonl`` — so an interrupted run loses nothing: running the same command again skips the
+finished methods and resumes the unfinished one from its checkpoint.
+
+``time_budget`` (seconds of training for all methods together) sizes the run: a few timed steps
+of every method, then ``steps = min(steps, budget / Σ seconds per step)`` for all of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import hf
+from .data import split_text, token_stream
+from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
+
+RESULTS = "results.json"
+TABLE = "table.md"
+TEACHERS = ("smollm2", "minilm")
+
+
+def method_label(method: str, options: dict[str, Any]) -> str:
+    """e.g. ``performer(kernel=relu,num_features=256)``."""
+    if not options:
+        return method
+    return method + "(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")"
+
+
+def _folder_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
+
+
+def load_teacher(name: str, *, num_layers: int | None = None, device: str | torch.device = "cpu"):
+    """(teacher model on ``device``, frozen, eval mode; tokenizer). ``num_layers`` truncates it."""
+    if name not in TEACHERS:
+        raise ValueError(f"teacher: expected one of {TEACHERS}, got {name!r}")
+    from ..lab.models import load_model
+
+    model, tokenizer = load_model(name)
+    if num_layers is not None:
+        import copy
+
+        model = hf.truncate_layers(copy.deepcopy(model), num_layers)
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"cpu {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as a markdown table (perplexity for causal LMs, cosine for encoders)."""
+    causal = results.get("causal", True)
+    teacher = results.get("teacher") or {}
+    lines = []
+    if causal:
+        lines.append("| model | steps | train tokens | held-out PPL | × teacher | train s | final loss |")
+        lines.append("|---|---|---|---|---|---|---|")
+        if teacher:
+            lines.append(f"| teacher ({results['teacher_name']}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.00 | - | - |")
+        for row in results.get("methods", {}).values():
+            ratio = row["eval"]["ppl"] / teacher["ppl"] if teacher.get("ppl") else None
+            lines.append(f"| {row['label']} | {row['steps']} | {row['train_tokens']} | {_fmt(row['eval']['ppl'])} | "
+                         f"{_fmt(ratio, 2)} | {_fmt(row['train_seconds'], 0)} | {_fmt(row.get('final_loss'), 4)} |")
+    else:
+        lines.append("| model | steps | train tokens | token cosine to teacher | pooled cosine | train s | final loss |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for row in results.get("methods", {}).values():
+            lines.append(f"| {row['label']} | {row['steps']} | {row['train_tokens']} | "
+                         f"{_fmt(row['eval']['token_cosine'], 4)} | {_fmt(row['eval']['pooled_cosine'], 4)} | "
+                         f"{_fmt(row['train_seconds'], 0)} | {_fmt(row.get('final_loss'), 4)} |")
+    held = results.get("heldout", {})
+    cfg = results.get("config", {})
+    lines.append("")
+    lines.append(f"Teacher {results.get('teacher_name')} ({results.get('teacher_layers')} layers); held-out: "
+                 f"{held.get('description')}, {held.get('windows')} non-overlapping windows of {cfg.get('seq_len')} "
+                 f"tokens; precision {cfg.get('precision')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
+                 f"(new ×{cfg.get('new_lr_scale')}, pretrained ×{cfg.get('pretrained_lr_scale')}).")
+    lines.append(f"Device: {results.get('device')}; date {results.get('date')}; command: `{results.get('command')}`")
+    return "\n".join(lines) + "\n"
+
+
+def _final_loss(history: list[dict[str, float]], last: int = 10) -> float | None:
+    if not history:
+        return None
+    tail = history[-last:]
+    return sum(row["total"] for row in tail) / len(tail)
+
+
+def run_experiment(
+    *,
+    teacher: str,
+    methods: list[tuple[str, dict[str, Any]]],
+    config: DistillConfig,
+    out_dir: str | os.PathLike,
+    eval_max_windows: int | None = None,
+    num_layers: int | None = None,
+    time_budget: float | None = None,
+    calibration_steps: int = 3,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the comparison; returns the results dict also written to ``out_dir``."""
+    if not methods:
+        raise ValueError("methods: expected at least one method")
+    for method, options in methods:
+        DistillConfig(**(config.as_dict() | {"method": method, "options": options,
+                                              "weights": config.weights})).validate()
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget: expected seconds > 0 or None, got {time_budget!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if results and results.get("teacher_name") != teacher:
+        raise ValueError(f"out_dir: {out} holds results for teacher {results.get('teacher_name')!r}, not {teacher!r}")
+    model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device)
+    causal = hf.is_causal_model(model)
+    results.update({
+        "teacher_name": teacher,
+        "teacher_layers": len(hf.attention_modules(model)),
+        "causal": causal,
+        "config": config.as_dict() | {"method": None, "options": None},
+        "device": device_description(device),
+        "date": datetime.date.today().isoformat(),
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "transformers": __import__("transformers").__version__,
+    })
+    results.setdefault("methods", {})
+
+    def save() -> None:
+        _write_json(path, results)
+        (out / TABLE).write_text(markdown_table(results))
+
+    log(f"tokenising the KJV train and held-out splits with {teacher}'s tokenizer")
+    train_tokens = token_stream(tokenizer, split_text("train"))
+    heldout_tokens = token_stream(tokenizer, split_text("heldout"))
+    seq_len = config.seq_len
+    results["train_split"] = {"description": "KJV Genesis onwards (lab excerpt)", "tokens": int(train_tokens.numel())}
+
+    def evaluate(student: torch.nn.Module) -> dict[str, float]:
+        if causal:
+            return perplexity(student, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
+                              precision=config.precision, max_windows=eval_max_windows)
+        return hidden_agreement(model, student, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
+                                precision=config.precision, max_windows=eval_max_windows)
+
+    if causal and "teacher" not in results:
+        log("evaluating the teacher on the held-out split")
+        results["teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
+                                        precision=config.precision, max_windows=eval_max_windows)
+        log(f"teacher held-out perplexity {results['teacher']['ppl']:.3f}")
+    windows = results["teacher"]["windows"] if causal else min(heldout_tokens.numel() // seq_len,
+                                                                eval_max_windows or 10**9)
+    results["heldout"] = {"description": "KJV Hebrews to Revelation", "tokens": int(heldout_tokens.numel()),
+                          "windows": windows}
+    save()
+
+    pending = [(m, o) for m, o in methods if method_label(m, o) not in results["methods"]]
+    steps = config.steps
+    if time_budget is not None and "calibrated_steps" not in results and pending:
+        seconds = {}
+        for method, options in pending:
+            label = method_label(method, options)
+            cfg = DistillConfig(**(config.as_dict() | {"method": method, "options": options, "weights": config.weights}))
+            probe = Distiller(model, cfg)
+            from .data import train_batch
+
+            batch = train_batch(train_tokens, step=0, batch_size=cfg.batch_size, seq_len=seq_len, seed=cfg.seed)
+            probe.step(batch)  # warm-up (allocations, kernel selection)
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(calibration_steps):
+                probe.step(train_batch(train_tokens, step=i + 1, batch_size=cfg.batch_size, seq_len=seq_len,
+                                       seed=cfg.seed))
+            _sync(device)
+            seconds[label] = (time.perf_counter() - start) / calibration_steps
+            log(f"calibration: {label} {seconds[label]:.3f} s/step")
+            del probe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        fit = int(time_budget / sum(seconds.values()))
+        results["calibration"] = {"seconds_per_step": seconds, "time_budget": time_budget}
+        results["calibrated_steps"] = max(1, min(config.steps, fit))
+        log(f"calibration: {results['calibrated_steps']} steps per method fit {time_budget:.0f} s")
+        save()
+    if "calibrated_steps" in results:
+        steps = results["calibrated_steps"]
+
+    for method, options in pending:
+        label = method_label(method, options)
+        cfg = DistillConfig(**(config.as_dict() | {"method": method, "options": options, "steps": steps,
+                                                    "weights": config.weights}))
+        folder = out / _folder_name(label)
+        log(f"distilling {label}: {steps} steps of {cfg.batch_size} x {seq_len} tokens")
+        start = time.perf_counter()
+        distiller = distill(model, train_tokens, cfg, out_dir=folder, progress=progress)
+        _sync(device)
+        train_seconds = time.perf_counter() - start
+        evaluation = evaluate(distiller.student)
+        results["methods"][label] = {
+            "label": label, "method": method, "options": options, "steps": distiller.step_count,
+            "train_tokens": distiller.step_count * cfg.batch_size * seq_len,
+            "train_seconds": train_seconds, "parameters": distiller.parameter_counts(),
+            "first_loss": distiller.history[0]["total"] if distiller.history else None,
+            "final_loss": _final_loss(distiller.history), "final_terms": distiller.history[-1] if distiller.history else None,
+            "eval": evaluation,
+        }
+        shown = f"PPL {evaluation['ppl']:.3f}" if causal else f"token cosine {evaluation['token_cosine']:.4f}"
+        log(f"{label}: {shown} ({train_seconds:.0f} s training)")
+        save()
+        del distiller
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

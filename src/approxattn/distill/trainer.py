@@ -1,0 +1,365 @@
+"""Distil a pretrained transformers model into one that uses an approxattn method.
+
+teacher = the frozen original, run first under ``no_grad`` with its attention captured
+(:func:`approxattn.hf.capture`); student = a deep copy patched with the method
+(:func:`approxattn.hf.patch_model`), which keeps every pretrained weight and adds the method's
+modules. Losses: :mod:`approxattn.distill.losses`. AdamW with two parameter groups: the new
+(method) parameters at ``lr · new_lr_scale`` and the pretrained ones at ``lr · pretrained_lr_scale``,
+weight decay, gradient-norm clipping, fp32 or bf16 autocast. Checkpoints are written atomically
+every ``checkpoint_every`` steps and at the end; :func:`distill` resumes from the checkpoint in
+its folder, and a resumed run gives the same result as an uninterrupted one (the data windows of
+step s depend only on (seed, s); RNG states are saved).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import hf
+from ..registry import get_method
+from .data import eval_windows, train_batch
+from .losses import HIDDEN_LOSSES, LossWeights, layer_losses, model_losses, recipe_for
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+@dataclass
+class DistillConfig:
+    """Options of one distillation run (defaults: SEA's recipe, sized for a short run)."""
+
+    method: str = "softmax"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options
+    steps: int = 300
+    batch_size: int = 1
+    seq_len: int = 1024
+    lr: float = 1e-5
+    new_lr_scale: float = 10.0  # the method's new parameters: lr x 10
+    pretrained_lr_scale: float = 0.2  # the teacher's weights in the student: lr x 0.2
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    seed: int = 0
+    checkpoint_every: int = 100
+    weights: LossWeights | None = None  # None: SEA's causal-LM (OPT) or encoder (BERT) recipe
+    hidden_loss: str = "relative"  # "mse": the reference's plain hidden-state MSE (see losses.model_losses)
+
+    def validate(self) -> None:
+        spec = get_method(self.method)  # clear error for an unknown method
+        if not isinstance(self.options, dict):
+            raise TypeError(f"options: expected a dict of {spec.name!r} options, got {type(self.options).__name__}")
+        spec.resolve_options(dict(self.options))  # unknown options and bad values raise here
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len: expected an int >= 2, got {self.seq_len}")
+        _non_negative("lr", self.lr, positive=True)
+        for name in ("new_lr_scale", "pretrained_lr_scale", "weight_decay"):
+            _non_negative(name, getattr(self, name))
+        _non_negative("grad_clip", self.grad_clip, positive=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected an int, got {self.seed!r}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss: expected one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
+        if self.weights is not None and not isinstance(self.weights, LossWeights):
+            raise TypeError(f"weights: expected a LossWeights or None, got {type(self.weights).__name__}")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["weights"] = None if self.weights is None else self.weights.as_dict()
+        return out
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` for precision 'bf16'; a no-op context for 'fp32'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+
+
+class Distiller:
+    """One teacher, one student, one optimizer; :meth:`step` runs one optimisation step.
+
+    teacher: a transformers model (left untouched: frozen, evaluated under ``no_grad``; its
+    attention implementation is switched only while it runs). The student lives on the
+    teacher's device.
+    """
+
+    def __init__(self, teacher: nn.Module, config: DistillConfig) -> None:
+        config.validate()
+        self.config = config
+        self.teacher = teacher
+        self.causal = hf.is_causal_model(teacher)
+        self.weights = config.weights if config.weights is not None else recipe_for(self.causal)
+        torch.manual_seed(config.seed)  # the method's own initialisation (e.g. learned projections)
+        student = copy.deepcopy(teacher)
+        hf.patch_model(student, config.method, **config.options)
+        self.student = student.train().requires_grad_(True)
+        new = {id(p) for module in hf.attached_modules(student) for p in module.parameters()}
+        new_params = [p for p in student.parameters() if id(p) in new]
+        old_params = [p for p in student.parameters() if id(p) not in new]
+        groups = [{"params": old_params, "lr": config.lr * config.pretrained_lr_scale, "name": "pretrained"}]
+        if new_params:
+            groups.append({"params": new_params, "lr": config.lr * config.new_lr_scale, "name": "new"})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.step_count = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.student)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {group["name"]: sum(p.numel() for p in group["params"]) for group in self.optimizer.param_groups}
+
+    def losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch (``total`` included), with the student's graph attached."""
+        device = self.device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device)
+        valid = attention_mask.bool()
+        with torch.no_grad(), autocast(device, self.config.precision), hf.capture(self.teacher) as teacher_layers:
+            self.teacher.eval()
+            teacher_out = _forward(self.teacher, input_ids, attention_mask)
+        with autocast(device, self.config.precision), hf.capture(self.student) as student_layers:
+            student_out = _forward(self.student, input_ids, attention_mask)
+        if len(teacher_layers) != len(student_layers):
+            raise RuntimeError(f"teacher and student ran {len(teacher_layers)} and {len(student_layers)} attention layers")
+        terms = model_losses(teacher_out, student_out, input_ids=input_ids, valid=valid, causal=self.causal,
+                             weights=self.weights, hidden_loss=self.config.hidden_loss)
+        per_layer: dict[str, list[torch.Tensor]] = {}
+        for t, s in zip(teacher_layers, student_layers):
+            for name, value in layer_losses(t, s, self.weights).items():
+                per_layer.setdefault(name, []).append(value)
+        for name, values in per_layer.items():
+            terms[name] = torch.stack(values).mean()
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        return terms
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimisation step; returns the loss terms (floats) and the gradient norm."""
+        self.student.train()
+        terms = self.losses(input_ids, attention_mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        row = {name: float(value.detach()) for name, value in terms.items()}
+        row["grad_norm"] = float(grad_norm)
+        row["step"] = self.step_count
+        self.history.append(row)
+        return row
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "config": self.config.as_dict(),
+            "step": self.step_count,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "cpu_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = dict(state["config"])
+        mine = self.config.as_dict()
+        # a resumed run may go on for more steps or save less often; everything else must match
+        different = sorted(k for k in mine if k not in ("steps", "checkpoint_every") and saved.get(k) != mine[k])
+        if different:
+            raise ValueError("checkpoint: it was written with other options ("
+                             + ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
+                             + "); use another output folder or the same options")
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the checkpoint atomically (a crash mid-write leaves the previous one intact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def _write_log(out_dir: Path, history: list[dict[str, float]]) -> None:
+    tmp = out_dir / (LOG + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out_dir / LOG)
+
+
+def distill(
+    teacher: nn.Module,
+    train_tokens: torch.Tensor,
+    config: DistillConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
+) -> Distiller:
+    """Distil ``teacher`` into ``config.method`` for ``config.steps`` steps on windows of
+    ``train_tokens`` (1-D token ids); returns the :class:`Distiller` (``.student``, ``.history``).
+
+    With ``out_dir``: resumes from ``out_dir/checkpoint.pt`` when it exists, writes the
+    checkpoint every ``checkpoint_every`` steps and at the end, and ``log.jsonl`` (one row per
+    step). ``stop_after``: stop after this many steps of this call (an interruption, for tests).
+    """
+    distiller = Distiller(teacher, config)
+    folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None and (folder / CHECKPOINT).exists():
+        distiller.load(folder / CHECKPOINT)
+    start = distiller.step_count
+    last_saved = start
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(f"distil {config.method}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
+        task = bar.add_task("steps", total=config.steps, completed=start, loss="")
+        bar.start()
+    try:
+        done_here = 0
+        while distiller.step_count < config.steps:
+            if stop_after is not None and done_here >= stop_after:
+                break
+            batch = train_batch(train_tokens, step=distiller.step_count, batch_size=config.batch_size,
+                                seq_len=config.seq_len, seed=config.seed)
+            row = distiller.step(batch)
+            done_here += 1
+            if on_step is not None:
+                on_step(row)
+            if bar is not None:
+                bar.update(task, completed=distiller.step_count, loss=f"loss {row['total']:.4g}")
+            if folder is not None and distiller.step_count - last_saved >= config.checkpoint_every:
+                distiller.save(folder / CHECKPOINT)
+                _write_log(folder, distiller.history)
+                last_saved = distiller.step_count
+    finally:
+        if bar is not None:
+            bar.stop()
+        if folder is not None and distiller.step_count > last_saved:
+            distiller.save(folder / CHECKPOINT)
+            _write_log(folder, distiller.history)
+    return distiller
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    precision: str = "bf16",
+    max_windows: int | None = None,
+) -> dict[str, float]:
+    """Perplexity of a causal LM on non-overlapping ``seq_len`` windows of ``tokens``:
+    ``exp(Σ nll / Σ predicted tokens)`` (each window predicts its tokens 2..seq_len)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    windows = eval_windows(tokens, seq_len=seq_len, max_windows=max_windows)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total_nll = 0.0
+    count = 0
+    start = time.perf_counter()
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i:i + batch_size].to(device)
+            with autocast(device, precision):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                    reduction="sum")
+            total_nll += float(nll)
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return {"ppl": math.exp(total_nll / count), "nll_per_token": total_nll / count, "tokens": count,
+            "windows": int(windows.shape[0]), "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def hidden_agreement(
+    teacher: nn.Module,
+    student: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    precision: str = "bf16",
+    max_windows: int | None = None,
+) -> dict[str, float]:
+    """For encoders (no language-model head): mean cosine similarity between the teacher's and
+    the student's last hidden states, per token and for the mean-pooled window embedding."""
+    windows = eval_windows(tokens, seq_len=seq_len, max_windows=max_windows)
+    device = model_device(student)
+    token_cos, pooled_cos, count = 0.0, 0.0, 0
+    modes = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i:i + batch_size].to(device)
+            mask = torch.ones_like(ids)
+            with autocast(device, precision):
+                t = teacher(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+                s = student(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            token_cos += float(torch.nn.functional.cosine_similarity(t, s, dim=-1).sum())
+            pooled_cos += float(torch.nn.functional.cosine_similarity(t.mean(1), s.mean(1), dim=-1).sum()) * ids.shape[1]
+            count += ids.numel()
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return {"token_cosine": token_cos / count, "pooled_cosine": pooled_cos / count, "tokens": count,
+            "windows": int(windows.shape[0])}

@@ -1,0 +1,48 @@
+"""Hugging Face integration: any approxattn method inside a transformers model.
+
+```python
+import approxattn.hf
+approxattn.hf.patch_model(model, "performer", num_features=256)   # same model, patched in place
+with approxattn.hf.capture(model) as records: model(input_ids)       # per-layer q, k, context
+approxattn.hf.unpatch(model)
+```
+See :mod:`approxattn.hf.patch` for how masks, scaling, GQA and causality are handled.
+"""
+
+from .patch import (
+    ATTACHED,
+    IMPLEMENTATION,
+    LayerRecord,
+    approxattn_attention,
+    attached_modules,
+    attention_modules,
+    capture,
+    exact_attention_with_probabilities,
+    head_dim_of,
+    is_causal_model,
+    key_padding_mask_from_hf,
+    patch_model,
+    patched_method,
+    register,
+    truncate_layers,
+    unpatch,
+)
+
+__all__ = [
+    "ATTACHED",
+    "IMPLEMENTATION",
+    "LayerRecord",
+    "approxattn_attention",
+    "attached_modules",
+    "attention_modules",
+    "capture",
+    "exact_attention_with_probabilities",
+    "head_dim_of",
+    "is_causal_model",
+    "key_padding_mask_from_hf",
+    "patch_model",
+    "patched_method",
+    "register",
+    "truncate_layers",
+    "unpatch",
+]

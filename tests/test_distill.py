@@ -1,0 +1,196 @@
+"""approxattn.distill: losses, training (loss decreases, resume = uninterrupted), evaluation, data
+split, option errors and the ``approxattn distill`` command (tiny random Llama; MiniLM for the CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import approxattn  # noqa: E402
+from approxattn.distill import (  # noqa: E402
+    DistillConfig,
+    Distiller,
+    LossWeights,
+    attention_kl,
+    distill,
+    eval_windows,
+    perplexity,
+    split_text,
+    train_batch,
+)
+from approxattn.distill.cli import main as distill_main, parse_method_options  # noqa: E402
+from approxattn.lab.models import MODELS, model_available  # noqa: E402
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: thread start-up costs more than the work (and CI runs two workers on 2 cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.2)  # large weights: peaked attention, worth distilling
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def stream(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_attention_kl_matches_torch_and_ignores_padded_rows():
+    p = torch.softmax(torch.randn(2, 3, 5, 7), dim=-1)
+    log_q = torch.log_softmax(torch.randn(2, 3, 5, 7), dim=-1)
+    expected = F.kl_div(log_q, p, reduction="sum") / (2 * 3 * 5)
+    assert float(attention_kl(p, log_q, None)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(attention_kl(p, p.log(), None)) == pytest.approx(0.0, abs=1e-6)
+    rows = torch.ones(2, 1, 5, 1, dtype=torch.bool)
+    rows[1, :, :2] = False
+    garbage = log_q.clone()
+    garbage[1, :, :2] = -50.0  # rows that are padding must not count
+    assert float(attention_kl(p, garbage, rows)) == pytest.approx(float(attention_kl(p, log_q, rows)), rel=1e-6)
+
+
+def test_distillation_loss_decreases():
+    teacher = tiny_teacher()
+    tokens = stream()
+    config = DistillConfig(method="performer", options={"num_features": 32, "redraw": "never"}, steps=60,
+                           seq_len=16, batch_size=2, lr=1e-2, precision="fp32",
+                           weights=LossWeights(task=0.0, hidden=5.0, logits=0.2))
+    probe = train_batch(tokens, step=10_000, batch_size=4, seq_len=16, seed=1)  # never trained on
+    before = Distiller(teacher, config)
+    with torch.no_grad():
+        start = {k: float(v) for k, v in before.losses(probe).items()}
+    after = distill(teacher, tokens, config)
+    with torch.no_grad():
+        end = {k: float(v) for k, v in after.losses(probe).items()}
+    assert set(start) == {"task", "logits", "hidden", "dense", "context", "total"}  # performer: no estimator
+    assert end["total"] < 0.8 * start["total"]
+    assert all(end[term] < start[term] for term in ("hidden", "logits", "dense", "context"))
+    # the teacher is untouched
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.config._attn_implementation != approxattn.hf.IMPLEMENTATION
+
+
+def test_estimator_loss_appears_exactly_for_methods_with_details():
+    teacher = tiny_teacher()
+    batch = train_batch(stream(), step=0, batch_size=1, seq_len=16, seed=0)
+    for method, options in approxattn.available_methods().items():
+        if method not in ("linear", "sea"):
+            continue
+        opts = {"k": 4, "columns": 8, "num_features": 8} if method == "sea" else {}
+        d = Distiller(teacher, DistillConfig(method=method, options=opts, seq_len=16, precision="fp32"))
+        terms = d.losses(batch)
+        has_estimator = hasattr(approxattn.hf.attached_modules(d.student)[0], "forward_with_details")
+        assert ("estimate" in terms) == has_estimator
+        assert torch.isfinite(terms["total"])
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    teacher = tiny_teacher()
+    tokens = stream()
+    config = DistillConfig(method="performer", options={"num_features": 16, "redraw": 2}, steps=6, seq_len=16,
+                           lr=1e-3, precision="fp32", checkpoint_every=2)
+    whole = distill(teacher, tokens, config, out_dir=tmp_path / "whole")
+    part = distill(teacher, tokens, config, out_dir=tmp_path / "split", stop_after=3)  # "interrupted"
+    assert part.step_count == 3 and (tmp_path / "split" / "checkpoint.pt").exists()
+    resumed = distill(teacher, tokens, config, out_dir=tmp_path / "split")
+    assert resumed.step_count == 6
+    assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+    for (name, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
+    # a finished run resumes to itself; other options in the same folder are refused
+    assert distill(teacher, tokens, config, out_dir=tmp_path / "split").step_count == 6
+    other = DistillConfig(**(config.as_dict() | {"lr": 2e-3, "weights": None}))
+    with pytest.raises(ValueError, match="lr"):
+        distill(teacher, tokens, other, out_dir=tmp_path / "split")
+
+
+def test_perplexity_is_exp_mean_nll():
+    teacher = tiny_teacher()
+    tokens = stream(200)
+    got = perplexity(teacher, tokens, seq_len=50, max_windows=3, precision="fp32")
+    windows = tokens[:150].view(3, 50)
+    with torch.no_grad():
+        logits = teacher(windows).logits
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    assert got["tokens"] == 3 * 49 and got["windows"] == 3
+    assert got["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_data_split_and_windows():
+    train, heldout = split_text("train"), split_text("heldout")
+    assert heldout.startswith("God, who at sundry times")
+    assert heldout[1000:1200] not in train and "come, Lord Jesus" in heldout
+    tokens = torch.arange(100)
+    a = train_batch(tokens, step=3, batch_size=2, seq_len=10, seed=0)
+    torch.testing.assert_close(a, train_batch(tokens, step=3, batch_size=2, seq_len=10, seed=0))
+    assert not torch.equal(a, train_batch(tokens, step=4, batch_size=2, seq_len=10, seed=0))
+    w = eval_windows(tokens, seq_len=30)
+    assert w.shape == (3, 30) and torch.equal(w.flatten(), tokens[:90])
+    with pytest.raises(ValueError, match="seq_len"):
+        eval_windows(tokens, seq_len=101)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"method": "no-such-method"}, "unknown"),
+    ({"method": "performer", "options": {"no_such_option": 1}}, "no_such_option"),
+    ({"steps": 0}, "steps"),
+    ({"precision": "fp16"}, "precision"),
+    ({"lr": -1.0}, "lr"),
+    ({"grad_clip": 0}, "grad_clip"),
+    ({"hidden_loss": "l1"}, "hidden_loss"),
+])
+def test_bad_options_raise_clear_errors(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        DistillConfig(**change).validate()
+
+
+def test_bad_loss_weights_and_cli_options():
+    with pytest.raises(ValueError, match="hidden"):
+        LossWeights(task=0.1, hidden=-1.0, logits=0.2)
+    with pytest.raises(ValueError, match="unknown"):
+        LossWeights(task=0.1, hidden=1.0, logits=0.2).replace(bogus=1.0)
+    assert parse_method_options(["performer.num_features=64", "performer.kernel=relu"], ["performer"]) == {
+        "performer": {"num_features": 64, "kernel": "relu"}}
+    with pytest.raises(ValueError, match="METHOD.NAME=VALUE"):
+        parse_method_options(["num_features=64"], ["performer"])
+    with pytest.raises(ValueError, match="not in --methods"):
+        parse_method_options(["sea.k=64"], ["performer"])
+    with pytest.raises(NotImplementedError, match="causal"):
+        Distiller(tiny_teacher(), DistillConfig(method="linformer"))
+
+
+def test_cli_run_and_report_on_minilm(tmp_path, capsys):
+    if not model_available("minilm"):
+        pytest.skip(f"{MODELS['minilm'].requirement} is not installed")
+    out = tmp_path / "run"
+    args = ["run", "--teacher", "minilm", "--layers", "1", "--methods", "linear", "--steps", "2", "--seq-len", "32",
+            "--eval-windows", "2", "--precision", "fp32", "--no-progress", "--out", str(out)]
+    assert distill_main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    row = results["methods"]["linear"]
+    assert row["steps"] == 2 and 0.0 < row["eval"]["token_cosine"] <= 1.0
+    assert results["causal"] is False and "teacher" not in results  # encoders: no perplexity
+    capsys.readouterr()
+    assert distill_main(["report", str(out)]) == 0
+    assert "token cosine" in capsys.readouterr().out
+    assert distill_main(["run", "--teacher", "minilm", "--methods", "linear", "--option", "bad", "--out",
+                         str(tmp_path / "x")]) == 2
