@@ -164,3 +164,23 @@ def test_registry_metadata_is_complete(method):
         assert getattr(cost, field) > 0
         assert getattr(bigger, field) > getattr(cost, field)
     assert spec.describe()["name"] == method
+
+
+@pytest.mark.parametrize("method, causal", with_causal(METHODS))
+def test_attention_matrices_reproduce_the_output(method, causal):
+    """approxattn.attention_matrices(...)["attention"] is the matrix the call applies: A @ v equals
+    attention(...) for the same inputs (GQA, padding), rows of padded keys are zero, and on a causal
+    call the future is zero."""
+    q, k, v = qkv(seq_q=N)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[1, :3] = False
+    opts = example(method, N)
+    maps = approxattn.attention_matrices(q, k, v, method, causal=causal, key_padding_mask=mask, **opts)
+    matrix = maps["attention"]
+    assert matrix.shape == (2, q.shape[1], N, N)
+    out = approxattn.attention(q, k, v, method, causal=causal, key_padding_mask=mask, **opts)
+    groups = q.shape[1] // k.shape[1]
+    assert rel_err(matrix @ v.repeat_interleave(groups, dim=1), out) < 1e-10
+    assert float(matrix[1, :, :, :3].abs().max()) < 1e-12
+    if causal:
+        assert float(matrix.triu(1).abs().max()) < 1e-12

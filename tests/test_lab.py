@@ -82,7 +82,7 @@ def test_attention_matrix_through_identity_values():
     v = torch.randn(1, 2, 12, 8, generator=gen)
     for causal in (False, True):
         exact = metrics.exact_matrix(q, k, causal=causal)
-        formed = metrics.attention_matrix("softmax", q, k, causal=causal)
+        formed = metrics.attention_matrix("softmax", q, k, v, causal=causal)
         assert formed.shape == (1, 4, 12, 12)
         torch.testing.assert_close(formed.double(), exact, atol=1e-6, rtol=0)
         out = exact_output(q, k, v, causal=causal, scale=8 ** -0.5, block=5)

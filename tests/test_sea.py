@@ -498,3 +498,36 @@ def test_resize_width_is_linear_interpolation(source, width):
     got = resize_width(x, width)
     assert got.shape == (2, 3, 4, width)
     assert ((got.reshape(-1, 1, width) - expected).norm() / expected.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gates", [True, False])
+def test_effective_attention_times_v_is_the_output(causal, gates):
+    """SEAResult.effective_attention() (and approxattn.attention_matrices) is the matrix the call
+    applied: A @ v reproduces the output, with GQA and padding."""
+    n = 24
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=n)
+    mask = padding_mask(n)
+    sea = build(k=4, columns=8, gates=gates).eval()
+    result = sea.forward_with_details(q, k, v, causal=causal, key_padding_mask=mask)
+    matrix = result.effective_attention()
+    assert matrix.shape == (2, 4, n, n)
+    applied = matrix @ v.repeat_interleave(2, dim=1)
+    assert rel_err(applied, result.output) < 1e-10
+    maps = sea.attention_matrices(q, k, v, causal=causal, key_padding_mask=mask)
+    assert set(maps) == {"attention", "sparse", "estimated"}
+    assert torch.equal(maps["attention"], matrix)
+    functional = approxattn.attention_matrices(q, k, v, "sea", causal=causal, key_padding_mask=mask,
+                                               k=4, columns=8, gates=gates)
+    output = approxattn.attention(q, k, v, "sea", causal=causal, key_padding_mask=mask, k=4, columns=8, gates=gates)
+    assert rel_err(functional["attention"] @ v.repeat_interleave(2, dim=1), output) < 1e-10
+
+
+def test_attention_matrices_default_is_the_identity_trick():
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=12)
+    for method in ("softmax", "performer", "linear"):
+        options = {"num_features": 16} if method == "performer" else {}
+        maps = approxattn.attention_matrices(q, k, v, method, causal=True, **options)
+        assert set(maps) == {"attention"}
+        out = approxattn.attention(q, k, v, method, causal=True, **options)
+        assert rel_err(maps["attention"] @ v.repeat_interleave(2, dim=1), out) < 1e-10

@@ -4,13 +4,14 @@ Public API::
 
     approxattn.attention(q, k, v, method="softmax", *, causal=False, key_padding_mask=None,
                          scale=None, **options)
+    approxattn.attention_matrices(q, k, v, method, ...) -> {"attention": A, ...}  (A @ v = output; small N)
     approxattn.build(method, *, head_dim, **options) -> approxattn.AttentionModule
     approxattn.available_methods() -> {name: MethodSpec}
     approxattn.nn.MultiheadAttention(embed_dim, num_heads, method=..., **options)
 """
 
 from . import linalg, nn
-from .api import attention, build
+from .api import attention, attention_matrices, build
 from .module import AttentionModule, RandomFeatureModule
 from .registry import Cost, ExactLimit, MethodSpec, Option, available_methods, get_method
 
@@ -24,6 +25,7 @@ __all__ = [
     "Option",
     "RandomFeatureModule",
     "attention",
+    "attention_matrices",
     "available_methods",
     "build",
     "get_method",

@@ -55,18 +55,45 @@ def attention(
     """
     spec = get_method(method)
     shape, scale_value = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    module = _functional_module(spec, shape, q.device, options)
+    # inputs are checked once, here; the module runs only its method-specific checks
+    return module.forward_checked(q, k, v, shape, scale_value, causal=causal,
+                                  key_padding_mask=key_padding_mask, scale_given=scale is not None)
+
+
+def attention_matrices(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    /,
+    method: str = "softmax",
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """The dense ``(B, Hq, Nq, Nk)`` matrices behind :func:`attention` for these inputs (same
+    module, same options): ``"attention"`` is A with ``attention(q, k, v, ...) = A @ v``; some
+    methods add views (SEA: ``"sparse"``, ``"estimated"``). Quadratic in N: for inspection."""
+    spec = get_method(method)
+    shape, _ = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    module = _functional_module(spec, shape, q.device, options)
+    return module.attention_matrices(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+
+def _functional_module(spec, shape, device: torch.device, options: dict[str, Any]) -> AttentionModule:
+    """The cached eval-mode module of the functional form for (method, head_dim, options, device)."""
     if spec.infer_options is not None:
         options = spec.infer_options(shape.seq_q, shape.seq_k) | options
     resolved = spec.resolve_options(options)
-    key = (spec.name, shape.head_dim, tuple(sorted(resolved.items())), str(q.device))
+    key = (spec.name, shape.head_dim, tuple(sorted(resolved.items())), str(device))
     module = _FUNCTIONAL_CACHE.get(key)
     if module is None:
-        module = spec.module_class(head_dim=shape.head_dim, **resolved).to(q.device).eval().requires_grad_(False)
+        module = spec.module_class(head_dim=shape.head_dim, **resolved).to(device).eval().requires_grad_(False)
         _FUNCTIONAL_CACHE[key] = module
         if len(_FUNCTIONAL_CACHE) > _FUNCTIONAL_CACHE_SIZE:
             _FUNCTIONAL_CACHE.popitem(last=False)
     else:
         _FUNCTIONAL_CACHE.move_to_end(key)
-    # inputs are checked once, here; the module runs only its method-specific checks
-    return module.forward_checked(q, k, v, shape, scale_value, causal=causal,
-                                  key_padding_mask=key_padding_mask, scale_given=scale is not None)
+    return module

@@ -49,6 +49,27 @@ class AttentionModule(nn.Module):
         return self.forward_checked(q, k, v, shape, scale_value, causal=causal,
                                     key_padding_mask=key_padding_mask, scale_given=scale is not None)
 
+    def attention_matrices(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Dense ``(B, Hq, Nq, Nk)`` views of what this call attends to (quadratic: small N only).
+
+        ``"attention"`` is the matrix A with ``forward(q, k, v) = A @ v``. The default forms it by
+        attending to the identity (v = I, dv = Nk), which holds for every method whose output is
+        linear in v *and* whose weights do not depend on v; a method whose weights do (SEA: its
+        mask comes from an estimate over [probe, v]) overrides this and may add more views.
+        """
+        batch, kv_heads, nk, _ = k.shape
+        eye = torch.eye(nk, dtype=q.dtype, device=q.device).expand(batch, kv_heads, nk, nk)
+        return {"attention": self.forward(q, k, eye, causal=causal, key_padding_mask=key_padding_mask, scale=scale)}
+
     def forward_checked(
         self,
         q: torch.Tensor,

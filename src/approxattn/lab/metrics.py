@@ -102,17 +102,22 @@ def mass_kept(exact: torch.Tensor, approx: torch.Tensor, *, tol: float = 0.0) ->
 
 
 def attention_matrix(
-    method: str, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: float | None = None, **options
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    scale: float | None = None, **options
 ) -> torch.Tensor:
-    """A method's ``(B, Hq, Nq, Nk)`` attention matrix, formed through the public API by
-    attending to the identity: with v = I (dv = Nk), the output is the matrix itself.
+    """A method's ``(B, Hq, Nq, Nk)`` attention matrix for these inputs (``output = A @ v``),
+    through the public API (:func:`approxattn.attention_matrices`). v matters for methods whose
+    weights depend on it (SEA); for the others it is the identity trick. Keep Nk small."""
+    return attention_maps(method, q, k, v, causal=causal, scale=scale, **options)["attention"]
 
-    Valid for every method whose output is linear in v (all of approxattn's are); costs one
-    call with dv = Nk, so keep Nk small.
-    """
-    batch, kv_heads, nk, _ = k.shape
-    eye = torch.eye(nk, dtype=q.dtype, device=q.device).expand(batch, kv_heads, nk, nk)
-    return approxattn.attention(q, k, eye, method, causal=causal, scale=scale, **options)
+
+def attention_maps(
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    scale: float | None = None, **options
+) -> dict[str, torch.Tensor]:
+    """Every dense view a method offers (``"attention"`` and, e.g. for SEA, ``"sparse"`` and
+    ``"estimated"``), each ``(B, Hq, Nq, Nk)``."""
+    return approxattn.attention_matrices(q, k, v, method, causal=causal, scale=scale, **options)
 
 
 def exact_matrix(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:

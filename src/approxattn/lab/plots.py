@@ -249,8 +249,11 @@ def plot_heatmaps(plan, rows, path: Path) -> str:
         try:
             with torch.no_grad():
                 scale = None if math.isclose(inp.scale, inp.head_dim ** -0.5) else (inp.scale if spec.uses_scale else None)
-                approx = metrics.attention_matrix(method, inp.q, inp.k, causal=inp.causal, scale=scale, **budget)[0, head]
-            panels.append((title, approx.double(), None))
+                maps = metrics.attention_maps(method, inp.q, inp.k, inp.v, causal=inp.causal, scale=scale, **budget)
+            # the effective matrix first, then whatever other views the method offers (SEA: its
+            # sparse probabilities and the estimator's attention)
+            for view, matrix in maps.items():
+                panels.append((title if view == "attention" else f"{title}\n({view})", matrix[0, head].double(), None))
         except Exception as err:
             panels.append((title, None, f"{type(err).__name__}"))
     cols = min(5, len(panels))

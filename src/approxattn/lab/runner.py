@@ -321,7 +321,8 @@ def measure_row(ctx: InputContext, method: str, budget: dict[str, Any], plan: Pl
         else:
             try:
                 with torch.no_grad():
-                    approx = metrics.attention_matrix(method, ctx.q, ctx.k, causal=inp.causal, scale=scale, **budget)
+                    approx = metrics.attention_matrix(method, ctx.q, ctx.k, ctx.v, causal=inp.causal, scale=scale,
+                                                      **budget)
                 approx = approx.detach().cpu()
                 row |= metrics.matrix_errors(approx, ctx.ref_matrix)
                 row["row_kl"] = metrics.row_kl(ctx.ref_matrix, approx)

@@ -89,6 +89,8 @@ class SEAResult:
     _q: torch.Tensor = field(repr=False)
     _k: torch.Tensor = field(repr=False)
     _scale: float = field(repr=False)
+    # non-causal average-context weights per key (B, H, Nk); None: causal (running mean) or no gates
+    _average_weights: torch.Tensor | None = field(default=None, repr=False)
 
     def _heads(self, x: torch.Tensor, head: int | None) -> torch.Tensor:
         heads = x.shape[1]
@@ -123,6 +125,26 @@ class SEAResult:
         row i sums to σ(g0) (0 for a row with no key)."""
         probs = column_mask_probabilities(self._q, self._k, self.selected, self.layout, scale=self._scale, head=head)
         return probs * self._heads(self.gates, head)[..., 0:1].to(probs.dtype)
+
+    def average_attention(self, head: int | None = None) -> torch.Tensor:
+        """The average context's weights as a matrix ``(B, H|1, Nq, Nk)``: non-causal, the same
+        key weights for every row; causal, 1/L_i over the valid keys ≤ i."""
+        eligible = torch.isfinite(self.estimated_attention_logits(head))
+        if self._average_weights is not None:
+            weights = self._heads(self._average_weights, head)[:, :, None, :].to(self.gates.dtype)
+            return weights * eligible.to(weights.dtype)
+        counts = eligible.sum(dim=-1, keepdim=True).clamp(min=1)
+        return eligible.to(self.gates.dtype) / counts.to(self.gates.dtype)
+
+    def effective_attention(self, head: int | None = None) -> torch.Tensor:
+        """The matrix A with ``output = A @ v`` for this call (the mask and gates depend on v, so
+        only for the v it was computed with): ``σ(g1)·sparse_probabilities + (1 − σ(g1))·average``,
+        or the sparse probabilities alone with ``gates=False``. ``(B, H|1, Nq, Nk)``."""
+        sparse = self.sparse_probabilities(head)
+        mix = self._heads(self.gates, head)[..., 1:2].to(sparse.dtype)
+        if bool((mix == 1).all()):
+            return sparse
+        return mix * sparse + (1 - mix) * self.average_attention(head).to(sparse.dtype)
 
 
 @dataclass
@@ -265,6 +287,14 @@ class SEAAttention(RandomFeatureModule):
         result.output = result.output.to(q.dtype)
         return result
 
+    def attention_matrices(self, q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> dict[str, torch.Tensor]:
+        """SEA's dense views for this (q, k, v), ``(B, H, Nq, Nk)`` each: ``attention`` (the effective
+        matrix, output = A @ v), ``sparse`` (gated sparse probabilities), ``estimated`` (the
+        estimator's attention resized to the keys). Quadratic: for inspection at small N."""
+        result = self.forward_with_details(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return {"attention": result.effective_attention(), "sparse": result.sparse_probabilities(),
+                "estimated": result.estimated_attention()}
+
     def _compute(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> SEAResult:
         self._check_heads(shape.heads)
         grouping = self.grouping(causal)
@@ -317,6 +347,7 @@ class SEAAttention(RandomFeatureModule):
         stage = _stage("sea.sparse", stage)
         sparse = self._sparse_attention(q, k, v, selected, layout, scale).to(dtype)
         stage = _stage("sea.gates", stage)
+        average_weights = None
         if self.gate is None:
             gates = torch.ones(*sparse.shape[:3], 2, dtype=dtype, device=q.device)
             out = sparse
@@ -325,11 +356,13 @@ class SEAAttention(RandomFeatureModule):
             if causal:
                 average = self._causal_average(v.to(dtype), layout, key_valid, shape)
             else:
-                average = self._weighted_average(v.to(dtype), probs, layout, query_valid, shape)
+                average_weights = self._average_weights(probs, layout, query_valid, shape)
+                grouped = shape.group_queries(average_weights)                             # (B, Hkv, G, Nk)
+                average = shape.ungroup_queries(torch.einsum("bhgn,bhnd->bhgd", grouped, v.to(dtype)))[:, :, None]
             mix = gates[..., 1:2]
             out = mix * gates[..., 0:1] * sparse + (1 - mix) * average
         _stage(None, stage)
-        return SEAResult(out, logits, selected, layout, gates, q, k, scale)
+        return SEAResult(out, logits, selected, layout, gates, q, k, scale, average_weights)
 
     def _encode(self, context: torch.Tensor, own_value: torch.Tensor) -> torch.Tensor:
         """``GELU(LayerNorm(Linear([c, v_i])))`` → ``(B, H, Nq, 2d)``."""
@@ -377,8 +410,9 @@ class SEAAttention(RandomFeatureModule):
                 return fast
         return column_mask_attention(q, k, v, selected, layout, scale=scale)
 
-    def _weighted_average(self, v, probs, layout: ColumnLayout, query_valid, shape: AttentionShape) -> torch.Tensor:
-        """Non-causal average context ``(B, H, 1, dv)``: Σ_j w_j v_j, w from the column mean of A_M."""
+    def _average_weights(self, probs, layout: ColumnLayout, query_valid, shape: AttentionShape) -> torch.Tensor:
+        """Non-causal average-context weights ``(B, H, Nk)`` (sum 1 over the valid keys): the
+        column mean of A_M over valid query rows, read at each key's column."""
         if query_valid is None:
             column_mean = probs.mean(dim=2)                                           # (B, H, T)
         else:
@@ -389,10 +423,7 @@ class SEAAttention(RandomFeatureModule):
         key_column = column_of_rank(rank.clamp(min=0), n, layout.columns)              # (B, Nk)
         weights = column_mean.gather(-1, key_column[:, None].expand(-1, shape.heads, -1))
         weights = weights * (rank >= 0)[:, None].to(weights.dtype)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        grouped = shape.group_queries(weights)                                          # (B, Hkv, G, Nk)
-        average = torch.einsum("bhgn,bhnd->bhgd", grouped, v)
-        return shape.ungroup_queries(average)[:, :, None]
+        return weights / weights.sum(dim=-1, keepdim=True)
 
     @staticmethod
     def _causal_average(v, layout: ColumnLayout, key_valid, shape: AttentionShape) -> torch.Tensor:
