@@ -117,7 +117,9 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     sub = distill.add_subparsers(dest="distill_command", required=True)
     run = sub.add_parser("run", help="distil each method with the same budget and evaluate it and the teacher",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--teacher", choices=("smollm2", "minilm"), default="smollm2")
+    run.add_argument("--teacher", choices=("smollm2", "minilm", "kjv-tiny"), default="smollm2",
+                     help="kjv-tiny: a small softmax Llama trained here on the KJV train split first "
+                          "(cached in --out/teacher), for machines without the budget for SmolLM2")
     run.add_argument("--methods", default="performer,linear", help="comma-separated methods (default performer,linear)")
     run.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="a method option (repeatable)")
     run.add_argument("--steps", type=int, default=300)

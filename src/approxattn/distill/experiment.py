@@ -36,7 +36,7 @@ from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perple
 
 RESULTS = "results.json"
 TABLE = "table.md"
-TEACHERS = ("smollm2", "minilm")
+TEACHERS = ("smollm2", "minilm", "kjv-tiny")
 
 
 def method_label(method: str, options: dict[str, Any]) -> str:
@@ -50,13 +50,30 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
 
 
-def load_teacher(name: str, *, num_layers: int | None = None, device: str | torch.device = "cpu"):
+def _lab_teacher(name: str, out_dir: Path):
+    from ..lab.models import load_model
+
+    return load_model(name)
+
+
+def _kjv_teacher(name: str, out_dir: Path):
+    from .kjv_teacher import TeacherConfig, load_kjv_teacher
+
+    return load_kjv_teacher(out_dir / "teacher", TeacherConfig(seq_len=512, batch_size=4, steps=600))
+
+
+# teacher name → loader(name, out_dir) → (model, tokenizer). The lab's real models, or a small
+# softmax Llama trained here on the KJV train split (cached in out_dir/teacher) where SmolLM2
+# does not fit the budget.
+TEACHER_LOADERS = {"smollm2": _lab_teacher, "minilm": _lab_teacher, "kjv-tiny": _kjv_teacher}
+
+
+def load_teacher(name: str, *, num_layers: int | None = None, device: str | torch.device = "cpu",
+                 out_dir: str | os.PathLike = "distill-report"):
     """(teacher model on ``device``, frozen, eval mode; tokenizer). ``num_layers`` truncates it."""
     if name not in TEACHERS:
         raise ValueError(f"teacher: expected one of {TEACHERS}, got {name!r}")
-    from ..lab.models import load_model
-
-    model, tokenizer = load_model(name)
+    model, tokenizer = TEACHER_LOADERS[name](name, Path(out_dir))
     if num_layers is not None:
         import copy
 
@@ -153,7 +170,7 @@ def run_experiment(
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if results and results.get("teacher_name") != teacher:
         raise ValueError(f"out_dir: {out} holds results for teacher {results.get('teacher_name')!r}, not {teacher!r}")
-    model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device)
+    model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device, out_dir=out)
     causal = hf.is_causal_model(model)
     results.update({
         "teacher_name": teacher,
