@@ -32,13 +32,7 @@ from approxattn.lab.models import MODELS, model_available  # noqa: E402
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: thread start-up costs more than the work (and CI runs two workers on 2 cores)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def tiny_teacher(seed: int = 0) -> LlamaForCausalLM:

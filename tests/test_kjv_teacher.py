@@ -25,12 +25,7 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def test_compact_tokenizer_renumbers_and_maps_unknown_tokens_to_zero():
