@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from .impls import Case
+from .case import Case
 
 HEADLINE_SEQ = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FLEX_SEQ = (4096, 65536)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..blocks.sparse_attention import ColumnLayout, column_layout, column_mask_attention, nonempty_columns
-from .impls import Case
+from .case import Case
 
 SPARSE_IMPLS = ("sparse-kernel", "sparse-runs", "sparse-flex", "sparse-reference")
 ROWS_PER_PATCH = 64
