@@ -18,6 +18,7 @@ BUDGET_OPTIONS: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "num_landmarks": ("landmarks", (16, 32, 64), (16, 64)),
     "landmarks": ("landmarks", (16, 32, 64), (16, 64)),
     "num_samples": ("samples", (16, 32, 64), (16, 64)),
+    "k": ("k", (16, 32, 64), (16, 64)),          # SEA: keys per row
     "top_k": ("k", (16, 32, 64), (16, 64)),
     "topk": ("k", (16, 32, 64), (16, 64)),
     "window": ("w", (32, 64, 128), (32, 128)),

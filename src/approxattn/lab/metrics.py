@@ -102,17 +102,18 @@ def mass_kept(exact: torch.Tensor, approx: torch.Tensor, *, tol: float = 0.0) ->
 
 
 def attention_matrix(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
     scale: float | None = None, **options
 ) -> torch.Tensor:
     """A method's ``(B, Hq, Nq, Nk)`` attention matrix for these inputs (``output = A @ v``),
     through the public API (:func:`approxattn.attention_matrices`). v matters for methods whose
-    weights depend on it (SEA); for the others it is the identity trick. Keep Nk small."""
+    weights depend on it (SEA); for the others it is the identity trick. Keep Nk small. The tensors
+    are positional-only: a method option may be called ``k`` (SEA's budget)."""
     return attention_maps(method, q, k, v, causal=causal, scale=scale, **options)["attention"]
 
 
 def attention_maps(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
     scale: float | None = None, **options
 ) -> dict[str, torch.Tensor]:
     """Every dense view a method offers (``"attention"`` and, e.g. for SEA, ``"sparse"`` and
