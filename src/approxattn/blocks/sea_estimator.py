@@ -12,6 +12,7 @@ fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,18 @@ def resize_width(x: torch.Tensor, width: int) -> torch.Tensor:
     return x @ interpolation_matrix(x.shape[-1], width, dtype=x.dtype, device=x.device)
 
 
+@lru_cache(maxsize=16)
 def interpolation_matrix(source: int, width: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(source, width)``: column j holds the two linear weights of output j, read at
-    ``max(0, (j + ½)·source/width − ½)`` (PyTorch's rule for ``align_corners=False``)."""
+    ``max(0, (j + ½)·source/width − ½)`` (PyTorch's rule for ``align_corners=False``). Cached: built
+    on the host, it would otherwise cost a host-to-device copy on every forward. Read-only; built
+    outside inference mode so that a matrix first made under ``torch.inference_mode`` can still be
+    saved for a later backward."""
+    with torch.inference_mode(False):
+        return _interpolation_matrix(source, width).to(device=device, dtype=dtype)
+
+
+def _interpolation_matrix(source: int, width: int) -> torch.Tensor:
     position = ((torch.arange(width, dtype=torch.float64) + 0.5) * (source / width) - 0.5).clamp(min=0.0)
     lower = position.floor().to(torch.int64).clamp(max=source - 1)
     upper = (lower + 1).clamp(max=source - 1)
@@ -54,7 +64,7 @@ def interpolation_matrix(source: int, width: int, *, dtype: torch.dtype, device:
     columns = torch.arange(width)
     matrix.index_put_((lower, columns), 1.0 - frac, accumulate=True)
     matrix.index_put_((upper, columns), frac, accumulate=True)
-    return matrix.to(device=device, dtype=dtype)
+    return matrix
 
 
 def fit_width(x: torch.Tensor, width: int) -> torch.Tensor:

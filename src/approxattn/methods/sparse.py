@@ -142,8 +142,6 @@ class SEAResult:
         or the sparse probabilities alone with ``gates=False``. ``(B, H|1, Nq, Nk)``."""
         sparse = self.sparse_probabilities(head)
         mix = self._heads(self.gates, head)[..., 1:2].to(sparse.dtype)
-        if bool((mix == 1).all()):
-            return sparse
         return mix * sparse + (1 - mix) * self.average_attention(head).to(sparse.dtype)
 
 
@@ -378,8 +376,7 @@ class SEAAttention(RandomFeatureModule):
         dtype = v_aug.dtype
         projection = self.projection.to(dtype)
         root_scale = scale**0.5
-        fast = _fast_estimator(q, k, v_aug.to(q.dtype), projection, root_scale, causal=causal,
-                               key_padding_mask=key_padding_mask)
+        fast = _fast_estimator(q, k, v_aug, projection, root_scale, causal=causal, key_padding_mask=key_padding_mask)
         if fast is not None:
             return fast.to(dtype)
         x, y = q.to(dtype) * root_scale, k.to(dtype) * root_scale
@@ -596,6 +593,7 @@ def _fast_estimator(q, k, v_aug, projection, root_scale, *, causal, key_padding_
     else:
         cfg = FeatureConfig("favor", projection, x_scale=root_scale,
                             ratio=favor_ratio(projection.shape[0], hyperbolic=False), eps=SOFTMAX_EPS, stabilize=True)
+    v_aug = v_aug.to(q.dtype)  # half operands for half inputs (see SEAAttention._estimator_attention)
     if not supported(cfg, q, k, v_aug, causal):
         return None
     from ..kernels.ops import feature_attention
