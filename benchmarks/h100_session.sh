@@ -27,7 +27,7 @@ if [ "${STAGES_S:-100}" != 0 ]; then
 fi
 if [ "${BENCH_S:-140}" != 0 ]; then
   timeout "${BENCH_S:-140}" python -m approxattn.bench run --preset headline --seq "${BENCH_SEQ:-65536,4096,2048}" \
-    --match ${BENCH_MATCH:-" "} --exclude "causal (PyTorch ref" "FlexAttention" --time-budget "${BENCH_BUDGET:-120}" \
+    ${BENCH_MATCH:+--match $BENCH_MATCH} --exclude "causal (PyTorch ref" "FlexAttention" --time-budget "${BENCH_BUDGET:-120}" \
     --no-plots --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?" >> "$OUT/session.log"
 fi

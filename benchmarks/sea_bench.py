@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from approxattn.bench import presets
-from approxattn.bench.impls import Case
+from approxattn.bench.case import Case
 from approxattn.bench.runner import floors, measure_device, time_case
 from approxattn.kernels import sparse_attention as ks
 

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import approxattn
 
-STAGES = ("sea.probe", "sea.estimator", "sea.decoder", "sea.select", "sea.sparse", "sea.gates")
+STAGE_PREFIX = "sea."  # the module names its profiler ranges sea.<stage>
 
 
 def _sync(device: str) -> None:
@@ -74,10 +74,10 @@ def stage_times(seq: int, causal: bool, device: str, options: dict, repeats: int
 
     stages = {}
     for event in events:
-        if event.key in STAGES:
+        if event.key.startswith(STAGE_PREFIX):
             # on CUDA a named range shows up twice (CPU annotation and GPU annotation): keep the max
             stages[event.key] = max(stages.get(event.key, 0.0), ms(event))
-    ops = sorted((e for e in events if e.key not in STAGES and not e.key.startswith("sea.")),
+    ops = sorted((e for e in events if not e.key.startswith(STAGE_PREFIX)),
                  key=lambda e: -(e.self_device_time_total if use_device else e.self_cpu_time_total))
     top = [(e.key, (e.self_device_time_total if use_device else e.self_cpu_time_total) / 1e3, e.count)
            for e in ops[:15]]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .case import IMPLS, Case  # noqa: F401  (re-exported: the harness's vocabulary)
+from .case import IMPLS, Case
 
 
 @contextlib.contextmanager

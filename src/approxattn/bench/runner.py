@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .impls import Case, build
+from .case import Case
+from .impls import build
 
 L2_ROTATION_BYTES = 256 * 2**20
 
