@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# conftest.py switches Triton to its interpreter on CPU, before any test module is imported
 
 import approxattn  # noqa: E402
 from approxattn.kernels import FeatureConfig, feature_attention, naive_feature_attention  # noqa: E402

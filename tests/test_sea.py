@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported (as test_kernels)
+# conftest.py switches Triton to its interpreter on CPU, before any test module is imported
 
 import approxattn  # noqa: E402
 from approxattn.blocks.exact import softmax_attention, softmax_attention_matrix  # noqa: E402

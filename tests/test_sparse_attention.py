@@ -10,8 +10,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# conftest.py switches Triton to its interpreter on CPU, before any test module is imported
 from hypothesis import given, settings, strategies as st
 
 from approxattn.blocks import sparse_attention as sp
