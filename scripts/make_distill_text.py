@@ -16,30 +16,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import re
 import subprocess
 import tempfile
 from pathlib import Path
 
+from make_lab_text import chapters  # noqa: E402  (same folder: the lab's KJV chapter parser)
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "approxattn" / "distill" / "data" / "kjv_heldout.txt.gz"
-
-
-def chapters(raw: str) -> list[str]:
-    found: list[str] = []
-    current: list[str] = []
-    for line in raw.splitlines():
-        if re.match(r"^[1-3]?\s?[A-Z][A-Za-z ]+ \d+$", line.strip()) and not line.startswith(" "):
-            if current:
-                found.append(" ".join(current))
-            current = []
-            continue
-        text = re.sub(r"^\s*\d+ ", "", line).strip()
-        if text:
-            current.append(text)
-    if current:
-        found.append(" ".join(current))
-    return [re.sub(r"\s+", " ", chapter) for chapter in found]
 
 
 def main() -> None:

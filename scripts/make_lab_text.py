@@ -37,27 +37,32 @@ def unpack(workdir: Path) -> Path:
     return root
 
 
-def kjv_text(root: Path, limit: int) -> str:
-    raw = subprocess.run(
-        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "Gen1:1-Rev22:21"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    chapters: list[str] = []
+def chapters(raw: str) -> list[str]:
+    """The chapters of ``bible`` output, one whitespace-normalised paragraph each: chapter headings
+    and verse numbers stripped (also used by make_distill_text.py)."""
+    found: list[str] = []
     current: list[str] = []
     for line in raw.splitlines():
         if re.match(r"^[1-3]?\s?[A-Z][A-Za-z ]+ \d+$", line.strip()) and not line.startswith(" "):
             if current:
-                chapters.append(" ".join(current))
+                found.append(" ".join(current))
             current = []
             continue
         text = re.sub(r"^\s*\d+ ", "", line).strip()
         if text:
             current.append(text)
     if current:
-        chapters.append(" ".join(current))
+        found.append(" ".join(current))
+    return [re.sub(r"\s+", " ", chapter) for chapter in found]
+
+
+def kjv_text(root: Path, limit: int) -> str:
+    raw = subprocess.run(
+        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "Gen1:1-Rev22:21"],
+        check=True, capture_output=True, text=True,
+    ).stdout
     out, size = [], 0
-    for chapter in chapters:
-        chapter = re.sub(r"\s+", " ", chapter)
+    for chapter in chapters(raw):
         if size + len(chapter) > limit:
             break
         out.append(chapter)
