@@ -485,6 +485,39 @@ def test_large_groups_bisection_keeps_the_same_cells_as_topk(dtype, monkeypatch)
         assert torch.equal(by_bisection.sum(-1), budget)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidate_shortcut_keeps_the_same_cells_or_declines(dtype):
+    """The per-row candidate shortcut of the shared budgets gives exactly the full top-k's cells
+    (ties, -inf, a best-cell bonus like select_cells', budgets of 0 to past the candidates), and
+    returns None rather than a wrong answer when a row holds more winners than candidates."""
+    from approxattn.blocks import sea_mask
+
+    gen = torch.Generator().manual_seed(12)
+    answered = declined = 0
+    for trial in range(12):
+        groups, rows, T = 3, 200, 16
+        if trial % 3 == 0:
+            scores = torch.randint(0, 3, (groups, rows, T), generator=gen).to(dtype)    # heavy ties
+        else:
+            scores = torch.rand(groups, rows, T, generator=gen).to(dtype)
+        if trial % 2:   # each row's best cell far above the rest, as select_cells ranks them
+            best = scores.argmax(-1, keepdim=True)
+            scores = scores.scatter_add(-1, best, torch.full_like(best, 4, dtype=dtype))
+        scores[0, :10, 5:] = float("-inf")
+        budget = torch.randint(0, 3 * rows, (groups,), generator=gen)
+        budget[1] = rows * (trial % 4)
+        expected = sea_mask._top_cells(scores.reshape(groups, rows * T), budget).view(groups, rows, T)
+        for per_row in (1, 2, 4, 8):
+            got = sea_mask._top_cells_by_candidates(scores, budget, per_row=per_row)
+            if got is None:
+                declined += 1
+            else:
+                answered += 1
+                assert torch.equal(got, expected), (trial, per_row)
+        assert torch.equal(sea_mask._top_cells_of_rows(scores, budget), expected)
+    assert answered > 3 and declined > 3     # both branches exercised
+
+
 @pytest.mark.parametrize("source,width", [(64, 128), (3, 8), (32, 128), (10, 7), (1, 5), (5, 5)])
 def test_resize_width_is_linear_interpolation(source, width):
     """The matmul resampling gives F.interpolate's numbers (linear, half-pixel centres)."""

@@ -355,6 +355,39 @@ def test_kernel_matches_reference(forced_kernels, monkeypatch, dtype, causal, pa
     assert torch.all(out[0, 1, 5] == 0)
 
 
+def test_rows_by_columns_is_a_per_head_permutation_grouped_by_first_column():
+    from approxattn.kernels.sparse_attention import rows_by_columns
+
+    gen = torch.Generator().manual_seed(21)
+    selected = torch.rand(2, 3, 50, 9, generator=gen) < 0.2
+    selected[0, 0, 7] = False
+    order = rows_by_columns(selected).long()
+    assert order.dtype == torch.int64 and order.shape == (2, 3, 50)
+    assert torch.equal(order.sort(-1).values, torch.arange(50).expand(2, 3, 50))
+    first = selected.int().argmax(-1).gather(-1, order)
+    assert torch.all(first[..., 1:] >= first[..., :-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, padded):
+    """Rows grouped by column (equal-length layouts) give the same output as rows in index order,
+    with GQA, empty rows and more rows than one block."""
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention
+
+    q, k, v, selected, layout, _ = _case(2, 4, 2, 70, 61, 8, False, padded, 0.25, 15, dtype=torch.float32)
+    assert layout.equal_lengths
+    selected[1, 3, 40] = False
+    ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("APPROXATTN_SPARSE_ROW_ORDER", flag)
+        outs[flag] = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4)
+        assert rel_err(outs[flag], ref) < 1e-4
+    assert rel_err(outs["0"], outs["1"]) < 1e-5
+    assert torch.all(outs["1"][1, 3, 40] == 0)
+
+
 @needs_triton
 def test_kernel_odd_head_dims_and_strides(forced_kernels):
     from approxattn.kernels.sparse_attention import fast_column_mask_attention

@@ -80,13 +80,16 @@ def select_cells(
     score = score.masked_fill(~cand, float("-inf"))
 
     per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
-    if grouping == "batch":
-        flat = score.reshape(B, H * Nq * T)
-        budget = H * per_row.sum(dim=1)
-    elif grouping == "head":
-        flat = score.reshape(B * H, Nq * T)
-        budget = per_row.sum(dim=1)[:, None].expand(B, H).reshape(-1)
-    elif grouping == "query":
+    if grouping in ("batch", "head"):
+        if grouping == "batch":
+            rows = score.reshape(B, H * Nq, T)
+            budget = H * per_row.sum(dim=1)
+        else:
+            rows = score.reshape(B * H, Nq, T)
+            budget = per_row.sum(dim=1)[:, None].expand(B, H).reshape(-1)
+        chosen = _top_cells_of_rows(rows, budget).reshape(B, H, Nq, T)
+        return (chosen | best) & cand
+    if grouping == "query":
         flat = score.reshape(B * H * Nq, T)
         budget = per_row[:, None, :].expand(B, H, Nq).reshape(-1)
     else:  # causal_batch: heads of one row share the budget
@@ -137,6 +140,49 @@ def _top_cells(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     missing = budget[:, None] - above.sum(dim=-1, keepdim=True)
     chosen = above | (tied & (tied.cumsum(dim=-1, dtype=torch.int32) <= missing))
     return chosen & (budget > 0)[:, None]
+
+
+def _top_cells_of_rows(rows: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """:func:`_top_cells` of each group's rows flattened: ``rows (G, R, T)``, ``budget (G,)`` → bool
+    ``(G, R, T)``. Large groups first try :func:`_top_cells_by_candidates` (same cells, a fraction of
+    the passes over the estimate)."""
+    groups, count, T = rows.shape
+    if count * T >= BISECTION_MIN_CELLS and rows.dtype != torch.float64:
+        chosen = _top_cells_by_candidates(rows, budget)
+        if chosen is not None:
+            return chosen
+    return _top_cells(rows.reshape(groups, count * T), budget).reshape(rows.shape)
+
+
+def _top_cells_by_candidates(rows: torch.Tensor, budget: torch.Tensor, per_row: int | None = None) -> torch.Tensor | None:
+    """The cells of :func:`_top_cells` on ``rows (G, R, T)`` flattened per group, found among each
+    row's ``per_row`` best cells only; None when that shortcut cannot prove its answer exact.
+
+    Why: a shared budget (``batch``/``head`` grouping) spans H·N·T cells per group (134 M at
+    N = 65,536) but keeps only about k·T/N of them per row (one per row at long N). The top-k over
+    R·per_row candidates is then a small problem. Exactness: let τ be the lowest chosen candidate of
+    a group. When every row's ``per_row``-th best cell lies strictly below τ, every cell at or
+    above τ is a candidate, so the full top-k keeps the same cells; candidates are laid out in
+    flat-index order, so ties at τ are broken the same way. Otherwise (a row with more than
+    ``per_row`` cells above τ, or a budget past the candidates) return None and let the caller
+    run the full search. One host sync (the check).
+    """
+    groups, count, T = rows.shape
+    budget = budget.clamp(max=count * T)
+    largest = int(budget.max()) if budget.numel() else 0
+    if per_row is None:
+        per_row = max(4, 4 * -(-largest // count))          # 4× the mean budget of a row
+    if per_row >= T or largest > count * per_row:
+        return None
+    values, index = rows.topk(per_row, dim=-1, sorted=True)
+    last_candidate = values[..., -1]                           # (G, R): the row's other cells are ≤ this
+    index, order = index.sort(dim=-1)
+    values = values.gather(-1, order)
+    chosen = _top_cells(values.reshape(groups, count * per_row), budget).view(groups, count, per_row)
+    lowest_chosen = values.masked_fill(~chosen, float("inf")).flatten(1).amin(dim=1)    # (G,)
+    if not bool((last_candidate < lowest_chosen[:, None]).all()):
+        return None
+    return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device).scatter_(-1, index, chosen)
 
 
 def _order_keys(flat: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,14 @@ class ColumnLayout:
     key_rank: ``(B, Nk)`` int64, index of key j among its batch element's valid keys; −1 when padded.
     row_length: ``(B, Nq)`` int64, ``L_i`` ≥ 0, the number of keys row i compresses over.
     columns: ``T``.
+    equal_lengths: every row of a batch element has the same ``L`` (non-causal layouts), so a
+    column means the same keys for every row (kernels may then group rows by their columns).
     """
 
     key_rank: torch.Tensor
     row_length: torch.Tensor
     columns: int
+    equal_lengths: bool = False
 
     @property
     def batch(self) -> int:
@@ -97,7 +100,7 @@ def column_layout(
             row_length = torch.arange(1, seq_q + 1, device=device).expand(batch, seq_q)
         else:
             row_length = torch.full((batch, seq_q), seq_k, dtype=torch.int64, device=device)
-        return ColumnLayout(key_rank.contiguous(), row_length.contiguous(), columns)
+        return ColumnLayout(key_rank.contiguous(), row_length.contiguous(), columns, equal_lengths=not causal)
     if not isinstance(key_padding_mask, torch.Tensor):
         raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
     if key_padding_mask.dtype != torch.bool:
@@ -108,7 +111,7 @@ def column_layout(
     count = valid.long().cumsum(dim=1)                       # valid keys at positions ≤ j
     key_rank = torch.where(valid, count - 1, torch.full_like(count, -1))
     row_length = count if causal else count[:, -1:].expand(batch, seq_q).contiguous()
-    return ColumnLayout(key_rank, row_length, columns)
+    return ColumnLayout(key_rank, row_length, columns, equal_lengths=not causal)
 
 
 def _check_layout(layout) -> None:

@@ -3,7 +3,10 @@
 Same op as :func:`approxattn.blocks.sparse_attention.column_mask_attention`, for inference.
 
 Host side (tensor ops, ``O(B·H·N·T / BM)`` plus the sort of each block's T columns, no
-``Nq × Nk`` tensor and no host sync): for every (batch, head, block of ``BM`` query rows),
+``Nq × Nk`` tensor and no host sync): where all rows share one length (non-causal), each head's rows
+are first sorted by their selected columns (:func:`rows_by_columns`) and blocks are cut from that
+order, so a block's rows read the same few columns. Then for every (batch, head, block of ``BM``
+query rows),
 
 1. the block's rows have lengths ``L ∈ [L_min, L_max]``; column c of any of them holds ranks
    inside ``[lo_c(L_min), hi_c(L_max))`` (lo and hi grow with L), so its keys lie between the
@@ -59,6 +62,12 @@ def triton_tile_runs() -> bool:
     return os.environ.get("APPROXATTN_TRITON_TILE_RUNS", "0") == "1"
 
 
+def row_ordering() -> bool:
+    """Whether equal-length layouts get their query rows grouped by selected columns before tiling
+    (``APPROXATTN_SPARSE_ROW_ORDER=0`` turns it off, for A/B benchmarks)."""
+    return os.environ.get("APPROXATTN_SPARSE_ROW_ORDER", "1") != "0"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -70,6 +79,21 @@ def launch_config(d: int, dv: int) -> dict[str, int]:
         return dict(OVERRIDE)
     width = max(d, dv)
     return dict(CONFIGS[64 if width <= 64 else 128 if width <= 128 else 256])
+
+
+def rows_by_columns(selected: torch.Tensor) -> torch.Tensor:
+    """``(B, H, Nq)`` int32: per head, the query rows sorted by (first selected column, second
+    selected column or T). Why: a query block's KV tiles are the union of its rows' columns; rows in
+    index order pick scattered columns (at N = 65,536 and T = 128 a 64-row block of an untrained
+    estimate unions nearly all 128), while rows grouped by column share one or two. Only valid
+    where a column means the same keys for every row (``ColumnLayout.equal_lengths``)."""
+    T = selected.shape[-1]
+    cells = selected.view(torch.uint8)
+    first = cells.argmax(dim=-1, keepdim=True)                     # the first selected column (0 if none)
+    rest = cells.scatter(-1, first, 0)
+    second = torch.where(rest.any(dim=-1), rest.argmax(dim=-1), T)
+    key = first.squeeze(-1) * (T + 1) + second
+    return key.argsort(dim=-1, stable=True).to(torch.int32)
 
 
 def tile_runs(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int):
@@ -124,7 +148,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _column_mask_fwd(
-        q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, rank_ptr, len_ptr, start_ptr, count_ptr, runs_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, rank_ptr, len_ptr, start_ptr, count_ptr, runs_ptr, order_ptr,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -133,17 +157,23 @@ if HAS_TRITON:
         stride_rb, stride_lb,
         H, G, Nq, Nk, d, dv, T, NMB, qk_scale,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+        ORDERED: tl.constexpr,
     ):
-        """Grid (query block, batch·head): one block of BM query rows of one head."""
+        """Grid (query block, batch·head): one block of BM query rows of one head; with ORDERED, the
+        block's rows are entries ``[pid·BM, (pid+1)·BM)`` of the head's row order."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         hk = h // G
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        slot = pid_m * BM + tl.arange(0, BM)
+        row_ok = slot < Nq
+        if ORDERED:
+            offs_m = tl.load(order_ptr + bh.to(tl.int64) * Nq + slot, mask=row_ok, other=0)
+        else:
+            offs_m = slot
         offs_d = tl.arange(0, BD)
         offs_v = tl.arange(0, BDV)
-        row_ok = offs_m < Nq
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
@@ -291,7 +321,12 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
     cfg = launch_config(d, dv)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     build_runs = tile_runs_triton if triton_tile_runs() else tile_runs
-    start, count, runs = build_runs(selected, layout, BM, BN)
+    order = rows_by_columns(selected) if layout.equal_lengths and row_ordering() and Nq > BM else None
+    if order is None:
+        start, count, runs = build_runs(selected, layout, BM, BN)
+    else:   # the runs of each block of ordered rows (lengths are equal, so only `selected` moves)
+        ordered = selected.gather(2, order.long()[..., None].expand(B, H, Nq, T))
+        start, count, runs = build_runs(ordered, layout, BM, BN)
     nmb = start.shape[2]
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=q.device)
     sel = selected.view(torch.uint8)
@@ -305,11 +340,12 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
     BD = max(16, triton.next_power_of_2(d))
     BDV = max(16, triton.next_power_of_2(dv))
     _column_mask_fwd[(nmb, B * H)](
-        q, k, v, out, sel, rank, length, start, count, runs,
+        q, k, v, out, sel, rank, length, start, count, runs, runs if order is None else order,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         sel.stride(0), sel.stride(1), sel.stride(2), rank.stride(0), length.stride(0),
         H, H // Hkv, Nq, Nk, d, dv, T, nmb, float(scale) * LOG2E,
-        BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg,
+        BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        ORDERED=order is not None, **cfg,
     )
     return out
 
@@ -372,5 +408,5 @@ def flex_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale
     return fn(q, k, v, block_mask=mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
 
 
-__all__ = ["fast_column_mask_attention", "flex_block_mask", "flex_column_mask_attention", "supported", "tile_runs",
-           "tile_runs_triton"]
+__all__ = ["fast_column_mask_attention", "flex_block_mask", "flex_column_mask_attention", "rows_by_columns",
+           "supported", "tile_runs", "tile_runs_triton"]
