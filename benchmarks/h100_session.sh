@@ -7,10 +7,13 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONPATH=src
+# the peers' wheels go to their own folder (the image's system pip refused them in run 3)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  > /tmp/wheels.log 2>&1
+export PYTHONPATH=src:/tmp/site
 {
   nvidia-smi -L
-  python -m pip install -q --no-deps .whl/*.whl 2>&1 | grep -v "as the 'root' user" | tail -2
+  tail -2 /tmp/wheels.log
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u +"%Y-%m-%d %H:%M UTC"
 } > "$OUT/session.log" 2>&1

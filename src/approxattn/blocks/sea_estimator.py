@@ -28,9 +28,34 @@ def layer_norm(x: torch.Tensor, layer: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, layer.normalized_shape, layer.weight.to(x.dtype), layer.bias.to(x.dtype), layer.eps)
 
 
-def conv2d(x: torch.Tensor, layer: nn.Conv2d, **kwargs) -> torch.Tensor:
-    return F.conv2d(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype), stride=layer.stride,
-                    dilation=layer.dilation, **kwargs)
+def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] = (0, 0, 0, 0), relu: bool = False,
+           upsample_rows: int = 1, rows: int | None = None) -> torch.Tensor:
+    """``layer`` (stride and dilation its own) over x ``(S, C, R, W)`` after a nearest upsample of the
+    rows ×``upsample_rows`` cropped to ``rows`` rows and zero padding ``pad`` = (left, right, top,
+    bottom), then ReLU if asked. At inference on CUDA with few channels, one Triton kernel
+    (``kernels.small_conv``: cuDNN is far off the memory floor with 4 channels, and the kernel also
+    skips the upsampled and padded copies); ``F.conv2d`` otherwise."""
+    weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
+    if layer.stride[1] == 1:
+        fast = _fast_small_conv2d()
+        if fast is not None:
+            out = fast(x, weight, bias, stride_rows=layer.stride[0], dilation=layer.dilation, pad_left=pad[0],
+                       pad_right=pad[1], pad_top=pad[2], pad_bottom=pad[3], upsample_rows=upsample_rows,
+                       virtual_rows=rows, relu=relu)
+            if out is not None:
+                return out
+    if upsample_rows > 1:
+        x = x.repeat_interleave(upsample_rows, dim=2)[:, :, :rows]
+    out = F.conv2d(F.pad(x, pad), weight, bias, stride=layer.stride, dilation=layer.dilation)
+    return F.relu(out) if relu else out
+
+
+def _fast_small_conv2d():
+    try:
+        from ..kernels.small_conv import fast_small_conv2d
+    except ImportError:  # pragma: no cover - the kernels package is optional
+        return None
+    return fast_small_conv2d
 
 
 def resize_width(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -151,10 +176,9 @@ class CausalConv2d(nn.Module):
         self.rows_needed = dilation * (kernel_size - 1)
         self.width_padding = dilation * (kernel_size - 1) // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(N, C, rows, W)`` → ``(N, C_out, rows, W)``."""
-        x = F.pad(x, (self.width_padding, self.width_padding, self.rows_needed, 0))
-        return conv2d(x, self.conv)
+    def forward(self, x: torch.Tensor, *, relu: bool = False) -> torch.Tensor:
+        """x ``(N, C, rows, W)`` → ``(N, C_out, rows, W)`` (then ReLU if asked)."""
+        return conv2d(x, self.conv, pad=(self.width_padding, self.width_padding, self.rows_needed, 0), relu=relu)
 
     def initial_history(self, x_like: torch.Tensor, batch: int) -> torch.Tensor:
         """The zero rows that stand above row 0 (the forward's top padding), ``(N, C, rows_needed, W)``."""
@@ -163,7 +187,7 @@ class CausalConv2d(nn.Module):
     def step(self, row: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """row ``(N, C, 1, W)``, history ``(N, C, rows_needed, W)`` → (output row, new history)."""
         window = torch.cat([history, row], dim=2)
-        out = conv2d(F.pad(window, (self.width_padding, self.width_padding, 0, 0)), self.conv)
+        out = conv2d(window, self.conv, pad=(self.width_padding, self.width_padding, 0, 0))
         return out, window[:, :, 1:]
 
 
@@ -202,9 +226,10 @@ class NonCausalDecoder(nn.Module):
         heads = num_heads or 1
         channels = self.splits * heads
         self.row = nn.Linear(2 * head_dim, self.splits * self.width)
-        self.down = nn.Conv2d(channels, channels, 3, stride=(2, 1), padding=1)
-        self.middle = nn.Conv2d(channels, channels, 3, padding=1)
-        self.out = nn.Conv2d(channels, heads, 3, padding=1)
+        # padding=0: forward pads explicitly (the fused kernel takes the pads as arguments)
+        self.down = nn.Conv2d(channels, channels, 3, stride=(2, 1))
+        self.middle = nn.Conv2d(channels, channels, 3)
+        self.out = nn.Conv2d(channels, heads, 3)
         if zero_last:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
@@ -214,10 +239,10 @@ class NonCausalDecoder(nn.Module):
         B, H, N, _ = e.shape
         _check_heads(self.num_heads, H)
         x = _split_channels(linear(e, self.row), self.splits, self.num_heads is not None)
-        y = F.relu(conv2d(x, self.down, padding=self.down.padding))
-        y = F.relu(conv2d(y, self.middle, padding=self.middle.padding))
-        y = y.repeat_interleave(2, dim=2)[:, :, :N]
-        y = conv2d(y, self.out, padding=self.out.padding)
+        same = (1, 1, 1, 1)     # the 3×3 convs' padding
+        y = conv2d(x, self.down, pad=same, relu=True)
+        y = conv2d(y, self.middle, pad=same, relu=True)
+        y = conv2d(y, self.out, pad=same, upsample_rows=2, rows=N)
         return resize_width(y.reshape(B, H, N, self.width), self.columns)
 
 
@@ -253,8 +278,9 @@ class CausalDecoder(nn.Module):
         return layer_norm(x, self.input_norm)
 
     def _head_output(self, y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        y = y.repeat_interleave(self.upsample, dim=-1)
-        y = conv2d(y, self.out)
+        # the 1×1 conv before the width upsample: repetition commutes with it (same numbers), and
+        # it then runs on a quarter of the cells
+        y = conv2d(y, self.out).repeat_interleave(self.upsample, dim=-1)
         y = resize_width(y.reshape(*shape, self.width * self.upsample), self.columns)
         return layer_norm(y, self.output_norm)
 
@@ -262,8 +288,8 @@ class CausalDecoder(nn.Module):
         """e ``(B, H, N, 2d)`` → logits ``(B, H, N, T)``."""
         B, H, N, _ = e.shape
         x = self._head_input(e)
-        y = F.relu(self.conv1(x))
-        y = F.relu(self.conv2(y))
+        y = self.conv1(x, relu=True)
+        y = self.conv2(y, relu=True)
         return self._head_output(y, (B, H, N))
 
     def initial_history(self, e_like: torch.Tensor, batch: int, heads: int) -> list[torch.Tensor]:

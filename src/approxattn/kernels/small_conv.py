@@ -40,7 +40,7 @@ MAX_WIDTH = 256
 KERNEL_SIZES = (1, 3)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # fp32 accumulators per program on a GPU: (BCO, BR, BW) ≤ this (16K = 128 registers a thread at 4 warps)
-ACC_BUDGET = 16384
+ACC_BUDGET = 8192
 MAX_BLOCK_ROWS = 64
 
 
@@ -84,7 +84,7 @@ def _geometry(x, weight, bias, *, stride_rows, dilation, pad_top, pad_bottom, pa
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
     if not weight.is_floating_point():
         raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
-    S, C, R, W = x.shape
+    _, C, R, W = x.shape
     Co, Cw, KH, KW = weight.shape
     if Cw != C:
         raise ValueError(f"weight: expected {C} input channels (x.shape[1]), got {Cw} (weight.shape[1])")
@@ -199,7 +199,7 @@ if HAS_TRITON:
         co_ok = offs_co < CO
         r_ok = offs_r < R_out
         w_ok = offs_w < W_out
-        x_base = x_ptr + s * stride_xs
+        x_ci = x_ptr + s * stride_xs   # channel ci's plane: advanced by pointer steps, no int32 ci·stride
         acc = tl.zeros([BCO, BR, BW], dtype=tl.float32)
         for ci in tl.static_range(C):
             for kr in tl.static_range(KH):
@@ -207,7 +207,7 @@ if HAS_TRITON:
                 u = offs_r * STRIDE - pad_top + kr * DIL_R
                 row_ok = r_ok & (u >= 0) & (u < V)
                 row = tl.maximum(u, 0) // UP
-                row_ptr = x_base + ci * stride_xc + row.to(tl.int64) * stride_xr
+                row_ptr = x_ci + row.to(tl.int64) * stride_xr
                 for kc in tl.static_range(KW):
                     col = offs_w - pad_left + kc * DIL_C
                     col_ok = w_ok & (col >= 0) & (col < W)
@@ -217,6 +217,7 @@ if HAS_TRITON:
                     wv = tl.load(w_ptr + offs_co * (C * KH * KW) + (ci * KH + kr) * KW + kc,
                                  mask=co_ok, other=0.0).to(tl.float32)
                     acc += wv[:, None, None] * tile[None, :, :]
+            x_ci += stride_xc
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)[:, None, None]
         if RELU:
@@ -300,9 +301,9 @@ def fast_small_conv2d(x, weight, bias=None, *, stride_rows=1, dilation=1, pad_to
     ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``), a gradient is required, more than
     8 channels in or out, an output width over 256, or an fp64 input or output. Bad inputs raise.
     """
-    kwargs = dict(stride_rows=stride_rows, dilation=dilation, pad_top=pad_top, pad_bottom=pad_bottom,
-                  pad_left=pad_left, pad_right=pad_right, upsample_rows=upsample_rows,
-                  virtual_rows=virtual_rows, out_rows=out_rows, out_dtype=out_dtype)
+    kwargs = {"stride_rows": stride_rows, "dilation": dilation, "pad_top": pad_top, "pad_bottom": pad_bottom,
+              "pad_left": pad_left, "pad_right": pad_right, "upsample_rows": upsample_rows,
+              "virtual_rows": virtual_rows, "out_rows": out_rows, "out_dtype": out_dtype}
     geo = _geometry(x, weight, bias, **kwargs)
     if not kernels_enabled(x) or _kernel_limit(x, weight, geo) is not None:
         return None

@@ -91,7 +91,7 @@ def rows_by_columns(selected: torch.Tensor) -> torch.Tensor:
     cells = selected.view(torch.uint8)
     first = cells.argmax(dim=-1, keepdim=True)                     # the first selected column (0 if none)
     rest = cells.scatter(-1, first, 0)
-    second = torch.where(rest.any(dim=-1), rest.argmax(dim=-1), T)
+    second = torch.where(rest.amax(dim=-1) > 0, rest.argmax(dim=-1), T)
     key = first.squeeze(-1) * (T + 1) + second
     return key.argsort(dim=-1, stable=True).to(torch.int32)
 
