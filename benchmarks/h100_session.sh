@@ -19,7 +19,7 @@ export PYTHONPATH=src:/tmp/site
 } > "$OUT/session.log" 2>&1
 
 if [ "${TESTS_S:-150}" != 0 ]; then
-  timeout "${TESTS_S:-150}" python -m pytest -m gpu tests/test_kernels.py tests/test_sparse_attention_gpu.py \
+  timeout "${TESTS_S:-150}" python -m pytest -m gpu tests/test_kernels.py tests/test_sparse_attention_gpu.py tests/test_small_conv.py \
     -n 8 -q -p no:cacheprovider -rfEx > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?" >> "$OUT/session.log"
 fi
