@@ -79,12 +79,15 @@ def select_cells(
     best_index = score.argmax(dim=-1, keepdim=True)                                  # (B, H, Nq, 1)
     has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     best = torch.zeros_like(cand).scatter_(-1, best_index, has_candidate)
+    per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
+    if int(per_row.max()) <= 1:
+        # one cell per row (k·T/L_i < 1.5: N ≥ 16,384 at the defaults): every group's budget is its
+        # number of rows with a best cell, whose bonus ranks them first, so the best cells are the answer
+        return best
     if not bool(competing.all()):
         score = torch.where(competing_cells, score, score - _NONCOMPETING_PENALTY)
     bonus = (has_candidate & competing_cells).to(score.dtype) * _BEST_CELL_BONUS
     score.scatter_add_(-1, best_index, bonus)
-
-    per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
     if grouping in ("batch", "head"):
         if grouping == "batch":
             rows = score.reshape(B, H * Nq, T)
@@ -110,10 +113,13 @@ def select_cells(
 
 # Groups at least this large find their threshold by bisection instead of ``topk``: for a few
 # huge rows (SEA's ``batch`` grouping holds H·N·T cells per sample, 134 M at N = 65,536) CUDA's
-# topk sorts the whole row; the bisection is ~32 passes of compare-and-count, no sort. On CPU
-# topk is faster (measured: 1.4 s vs 4.8 s for 33 M cells on 2 cores), so only CUDA bisects.
-BISECTION_MIN_CELLS = 1 << 16
+# topk sorts the whole row; the bisection is ~32 passes of compare-and-count, no sort, but ~130
+# launches (a few ms of host time), so smaller groups sort. On CPU topk is faster (measured:
+# 1.4 s vs 4.8 s for 33 M cells on 2 cores), so only CUDA bisects.
+BISECTION_MIN_CELLS = 1 << 22
 BISECTION_DEVICES = ("cuda",)
+# Shared-budget groups at least this large try the per-row candidate shortcut first.
+CANDIDATE_MIN_CELLS = 1 << 16
 
 
 def _top_cells(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
@@ -153,7 +159,7 @@ def _top_cells_of_rows(rows: torch.Tensor, budget: torch.Tensor) -> torch.Tensor
     the passes over the estimate) with 2× a row's mean budget of candidates, then 4× more each
     time it declines."""
     groups, count, T = rows.shape
-    if count * T >= BISECTION_MIN_CELLS and rows.dtype != torch.float64 and budget.numel():
+    if count * T >= CANDIDATE_MIN_CELLS and rows.dtype != torch.float64 and budget.numel():
         largest = int(budget.clamp(max=count * T).max())
         per_row = max(2, 2 * -(-largest // count))
         while per_row < T:
