@@ -30,3 +30,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch):
+    """Kernels on CPU tensors under the interpreter (on a GPU, as they are); ``torch.empty``
+    poisoned with NaN so that output a kernel never writes fails the comparison."""
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("kernels were imported without TRITON_INTERPRET=1")
+        monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

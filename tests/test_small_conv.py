@@ -9,7 +9,6 @@ case is marked ``gpu``.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -23,21 +22,6 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture
-def forced_kernels(monkeypatch):
-    """Kernels on CPU tensors under the interpreter; ``torch.empty`` poisoned with NaN."""
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("kernels were imported without TRITON_INTERPRET=1")
-        monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
-    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def explicit_conv(x, weight, bias, *, stride_rows=1, dilation=1, pad_top=0, pad_bottom=0, pad_left=0,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -280,21 +279,6 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-@pytest.fixture
-def forced_kernels(monkeypatch):
-    """Kernels on CPU tensors under the interpreter; ``torch.empty`` poisoned with NaN."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("kernels were imported without TRITON_INTERPRET=1")
-    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def test_tile_runs_cover_every_masked_pair_once():
