@@ -418,8 +418,12 @@ def test_cost_is_linear_in_sequence_length():
     assert 1.9 < costs[1] / costs[0] < 2.1 and 1.9 < costs[3] / costs[2] < 2.1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available()
-                    or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter test (CPU with triton)")
+interpreter_only = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter test (CPU with triton)")
+
+
+@interpreter_only
 @pytest.mark.parametrize("causal", [False, True])
 def test_fused_kernels_agree_with_the_reference_path(monkeypatch, causal):
     # estimator (fused kernel attention), decoder convs (small-conv kernel) and sparse step
@@ -442,8 +446,7 @@ def test_fused_kernels_agree_with_the_reference_path(monkeypatch, causal):
     assert rel_err(out.output, ref.output) < 1e-4
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available()
-                    or os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter test (CPU with triton)")
+@interpreter_only
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_inputs_feed_the_fused_estimator_half_operands(monkeypatch, causal):
     # bf16 inputs: the fused estimator takes bf16 operands (fp32 accumulation); its logits stay

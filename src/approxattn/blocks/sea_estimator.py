@@ -46,7 +46,11 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] 
                 return out
     if upsample_rows > 1:
         x = x.repeat_interleave(upsample_rows, dim=2)[:, :, :rows]
-    out = F.conv2d(F.pad(x, pad), weight, bias, stride=layer.stride, dilation=layer.dilation)
+    left, right, top, bottom = pad
+    if left == right and top == bottom:    # conv2d pads symmetric borders itself, without a padded copy
+        out = F.conv2d(x, weight, bias, stride=layer.stride, padding=(top, left), dilation=layer.dilation)
+    else:
+        out = F.conv2d(F.pad(x, pad), weight, bias, stride=layer.stride, dilation=layer.dilation)
     return F.relu(out) if relu else out
 
 
