@@ -45,13 +45,17 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"time budget reached: {len(cases) - i} cases not run", flush=True)
             data["skipped"] = [c.key() for c in cases[i:]]
             break
+        # the case's name goes out before it runs, so a run cut off mid-case shows which one it was
+        print(f"[{i + 1}/{len(cases)}] {case.label:<50} N={case.seq:>7} causal={case.causal!s:<5} ", end="",
+              flush=True)
+        case_started = time.time()
         result = time_case(case, modes=case.modes, warmup=args.warmup, rep=args.rep, memory=not args.no_memory)
         result["case"] = case.key()
         result["floor"] = floors(case, device)
+        result["wall_s"] = time.time() - case_started  # compilation, input sets and timing together
         data["results"].append(result)
-        print(f"[{i + 1}/{len(cases)}] {case.label:<50} N={case.seq:>7} causal={case.causal!s:<5} "
-              f"fwd={result.get('fwd')} fwd+bwd={result.get('fwd+bwd')} {result.get('error', '')}"
-              f"{' '.join(result.get('notes', []))}", flush=True)
+        print(f"fwd={result.get('fwd')} fwd+bwd={result.get('fwd+bwd')} ({result['wall_s']:.1f} s) "
+              f"{result.get('error', '')}{' '.join(result.get('notes', []))}", flush=True)
         report.save(data, out / "results.json")
     report.save(data, out / "results.json")
     (out / "README.md").write_text(report.markdown(data))
