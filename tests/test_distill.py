@@ -117,6 +117,22 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
         distill(teacher, tokens, other, out_dir=tmp_path / "split")
 
 
+@pytest.mark.gpu
+def test_resume_on_cuda(tmp_path):
+    """A checkpoint loads onto the GPU (``map_location``), and its RNG states, which that moved
+    there too, still restore (the first SmolLM2 run's resume failed on exactly this)."""
+    teacher = tiny_teacher().cuda()
+    tokens = stream()
+    config = DistillConfig(method="sea", options={"k": 4, "columns": 8, "num_features": 8}, steps=4, seq_len=32, lr=1e-3,
+                           precision="bf16", checkpoint_every=2)
+    whole = distill(teacher, tokens, config, out_dir=tmp_path / "whole")
+    distill(teacher, tokens, config, out_dir=tmp_path / "split", stop_after=2)
+    resumed = distill(teacher, tokens, config, out_dir=tmp_path / "split")
+    assert resumed.step_count == 4
+    torch.testing.assert_close(torch.tensor([r["total"] for r in resumed.history]),
+                               torch.tensor([r["total"] for r in whole.history]), rtol=1e-3, atol=0)
+
+
 def test_perplexity_is_exp_mean_nll():
     teacher = tiny_teacher()
     tokens = stream(200)

@@ -211,9 +211,10 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
         self.history = list(state["history"])
-        torch.set_rng_state(state["cpu_rng"])
+        # RNG states are CPU byte tensors, whatever map_location moved the checkpoint to
+        torch.set_rng_state(state["cpu_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the checkpoint atomically (a crash mid-write leaves the previous one intact)."""
