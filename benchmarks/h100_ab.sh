@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A/B of a kernel change in one device call: the same bench cases with the source before the
+# change (an ignored copy of src/ in $AB_OLD, carried) and with the working tree's, side by side.
+#   run(command="AB_OLD=.ab_old/src bash benchmarks/h100_ab.sh", carry=[".whl", ".ab_old"])
+# AB_NEW (default src) names the other side's source, for a variant that is not in the tree.
+# Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides). The cases: the fused feature-map kernels with m = 256.
+set -u
+MATCH=("FAVOR+ m=256" "ReLU features m=256" "FLuRKA r=128 m=256")
+[ -n "${AB_MATCH:-}" ] && IFS=';' read -r -a MATCH <<< "$AB_MATCH"  # e.g. AB_MATCH="FAVOR+ m=256;SDPA flash"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+run_side() {  # $1 = label, $2 = source folder, $3 = time limit, then extra labels to time
+  local label=$1 source=$2 limit=$3
+  shift 3
+  PYTHONPATH="$source:/tmp/site" timeout "$limit" python -m approxattn.bench run --preset headline \
+    --seq "${AB_SEQ:-65536}" --match "${MATCH[@]}" "$@" \
+    --exclude "PyTorch ref" --no-plots --no-memory --out "/tmp/ab_$label" > "$OUT/ab_$label.log" 2>&1
+  echo "ab $label rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
+  cp "/tmp/ab_$label/results.json" "$OUT/ab_$label.json" 2>/dev/null
+}
+run_side old "${AB_OLD:-.ab_old/src}" "${AB_S:-150}"
+# the new side also times the peers the issue's targets name (AB_PEERS=0: not), so their ratios come
+# from this run; fla's first K=256 call spends ~150 s in its autotuner (measured), so it goes last
+peers=("SDPA flash" "performer-pytorch" "fla chunk_linear_attn K=256")
+[ "${AB_PEERS:-1}" = 0 ] && peers=()
+run_side new "${AB_NEW:-src}" "${AB_NEW_S:-240}" "${peers[@]}"
