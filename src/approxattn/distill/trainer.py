@@ -294,6 +294,25 @@ def distill(
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _eval_batches(models: tuple[nn.Module, ...], tokens: torch.Tensor, *, seq_len: int, batch_size: int,
+                  precision: str, max_windows: int | None):
+    """Yield ``(B, seq_len)`` id batches of the non-overlapping evaluation windows, on the first
+    model's device, with every model in eval mode (their modes are restored afterwards)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    windows = eval_windows(tokens, seq_len=seq_len, max_windows=max_windows)
+    device = model_device(models[0])
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            yield windows[i:i + batch_size].to(device)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -306,28 +325,19 @@ def perplexity(
 ) -> dict[str, float]:
     """Perplexity of a causal LM on non-overlapping ``seq_len`` windows of ``tokens``:
     ``exp(Σ nll / Σ predicted tokens)`` (each window predicts its tokens 2..seq_len)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    windows = eval_windows(tokens, seq_len=seq_len, max_windows=max_windows)
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    total_nll = 0.0
-    count = 0
+    total_nll, count, windows = 0.0, 0, 0
     start = time.perf_counter()
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            ids = windows[i:i + batch_size].to(device)
-            with autocast(device, precision):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
-                                                    reduction="sum")
-            total_nll += float(nll)
-            count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
+    for ids in _eval_batches((model,), tokens, seq_len=seq_len, batch_size=batch_size, precision=precision,
+                             max_windows=max_windows):
+        with autocast(ids.device, precision):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                reduction="sum")
+        total_nll += float(nll)
+        count += ids[:, 1:].numel()
+        windows += ids.shape[0]
     return {"ppl": math.exp(total_nll / count), "nll_per_token": total_nll / count, "tokens": count,
-            "windows": int(windows.shape[0]), "seconds": time.perf_counter() - start}
+            "windows": windows, "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
@@ -343,24 +353,16 @@ def hidden_agreement(
 ) -> dict[str, float]:
     """For encoders (no language-model head): mean cosine similarity between the teacher's and
     the student's last hidden states, per token and for the mean-pooled window embedding."""
-    windows = eval_windows(tokens, seq_len=seq_len, max_windows=max_windows)
-    device = model_device(student)
-    token_cos, pooled_cos, count = 0.0, 0.0, 0
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            ids = windows[i:i + batch_size].to(device)
-            mask = torch.ones_like(ids)
-            with autocast(device, precision):
-                t = teacher(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                s = student(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            token_cos += float(torch.nn.functional.cosine_similarity(t, s, dim=-1).sum())
-            pooled_cos += float(torch.nn.functional.cosine_similarity(t.mean(1), s.mean(1), dim=-1).sum()) * ids.shape[1]
-            count += ids.numel()
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
+    token_cos, pooled_cos, count, windows = 0.0, 0.0, 0, 0
+    for ids in _eval_batches((student, teacher), tokens, seq_len=seq_len, batch_size=batch_size,
+                             precision=precision, max_windows=max_windows):
+        mask = torch.ones_like(ids)
+        with autocast(ids.device, precision):
+            t = teacher(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            s = student(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        token_cos += float(torch.nn.functional.cosine_similarity(t, s, dim=-1).sum())
+        pooled_cos += float(torch.nn.functional.cosine_similarity(t.mean(1), s.mean(1), dim=-1).sum()) * ids.shape[1]
+        count += ids.numel()
+        windows += ids.shape[0]
     return {"token_cosine": token_cos / count, "pooled_cosine": pooled_cos / count, "tokens": count,
-            "windows": int(windows.shape[0])}
+            "windows": windows}
