@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A/B of a kernel change in one device call: the same bench cases with the source before the
 # change (an ignored copy of src/ in $AB_OLD, carried) and with the working tree's, side by side.
+#   mkdir -p .ab_old && git archive HEAD src | tar -x -C .ab_old     (before editing; git-ignored)
 #   run(command="AB_OLD=.ab_old/src bash benchmarks/h100_ab.sh", carry=[".whl", ".ab_old"])
 # AB_NEW (default src) names the other side's source, for a variant that is not in the tree.
 # Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides). The cases: the fused feature-map kernels with m = 256.
