@@ -279,8 +279,6 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-
-
 def test_tile_runs_cover_every_masked_pair_once():
     """Every (row, key) of the mask lies in a visited tile of its block; no tile is visited twice."""
     from approxattn.kernels.sparse_attention import tile_runs

@@ -163,7 +163,7 @@ def _top_cells_of_rows(rows: torch.Tensor, budget: torch.Tensor) -> torch.Tensor
         largest = int(budget.clamp(max=count * T).max())
         per_row = max(2, 2 * -(-largest // count))
         while per_row < T:
-            chosen = _top_cells_by_candidates(rows, budget, per_row)
+            chosen = _top_cells_by_candidates(rows, budget, per_row, largest=largest)
             if chosen is not None:
                 return chosen
             per_row *= 4
@@ -183,7 +183,8 @@ def _row_top(rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor
     return rows.gather(-1, index), index
 
 
-def _top_cells_by_candidates(rows: torch.Tensor, budget: torch.Tensor, per_row: int) -> torch.Tensor | None:
+def _top_cells_by_candidates(rows: torch.Tensor, budget: torch.Tensor, per_row: int, *,
+                             largest: int | None = None) -> torch.Tensor | None:
     """The cells of :func:`_top_cells` on ``rows (G, R, T)`` flattened per group, found among each
     row's ``per_row`` best cells only; None when that shortcut cannot prove its answer exact.
 
@@ -194,11 +195,13 @@ def _top_cells_by_candidates(rows: torch.Tensor, budget: torch.Tensor, per_row: 
     above τ is a candidate, so the full top-k keeps the same cells; candidates are laid out in
     flat-index order, so ties at τ are broken the same way. Otherwise (a row with more than
     ``per_row`` cells above τ, or a budget past the candidates) return None and let the caller
-    run the full search. One host sync (the check).
+    run the full search. ``largest``: the largest budget clamped to the group's cells, when the
+    caller has it (otherwise read here: one more host sync). One host sync (the check).
     """
     groups, count, T = rows.shape
     budget = budget.clamp(max=count * T)
-    largest = int(budget.max()) if budget.numel() else 0
+    if largest is None:
+        largest = int(budget.max()) if budget.numel() else 0
     if per_row >= T or largest > count * per_row:
         return None
     values, index = _row_top(rows, per_row)

@@ -267,6 +267,11 @@ def small_conv2d(x, weight, bias=None, *, stride_rows=1, dilation=1, pad_top=0, 
     error = _kernel_limit(x, weight, geo)
     if error is not None:
         raise error
+    return _launch(x, weight, bias, geo, relu)
+
+
+def _launch(x, weight, bias, geo: dict, relu) -> torch.Tensor:
+    """The kernel on inputs :func:`_geometry` and :func:`_kernel_limit` have passed."""
     if not HAS_TRITON:
         raise RuntimeError("small_conv2d needs triton (pip install triton); use small_conv2d_reference")
     if not (x.is_cuda or _interpreting()):
@@ -309,4 +314,4 @@ def fast_small_conv2d(x, weight, bias=None, *, stride_rows=1, dilation=1, pad_to
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return None
-    return small_conv2d(x, weight, bias, relu=relu, **kwargs)
+    return _launch(x, weight, bias, geo, relu)   # already checked: no second _geometry pass
