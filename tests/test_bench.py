@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import types
 
 import pytest
 import torch
 
-from approxattn.bench import add_commands, presets, report
+from approxattn.bench import add_commands, presets, report, runner
+from approxattn.bench.case import Case
+from approxattn.bench.impls import build
 from approxattn.bench.runner import floors
 
 DEVICE = {"name": "test device", "multiprocessors": 1, "memory_gib": 1.0, "bandwidth_bytes_per_s": 3e12,
@@ -62,3 +66,79 @@ def test_report_markdown_targets_and_plots(tmp_path):
     written = report.plots(data, tmp_path)
     assert {p.name for p in written} == {"time_vs_n.png", "speedup_vs_sdpa.png", "memory_vs_n.png",
                                           "fraction_of_floor.png"}
+
+
+def _sdpa_case(backend: str, causal: bool = False) -> Case:
+    return Case("sdpa", f"SDPA {backend}", 64, causal, heads=2, head_dim=16, dtype="float32", method="softmax",
+                options={"backend": backend})
+
+
+def test_sdpa_backend_option_is_checked():
+    with pytest.raises(ValueError, match=r"backend.*'flash'.*'cudnn'.*'efficient'.*'default'.*'cuda'"):
+        build(_sdpa_case("cuda"), device="cpu")
+    for backend in ("flash", "default"):  # both run on the CPU; cuDNN and efficient need CUDA
+        run, make = build(_sdpa_case(backend), device="cpu")
+        q, k, v, _ = make(False, 0)
+        torch.testing.assert_close(run(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_unavailable_sdpa_backend_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    # the cuDNN backend has no kernel for CPU tensors: the same "no available kernel" RuntimeError a GPU without
+    # it raises; do_bench (CUDA events) is replaced by one call of the step
+    monkeypatch.setattr(runner, "build", lambda case: build(case, device="cpu"))
+    fake_triton_testing = types.ModuleType("triton.testing")
+    fake_triton_testing.do_bench = lambda fn, **_: fn() or 1.0
+    monkeypatch.setitem(sys.modules, "triton.testing", fake_triton_testing)
+    failed, timed = (runner.time_case(_sdpa_case(b), memory=False) for b in ("cudnn", "flash"))
+    assert failed["fwd"] is None and failed["fwd+bwd"] is None
+    assert [note.split(":")[:2] for note in failed["notes"]] == [["fwd", " RuntimeError"], ["fwd+bwd", " RuntimeError"]]
+    assert timed == {"fwd": 1.0, "fwd+bwd": 1.0}
+    assert runner.time_case(_sdpa_case("cuda"), memory=False)["error"].startswith("ValueError: sdpa option backend")
+
+
+def test_headline_times_other_sdpa_backends_from_16k_only():
+    extra = {"SDPA cuDNN", "SDPA cuDNN causal", "SDPA default", "SDPA default causal"}
+    for seq in presets.HEADLINE_SEQ:
+        found = {c.label: c.options["backend"] for c in presets.headline((seq,)) if c.label in extra}
+        expected = ({"SDPA cuDNN": "cudnn", "SDPA cuDNN causal": "cudnn", "SDPA default": "default",
+                     "SDPA default causal": "default"} if seq >= 16384 else {})
+        assert found == expected, seq
+    assert not extra & {c.label for c in presets.quick()}
+    flash = [c for c in presets.headline() if c.label.startswith("SDPA flash")]
+    assert len(flash) == 2 * len(presets.HEADLINE_SEQ) and all(c.options == {} for c in flash)
+
+
+def _report_rows(sdpa_ms: dict[str, float | None]) -> list[dict]:
+    """Headline rows at N=1K and 64K: each SDPA label at ``sdpa_ms`` (left out when absent), ours at 1 ms."""
+    rows = []
+    for case in presets.headline((1024, 65536)):
+        base = case.label.removesuffix(" causal")
+        if case.impl == "sdpa" and base not in sdpa_ms:
+            continue
+        ms = sdpa_ms[base] if case.impl == "sdpa" else 1.0
+        rows.append({"case": case.key(), "fwd": ms and ms / 3, "fwd+bwd": ms, "floor": floors(case, DEVICE)})
+    return rows
+
+
+def test_report_names_the_fastest_sdpa_backend_only_when_another_was_timed():
+    def text(sdpa_ms):
+        return report.markdown({"device": DEVICE, "command": "test", "results": _report_rows(sdpa_ms)})
+
+    lines = text({"SDPA flash": 200.0, "SDPA cuDNN": 130.0, "SDPA default": 135.0}).splitlines()
+    extra = [line for line in lines if "fastest SDPA" in line]
+    assert len(extra) == 2
+    assert extra[0].startswith("| FAVOR+ m=256 (fused) vs fastest SDPA backend (SDPA cuDNN), N=65,536 non-causal")
+    assert extra[1].startswith("| elu+1 linear causal (fused) vs fastest SDPA backend (SDPA cuDNN causal), "
+                               "N=65,536 causal")
+    assert "| 130.00 | informative | — | 1.00 ms vs SDPA cuDNN 130 ms |" in extra[0]
+    # the issue's target stays against the flash backend
+    assert any(line.startswith("| FAVOR+ m=256 (fused) vs SDPA, N=65,536") and "| 200.00 |" in line for line in lines)
+    # flash alone, or the other backends failed: nothing extra
+    for sdpa_ms in ({"SDPA flash": 200.0}, {"SDPA flash": 200.0, "SDPA cuDNN": None, "SDPA default": None}):
+        assert "fastest SDPA" not in text(sdpa_ms)
+
+
+def test_floor_of_a_forced_sdpa_backend_is_the_softmax_floor():
+    flash, cudnn = (next(c for c in presets.noncausal_family(65536) if c.label == label)
+                    for label in ("SDPA flash", "SDPA cuDNN"))
+    assert floors(cudnn, DEVICE) == floors(flash, DEVICE)

@@ -72,8 +72,16 @@ def build(case: Case, device: str = "cuda") -> tuple[Callable, Callable[[bool, i
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention
 
+        # "default" is no forcing at all: whatever torch's dispatcher picks, i.e. what a user of SDPA gets
+        backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION, "default": None}
+        name = case.options.get("backend", "flash")
+        if name not in backends:
+            raise ValueError(f"sdpa option backend must be one of {tuple(backends)}, got {name!r}")
+        backend = backends[name]
+
         def run(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
                 return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=case.kv != case.heads)
         return run, make
 

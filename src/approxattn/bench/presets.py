@@ -1,4 +1,5 @@
-"""Named sweeps. ``headline``: the issue's side-by-side run (B=1, H=16, d=64, bf16, N = 1K…128K);
+"""Named sweeps. ``headline``: the issue's side-by-side run (B=1, H=16, d=64, bf16, N = 1K…128K; SDPA's
+cuDNN and default backends from N=16K);
 ``sweep``: the other axes (batch×heads, head dim, dtype, feature budget) at a few lengths;
 ``quick``: a smoke test; ``sea``: SEA's sparse step and module, forward only (``bench/sparse.py``)."""
 
@@ -8,11 +9,22 @@ from .case import Case
 
 HEADLINE_SEQ = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FLEX_SEQ = (4096, 65536)
+# SDPA's other backends (cuDNN, torch's default dispatch) beside the flash one the targets are set against:
+# from here on, where the speed-up question lies; shorter lengths would only add run time
+SDPA_BACKENDS_MIN_SEQ = 16384
+
+
+def sdpa_family(seq: int, causal: bool, **shape) -> list[Case]:
+    suffix = " causal" if causal else ""
+    cases = [Case("sdpa", "SDPA flash" + suffix, seq, causal, method="softmax", **shape)]
+    if seq >= SDPA_BACKENDS_MIN_SEQ:
+        cases += [Case("sdpa", f"SDPA {name}{suffix}", seq, causal, method="softmax", options={"backend": backend},
+                       **shape) for name, backend in (("cuDNN", "cudnn"), ("default", "default"))]
+    return cases
 
 
 def noncausal_family(seq: int, **shape) -> list[Case]:
-    return [
-        Case("sdpa", "SDPA flash", seq, False, method="softmax", **shape),
+    return sdpa_family(seq, False, **shape) + [
         Case("fused", "FAVOR+ m=256 (fused)", seq, False, method="performer", options={"num_features": 256}, **shape),
         Case("reference", "FAVOR+ m=256 (PyTorch ref)", seq, False, method="performer",
              options={"num_features": 256}, **shape),
@@ -30,8 +42,7 @@ def noncausal_family(seq: int, **shape) -> list[Case]:
 
 
 def causal_family(seq: int, **shape) -> list[Case]:
-    cases = [
-        Case("sdpa", "SDPA flash causal", seq, True, method="softmax", **shape),
+    cases = sdpa_family(seq, True, **shape) + [
         Case("fused", "elu+1 linear causal (fused)", seq, True, method="linear", **shape),
         Case("fla", "fla chunk_linear_attn K=64 (elu+1 in PyTorch)", seq, True, feature_dim=64,
              options={"feature_map": "elu"}, **shape),

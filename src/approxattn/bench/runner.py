@@ -76,7 +76,7 @@ def floors(case: Case, device_info: dict[str, Any]) -> dict[str, float] | None:
     from ..registry import Shape, get_method
 
     spec = get_method(case.method)
-    options = dict(case.options)
+    options = {} if case.impl == "sdpa" else dict(case.options)  # SDPA's options pick a backend, not a cost
     if "max_len" in spec.defaults:
         options.setdefault("max_len", case.seq)
     size = torch.empty((), dtype=case.torch_dtype).element_size()
