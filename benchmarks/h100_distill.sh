@@ -8,7 +8,9 @@
 # (copies the first half to /tmp and stops); this call carries the second half:
 #   run(command="bash benchmarks/h100_distill.sh", carry=[".whl", ".smollm2b"])
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
-# skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ.
+# skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
+# (comma-separated), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
+# tree to import, default src: a carried snapshot keeps a run apart from edits in progress).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/smollm2
@@ -28,11 +30,33 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   date -u +"%Y-%m-%d %H:%M UTC"
 } >> "$OUT/session.log" 2>&1
-export PYTHONPATH=src:/tmp/site HF_HUB_OFFLINE=1 APPROXATTN_DISABLE_KERNELS=1
-timeout "${DISTILL_S:-540}" python -m approxattn.distill.cli run --teacher smollm2 --methods sea,performer,linear \
-  --option sea.k=64 --option performer.num_features=256 --option performer.kernel=softmax \
-  --steps "${STEPS:-150}" --batch-size "${BATCH:-4}" --seq-len "${SEQ:-1024}" --eval-windows 32 \
-  --checkpoint-every 10 --no-progress --out /tmp/distill_run >> "$OUT/distill.log" 2>&1
-echo "distill rc=$? $(date -u +%H:%M)" >> "$OUT/session.log"
-cp /tmp/distill_run/results.json /tmp/distill_run/table.md "$OUT/" 2>/dev/null
-for f in /tmp/distill_run/*/log.jsonl; do cp "$f" "$OUT/$(basename "$(dirname "$f")").log.jsonl"; done 2>/dev/null
+export PYTHONPATH=${SRC:-src}:/tmp/site HF_HUB_OFFLINE=1 APPROXATTN_DISABLE_KERNELS=1
+METHODS=${METHODS:-sea,performer,linear}
+options_for() {  # the options of one method (the CLI refuses options of methods it does not run)
+  case "$1" in
+    sea) echo "--option sea.k=64" ;;
+    performer) echo "--option performer.num_features=256 --option performer.kernel=softmax" ;;
+  esac
+}
+distill() {  # $1: comma-separated methods, $2: run folder, $3: log file
+  local opts=""
+  for m in ${1//,/ }; do opts="$opts $(options_for "$m")"; done
+  # shellcheck disable=SC2086
+  timeout "${DISTILL_S:-540}" python -m approxattn.distill.cli run --teacher smollm2 --methods "$1" $opts \
+    --steps "${STEPS:-150}" --batch-size "${BATCH:-4}" --seq-len "${SEQ:-1024}" --eval-windows 32 \
+    --checkpoint-every 10 --no-progress --out "$2" >> "$3" 2>&1
+  echo "distill $1 rc=$? $(date -u +%H:%M)" >> "$OUT/session.log"
+}
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
+monitor=$!
+if [ "${PARALLEL:-0}" = 1 ]; then
+  # one process per method, each its own run folder /tmp/distill_<method> (a step is host-bound, so
+  # methods side by side share the GPU well); `approxattn distill report` merges the folders
+  for m in ${METHODS//,/ }; do distill "$m" "/tmp/distill_$m" "$OUT/distill_$m.log" & done
+  wait $(jobs -p | grep -v "^$monitor\$")
+else
+  distill "$METHODS" /tmp/distill_run "$OUT/distill.log"
+fi
+kill "$monitor" 2>/dev/null
+# at most 8 files come back: the run folders' results, tables and training logs travel as one archive
+tar -czf "$OUT/runs.tar.gz" -C /tmp $(cd /tmp && ls -d distill_*/results.json distill_*/table.md distill_*/*/log.jsonl 2>/dev/null)

@@ -204,3 +204,36 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     assert "token cosine" in capsys.readouterr().out
     assert distill_main(["run", "--teacher", "minilm", "--methods", "linear", "--option", "bad", "--out",
                          str(tmp_path / "x")]) == 2
+
+
+def _fake_results(teacher_ppl: float, label: str, ppl: float) -> dict:
+    row = {"label": label, "method": label, "options": {}, "steps": 3, "train_tokens": 96, "train_seconds": 1.0,
+           "final_loss": 0.5, "eval": {"ppl": ppl}}
+    return {"teacher_name": "kjv-tiny", "causal": True, "teacher": {"ppl": teacher_ppl, "windows": 2},
+            "heldout": {"description": "KJV Hebrews to Revelation", "tokens": 100, "windows": 2},
+            "config": {"seq_len": 32}, "command": f"run {label}", "methods": {label: row}}
+
+
+def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
+    from approxattn.distill.experiment import merge_results
+
+    merged = merge_results([_fake_results(10.0, "performer", 12.5), _fake_results(10.0, "linear", 11.0)])
+    assert list(merged["methods"]) == ["performer", "linear"]
+    assert merged["command"] == "run performer ; run linear"
+    with pytest.raises(ValueError, match="teacher perplexity"):
+        merge_results([_fake_results(10.0, "performer", 12.5), _fake_results(11.0, "linear", 11.0)])
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_results([_fake_results(10.0, "linear", 12.5), _fake_results(10.0, "linear", 11.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([])
+    for name, part in (("a", _fake_results(10.0, "performer", 12.5)), ("b", _fake_results(10.0, "linear", 11.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(part))
+    capsys.readouterr()
+    assert distill_main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    table = capsys.readouterr().out
+    assert "| performer | 3 | 96 | 12.500 | 1.25 |" in table and "| linear | 3 | 96 | 11.000 | 1.10 |" in table
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps(_fake_results(11.0, "sea", 11.0)))
+    assert distill_main(["report", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert distill_main(["report", str(tmp_path / "missing")]) == 2

@@ -99,14 +99,22 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .experiment import RESULTS, markdown_table
+    from .experiment import RESULTS, markdown_table, merge_results
 
-    path = Path(args.folder)
-    path = path / RESULTS if path.is_dir() else path
-    if not path.exists():
-        print(f"approxattn distill report: no {RESULTS} in {args.folder}", file=sys.stderr)
+    loaded = []
+    for folder in args.folders:
+        path = Path(folder)
+        path = path / RESULTS if path.is_dir() else path
+        if not path.exists():
+            print(f"approxattn distill report: no {RESULTS} in {folder}", file=sys.stderr)
+            return 2
+        loaded.append(json.loads(path.read_text()))
+    try:
+        merged = merge_results(loaded)
+    except ValueError as error:
+        print(f"approxattn distill report: {error}", file=sys.stderr)
         return 2
-    print(markdown_table(json.loads(path.read_text())))
+    print(markdown_table(merged))
     return 0
 
 
@@ -144,8 +152,9 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--out", default="distill-report")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     run.set_defaults(func=run_command)
-    rep = sub.add_parser("report", help="print the markdown table of a results folder")
-    rep.add_argument("folder")
+    rep = sub.add_parser("report", help="print the markdown table of one or more results folders (several: "
+                                        "methods run as separate processes, merged)")
+    rep.add_argument("folders", nargs="+", metavar="folder")
     rep.set_defaults(func=report_command)
     return distill
 

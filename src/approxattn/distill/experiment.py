@@ -133,6 +133,30 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results (e.g. one process per method) as one: the first run's header and
+    teacher, every run's methods. The runs must share the teacher and its held-out evaluation,
+    otherwise their perplexities are not comparable (ValueError)."""
+    if not parts:
+        raise ValueError("parts: expected at least one results dict")
+    merged = json.loads(json.dumps(parts[0]))
+    merged.setdefault("methods", {})
+    for other in parts[1:]:
+        for key in ("teacher_name", "heldout"):
+            if other.get(key) != merged.get(key):
+                raise ValueError(f"results: {key} differs between runs ({merged.get(key)!r} vs {other.get(key)!r})")
+        mine, theirs = (merged.get("teacher") or {}).get("ppl"), (other.get("teacher") or {}).get("ppl")
+        if mine is not None and theirs is not None and abs(mine - theirs) > 1e-3 * mine:
+            raise ValueError(f"results: teacher perplexity differs between runs ({mine} vs {theirs})")
+        for label, row in other.get("methods", {}).items():
+            if label in merged["methods"]:
+                raise ValueError(f"results: method {label!r} appears in more than one run")
+            merged["methods"][label] = row
+        if other.get("command") != merged.get("command"):
+            merged["command"] = f"{merged.get('command')} ; {other.get('command')}"
+    return merged
+
+
 def _final_loss(history: list[dict[str, float]], last: int = 10) -> float | None:
     if not history:
         return None
