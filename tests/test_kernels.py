@@ -123,6 +123,45 @@ def test_noncausal_odd_sizes_unstabilised():
 
 
 @needs_triton
+@pytest.mark.parametrize("feature,m,fused", [("elu", 16, True), ("favor", 24, True), ("favor", 150, True),
+                                             ("relu", 256, True), ("favor", 257, False), ("favor", 320, False)])
+def test_noncausal_backward_fuses_query_kernels_up_to_256_features(feature, m, fused):
+    """m ≤ 256 (≤ 4 feature blocks, the non-causal tests above) takes ``_q_bwd_fused``; more
+    features the ``_q_bwd`` + ``_dstate_bwd`` pair."""
+    from approxattn.kernels import linear_attn
+
+    (q, k, v, do), gen = inputs(1, 4, 2, 40, 40, 16, 16, torch.float32, "cpu", 0)
+    plan = linear_attn._BackwardPlan(do, q, k, v, None, make_cfg(feature, 16, m, generator=gen))
+    assert (plan.q_bwd_fused is not None) == fused
+    assert (plan.q_bwd is not None) == (plan.dstate is not None) == (not fused)
+
+
+@needs_triton
+@cpu_only
+def test_noncausal_unfused_query_backward_320_features():
+    """Five feature blocks: dq and the partial dS, dz come from ``_q_bwd`` and ``_dstate_bwd``."""
+    check("favor", torch.float32, causal=False, N=37, NK=50, padding=9, m=320)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["favor", "relu"])
+def test_noncausal_fused_backward_gqa_split_ragged_rows(feature, monkeypatch):
+    """``_q_bwd_fused`` with 4 query heads on 2 key/value heads, four feature blocks summed in
+    the split's record (m = 256; one block, summed in registers, is the ELU and m ≤ 64 tests
+    above) and two query splits, the second ending in a partial row block (N = 300 = 256 + 44)."""
+    from approxattn.kernels import linear_attn
+    from approxattn.kernels._launch import PlanCache
+
+    monkeypatch.setattr(linear_attn, "num_programs_hint", lambda device: 64)  # splits of 256 rows
+    monkeypatch.setattr(linear_attn, "_FORWARD_PLANS", PlanCache())
+    monkeypatch.setattr(linear_attn, "_BACKWARD_PLANS", PlanCache())
+    check(feature, torch.float32, causal=False, B=1, HQ=4, HKV=2, N=300, NK=90, padding=11, m=256)
+    (plan,) = linear_attn._BACKWARD_PLANS.values()
+    assert plan.q_bwd_fused.grid == (4, 2)
+
+
+@needs_triton
 @cpu_only
 @pytest.mark.parametrize("feature", ["elu", "relu"])
 def test_causal_fp32_gqa_padding(feature):
@@ -221,6 +260,16 @@ def test_gpu_real_sizes(feature, m, dtype, causal):
     # causal FAVOR+: the prefix-max stabiliser, keys rising along N so that the prefix max moves
     check(feature, dtype, causal=causal, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=m, padding=300, device="cuda",
           key_ramp=(0.5, 1.5) if causal and feature == "favor" else None)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("feature", ["favor", "relu"])
+def test_gpu_headline_shape_noncausal(feature):
+    # the benchmark's shape: the fused query backward walks 8,192-row splits, 64 row blocks each
+    # read-modify-writing its dS record, so an ordering bug between row blocks would show here
+    check(feature, torch.bfloat16, causal=False, B=1, HQ=16, HKV=16, N=65536, d=64, dv=64, m=256, device="cuda")
 
 
 @gpu

@@ -19,10 +19,20 @@ Forward, three launches:
    φ(q) is applied at the end through ``Σ_m S_m``); the denominators and row maxima are kept
    for the backward (4 + 4 bytes a row).
 
-Backward, four launches: ``_q_bwd`` (dq), ``_dstate_bwd`` (partial ``dS = Σ φ(q)dnumᵀ`` and
-``dz`` per feature block and query split), ``_combine_parts`` (their sum per key/value head)
-and ``_kv_bwd`` (dk, dv), each recomputing the features it needs. Grouped-query heads index
-their key/value head (h // G); padded keys read a validity mask.
+Backward, three launches:
+
+1. ``_q_bwd_fused`` (grid: query head, query split): dq and the split's partial
+   ``dS = Σ φ(q)dnumᵀ`` and ``dz`` in one sweep, φ(q) of each row block computed once for
+   both. The partials of one feature block are summed in registers; of several, in the
+   split's record itself (read, added to and written back every row block, from L2), as
+   that many register tiles spill. Used up to ``FUSED_MAX_BLOCKS`` feature blocks (m ≤ 256;
+   ELU is one block); with more, two launches that each compute φ(q): ``_q_bwd`` (dq; grid:
+   query head × query block) and ``_dstate_bwd`` (grid: query head × feature block, query
+   split).
+2. ``_combine_parts``: the partials summed per key/value head.
+3. ``_kv_bwd`` (dk, dv), recomputing the key features.
+
+Grouped-query heads index their key/value head (h // G); padded keys read a validity mask.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import triton.language as tl
 
 from ._feature_map import FEATURE_CODES, _apply, _cast_out, _dot, _dot_split, _load_w_blk, _logits_blk
 from ._launch import (
+    PROGRAMS_PER_SM,
     FeatureConfig,
     Launch,
     PlanCache,
@@ -360,6 +371,116 @@ def _dstate_bwd(
 
 
 @triton.jit
+def _q_bwd_fused(
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_wm, stride_wd,
+    HQ, G, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
+    FEATURE: tl.constexpr, LP: tl.constexpr, NMB: tl.constexpr,
+    BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    """Grid (query head, query split): ``_q_bwd`` and ``_dstate_bwd`` in one sweep, each row
+    block's features computed once. dq is stored row block by row block; the split's partial
+    dS and dz go into its record (the A and a slots, as ``_dstate_bwd`` writes them).
+
+    One feature block (NMB = 1) is summed in registers. With more, the split's record itself
+    is the accumulator (zeroed first, then read, added to and written back for every row
+    block; it stays in L2): one register tile per block spills. Measured on the H100, FAVOR+
+    m = 256 (N = 65,536, B = 1, H = 16, d = 64, bf16): four register tiles need 255 registers
+    a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the unfused pair; the
+    record, 1.4 ms."""
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    num_p = tl.num_programs(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kv = (b * (HQ // G) + h // G).to(tl.int64)
+    state = S_ptr + kv * rec_size
+    rec = part_ptr + (pid_bh * num_p + pid_p).to(tl.int64) * rec_size
+    offs_f = tl.arange(0, BMB)
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    dmask = offs_d < d
+    vmask = offs_v < dv
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    dq_base = dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    den_base = stats_ptr + pid_bh.to(tl.int64) * N
+    qmax_base = stats_ptr + (tl.num_programs(0) + pid_bh).to(tl.int64) * N
+    dS_regs = tl.zeros([BMB, BDV], dtype=tl.float32)  # NMB = 1 only
+    dz_regs = tl.zeros([BMB], dtype=tl.float32)
+    if NMB > 1:
+        for mb in range(NMB):
+            offs_m = mb * BMB + offs_f
+            fmask = offs_m < m
+            tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], dS_regs, mask=fmask[:, None] & vmask[None, :])
+            tl.store(rec + m * dv + offs_m, dz_regs, mask=fmask)
+        tl.debug_barrier()  # the record's elements are read back by other threads than wrote them
+    start = pid_p * tokens
+    stop = tl.minimum(start + tokens, N)
+    for n0 in range(start, stop, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        rows = offs_n < stop
+        x = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=rows[:, None] & dmask[None, :], other=0.0)
+        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
+                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        do_raw = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
+                         mask=rows[:, None] & vmask[None, :], other=0.0)
+        den = tl.load(den_base + offs_n, mask=rows, other=1.0)
+        row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
+        do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
+        dnum = do_raw.to(tl.float32) / den[:, None]
+        dden = -do_o / den
+        dx = tl.zeros([BN, BD], dtype=tl.float32)
+        dl_sum = tl.zeros([BN], dtype=tl.float32)
+        for mb in range(NMB):
+            offs_m = mb * BMB + offs_f
+            fmask = offs_m < m
+            tmask = fmask[:, None] & vmask[None, :]
+            whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+            # rows past the split: φ = 0 (nothing into dS, dz, as in _dstate_bwd), factor = 0 (dq not stored)
+            phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
+                                 rows[:, None] & fmask[None, :], FEATURE)
+            S = tl.load(state + offs_m[:, None] * dv + offs_v[None, :], mask=tmask, other=0.0)
+            z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
+            # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
+            dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
+            dl = dphi * factor
+            if FEATURE == 0:
+                dx += dl
+            else:
+                dx += _dot(dl, tl.trans(whi), LP)
+                dl_sum += tl.sum(dl, axis=1)
+            dS_blk = _dot(tl.trans(phi), dnum, LP)
+            dz_blk = tl.sum(phi * dden[:, None], axis=0)
+            if NMB == 1:
+                dS_regs += dS_blk
+                dz_regs += dz_blk
+            else:
+                dS_ptrs = rec + offs_m[:, None] * dv + offs_v[None, :]
+                tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
+                dz_ptrs = rec + m * dv + offs_m
+                tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
+        if FEATURE != 0:
+            dx = dx * xs
+            if FEATURE == 1:
+                dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
+        tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                 _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
+        if NMB > 1:
+            tl.debug_barrier()  # this row block's sums are complete before the next one reads them
+    if NMB == 1:
+        fmask = offs_f < m
+        tl.store(rec + offs_f[:, None] * dv + offs_v[None, :], dS_regs, mask=fmask[:, None] & vmask[None, :])
+        tl.store(rec + m * dv + offs_f, dz_regs, mask=fmask)
+
+
+@triton.jit
 def _kv_bwd(
     k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, S_ptr, dS_ptr, dk_ptr, dv_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -435,6 +556,11 @@ def _kv_bwd(
 
 
 FEATURE_BLOCK = 64  # features per block of the projected maps (ELU: one block of width d)
+# Feature blocks up to which the backward takes ``_q_bwd_fused``, beyond them ``_q_bwd`` +
+# ``_dstate_bwd``. A choice, not a limit of the kernel: on the H100 (N = 65,536, B = 1, H = 16,
+# d = 64, bf16) it was faster than the pair at m = 320 and 512 too (1.77 against 2.02 ms, 2.73
+# against 3.09 ms, with 64 query splits).
+FUSED_MAX_BLOCKS = 4
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -548,20 +674,37 @@ class _BackwardPlan:
         w_strides = weight_strides(cfg, d)
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
         rec = record_size(m, dv, NMB)
-        launch = pick_config("q_bwd", m, d, dv)
-        self.q_bwd = Launch(
-            _q_bwd, (B * HQ, triton.cdiv(N, launch["BN"])),
-            (*_strides(q), *o_strides, *_strides(do), *_contiguous_strides(*q.shape), *w_strides,
-             HQ, G, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
-        )
-        launch = pick_config("dstate", m, d, dv)
-        tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
-        P = triton.cdiv(N, tokens)
-        self.dstate = Launch(
-            _dstate_bwd, (B * HQ * NMB, P),
-            (*_strides(q), *o_strides, *_strides(do), *w_strides, HQ, NMB, N, m, d, dv, tokens, rec,
-             cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
-        )
+        dq_strides = _contiguous_strides(*q.shape)
+        self.q_bwd_fused = self.q_bwd = self.dstate = None
+        if NMB <= FUSED_MAX_BLOCKS:
+            launch = pick_config("q_bwd_fused", m, d, dv)
+            # one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
+            # each split more costs the combine a record (H100, FAVOR+ m = 256, B·H = 16: 64 splits
+            # made the combine 0.20 ms slower, this kernel no faster)
+            tokens = _splits(N, B * HQ * PROGRAMS_PER_SM, q.device, launch["BN"])
+            P = triton.cdiv(N, tokens)
+            self.q_bwd_fused = Launch(
+                _q_bwd_fused, (B * HQ, P),
+                (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
+                 HQ, G, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
+                dict(**common, NMB=NMB, **launch), q.device,
+            )
+        else:
+            launch = pick_config("q_bwd", m, d, dv)
+            self.q_bwd = Launch(
+                _q_bwd, (B * HQ, triton.cdiv(N, launch["BN"])),
+                (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
+                 HQ, G, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch),
+                q.device,
+            )
+            launch = pick_config("dstate", m, d, dv)
+            tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
+            P = triton.cdiv(N, tokens)
+            self.dstate = Launch(
+                _dstate_bwd, (B * HQ * NMB, P),
+                (*_strides(q), *o_strides, *_strides(do), *w_strides, HQ, NMB, N, m, d, dv, tokens, rec,
+                 cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
+            )
         self.parts, self.records = B * HQ * P * rec, B * HKV * rec
         self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
                                       device=q.device)
@@ -573,6 +716,14 @@ class _BackwardPlan:
              *w_strides, smb, smn, HKV, NMB, NK, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps),
             dict(USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, **launch), q.device,
         )
+
+    def query_grads(self, q, whi, wlo, state, o, do, stats, dq, parts) -> None:
+        """dq, and the partial dS, dz of every query head and split into ``parts``."""
+        if self.q_bwd_fused is not None:
+            self.q_bwd_fused(q, whi, wlo, state, o, do, stats, dq, parts)
+        else:
+            self.q_bwd(q, whi, wlo, state, o, do, stats, dq)
+            self.dstate(q, whi, wlo, o, do, stats, parts)
 
 
 _FORWARD_PLANS = PlanCache()
@@ -601,9 +752,8 @@ def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConf
     whi, wlo = cfg.split_weight(q)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
-    plan.q_bwd(q, whi, wlo, state, o, do, stats, dq)
     parts = torch.empty(plan.parts, **f32)
-    plan.dstate(q, whi, wlo, o, do, stats, parts)
+    plan.query_grads(q, whi, wlo, state, o, do, stats, dq, parts)
     dstate = torch.empty(plan.records, **f32)
     plan.combine(parts, dstate)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
