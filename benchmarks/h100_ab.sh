@@ -5,6 +5,9 @@
 #   run(command="AB_OLD=.ab_old/src bash benchmarks/h100_ab.sh", carry=[".whl", ".ab_old"])
 # AB_NEW (default src) names the other side's source, for a variant that is not in the tree.
 # Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides). The cases: the fused feature-map kernels with m = 256.
+# AB_TESTS="tests/test_kernels.py ...": first the GPU tests of the new side. AB_TUNE="q_bwd_fused ...": then the
+# launch-config sweep (benchmarks/tune.py) of those kernel kinds on the new side, whose best configs the new side
+# is timed with (APPROXATTN_LAUNCH_OVERRIDES).
 set -u
 MATCH=("FAVOR+ m=256" "ReLU features m=256" "FLuRKA r=128 m=256")
 [ -n "${AB_MATCH:-}" ] && IFS=';' read -r -a MATCH <<< "$AB_MATCH"  # e.g. AB_MATCH="FAVOR+ m=256;SDPA flash"
@@ -19,7 +22,32 @@ run_side() {  # $1 = label, $2 = source folder, $3 = time limit, then extra labe
   echo "ab $label rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
   cp "/tmp/ab_$label/results.json" "$OUT/ab_$label.json" 2>/dev/null
 }
-run_side old "${AB_OLD:-.ab_old/src}" "${AB_S:-150}"
+if [ -n "${AB_TESTS:-}" ]; then
+  # shellcheck disable=SC2086
+  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TESTS_S:-240}" python -m pytest -q -m gpu -n 8 -p no:cacheprovider \
+    $AB_TESTS > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
+fi
+if [ -n "${AB_TUNE:-}" ]; then
+  # shellcheck disable=SC2086
+  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TUNE_S:-180}" python benchmarks/tune.py "${AB_SEQ:-65536}" \
+    $AB_TUNE > "$OUT/tune.log" 2>&1
+  echo "tune rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
+  APPROXATTN_LAUNCH_OVERRIDES=$(python - "$OUT/tune.log" <<'PY'
+import ast, json, re, sys
+best = {}
+for line in open(sys.argv[1]):
+    found = re.match(r" best (.+) (\w+): (\(.*\))$", line.rstrip())
+    if found and found.group(1).startswith("favor"):  # the headline cases' feature map
+        _, bn, warps, stages = ast.literal_eval(found.group(3))
+        best[found.group(2)] = {"BN": bn, "num_warps": warps, "num_stages": stages}
+print(json.dumps(best) if best else "")
+PY
+  )
+  export APPROXATTN_LAUNCH_OVERRIDES
+  echo "new side overrides: ${APPROXATTN_LAUNCH_OVERRIDES:-none}" >> "$OUT/session.log"
+fi
+APPROXATTN_LAUNCH_OVERRIDES= run_side old "${AB_OLD:-.ab_old/src}" "${AB_S:-150}"
 # the new side also times the peers the issue's targets name (AB_PEERS=0: not), so their ratios come
 # from this run; fla's first K=256 call spends ~150 s in its autotuner (measured), so it goes last
 peers=("SDPA flash" "performer-pytorch" "fla chunk_linear_attn K=256")

@@ -2,7 +2,8 @@
 
 For each kernel kind, every candidate (BN, num_warps, num_stages) is timed with the other
 kinds at their defaults; prints the fastest per kind (copy them into kernels/_launch.py).
-Usage: PYTHONPATH=src python benchmarks/tune.py [N]
+Usage: PYTHONPATH=src python benchmarks/tune.py [N] [KIND ...]   (only these kinds, e.g. q_bwd_fused)
+Launch plans are cached per layout, so the caches are cleared before each candidate.
 """
 
 import sys
@@ -11,10 +12,12 @@ import torch
 from triton.testing import do_bench
 
 from approxattn.kernels import FeatureConfig, feature_attention
-from approxattn.kernels import _launch
+from approxattn.kernels import _launch, causal_linear_attn, linear_attn
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (128, 4, 3)]
+ONLY = set(sys.argv[2:])
+CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (128, 4, 3),
+           (32, 4, 1), (32, 8, 1), (64, 4, 1), (64, 8, 1)]
 dev = "cuda"
 gen = torch.Generator(device=dev).manual_seed(0)
 q, k, v, do = (torch.randn(1, 16, N, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -22,10 +25,21 @@ q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 W = torch.randn(256, 64, device=dev, generator=gen)
 SETTINGS = [
     ("favor m=256", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), False,
-     ["state", "out", "q_bwd", "dstate", "kv_bwd"]),
-    ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd", "dstate", "kv_bwd"]),
+     ["state", "out", "q_bwd", "dstate", "q_bwd_fused", "kv_bwd"]),
+    ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd", "dstate", "q_bwd_fused", "kv_bwd"]),
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, ["causal_fwd"]),
 ]
+
+
+def override(kind=None, config=None):
+    """Launch overrides take effect when a plan is built: drop the cached plans."""
+    _launch.OVERRIDES.clear()
+    if kind is not None:
+        _launch.OVERRIDES[kind] = config
+    for module in (linear_attn, causal_linear_attn):
+        for name in dir(module):
+            if name.endswith("_PLANS"):
+                getattr(module, name).clear()
 
 
 def timed(cfg, causal):
@@ -36,15 +50,17 @@ def timed(cfg, causal):
 
 
 for name, cfg, causal, kinds in SETTINGS:
-    _launch.OVERRIDES.clear()
+    kinds = [k for k in kinds if not ONLY or k in ONLY]
+    if not kinds:
+        continue
+    override()
     base_out = feature_attention(q, k, v, cfg, causal=causal).float()
     f0, b0 = timed(cfg, causal)
     print(f"== {name}: defaults fwd {f0:.3f} ms, fwd+bwd {b0:.3f} ms", flush=True)
     for kind in kinds:
         best = None
         for bn, warps, stages in CONFIGS:
-            _launch.OVERRIDES.clear()
-            _launch.OVERRIDES[kind] = {"BN": bn, "num_warps": warps, "num_stages": stages}
+            override(kind, {"BN": bn, "num_warps": warps, "num_stages": stages})
             try:
                 out = feature_attention(q, k, v, cfg, causal=causal).float()
                 diff = float((out - base_out).norm() / base_out.norm())
