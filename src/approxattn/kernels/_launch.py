@@ -39,7 +39,7 @@ PROGRAMS_PER_SM = 8
 
 
 def _overrides_from_env() -> dict[str, dict[str, int]]:
-    """``APPROXATTN_LAUNCH_OVERRIDES='{"q_bwd": {"BN": 64, "num_warps": 8, "num_stages": 1}}'`` (JSON)."""
+    """``APPROXATTN_LAUNCH_OVERRIDES='{"kv_bwd": {"BN": 64, "num_warps": 8, "num_stages": 1}}'`` (JSON)."""
     text = os.environ.get("APPROXATTN_LAUNCH_OVERRIDES", "").strip()
     if not text:
         return {}
@@ -79,8 +79,6 @@ def pick_config(kind: str, m: int, d: int, dv: int) -> dict[str, int]:
 DEFAULTS: dict[str, dict[str, int]] = {
     "state": {"BN": 128, "num_warps": 4, "num_stages": 2},
     "out": {"BN": 128, "num_warps": 4, "num_stages": 3},
-    "q_bwd": {"BN": 128, "num_warps": 4, "num_stages": 2},
-    "dstate": {"BN": 64, "num_warps": 4, "num_stages": 2},
     # H100 sweep of BN 32–128, 4/8 warps, 1/2 stages: best overall for FAVOR+/ReLU m = 256,
     # FAVOR+ m = 128 and ELU (its 64/4/2 is 8% faster on ELU, 16% slower at m = 128)
     "q_bwd_fused": {"BN": 128, "num_warps": 8, "num_stages": 2},

@@ -23,12 +23,9 @@ Backward, three launches:
 
 1. ``_q_bwd_fused`` (grid: query head, query split): dq and the split's partial
    ``dS = Σ φ(q)dnumᵀ`` and ``dz`` in one sweep, φ(q) of each row block computed once for
-   both. The partials of one feature block are summed in registers; of several, in the
-   split's record itself (read, added to and written back every row block, from L2), as
-   that many register tiles spill. Used up to ``FUSED_MAX_BLOCKS`` feature blocks (m ≤ 256;
-   ELU is one block); with more, two launches that each compute φ(q): ``_q_bwd`` (dq; grid:
-   query head × query block) and ``_dstate_bwd`` (grid: query head × feature block, query
-   split).
+   both (it replaced two launches that each computed φ(q)). The partials of one feature block
+   are summed in registers; of several, in the split's record itself (read, added to and
+   written back every row block, from L2), as that many register tiles spill.
 2. ``_combine_parts``: the partials summed per key/value head.
 3. ``_kv_bwd`` (dk, dv), recomputing the key features.
 
@@ -250,127 +247,6 @@ def _out_fwd(
 
 
 @triton.jit
-def _q_bwd(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_wm, stride_wd,
-    HQ, G, NMB, N, m, d, dv, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, LP: tl.constexpr,
-    BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-):
-    """Grid (query head, query block): dq, feature block by block."""
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    kv = (b * (HQ // G) + h // G).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    dmask = offs_d < d
-    vmask = offs_v < dv
-    rows = offs_n < N
-    x = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=rows[:, None] & dmask[None, :], other=0.0)
-    o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-    do_raw = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                     + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                     mask=rows[:, None] & vmask[None, :], other=0.0)
-    den = tl.load(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-    row_max = tl.load(stats_ptr + (tl.num_programs(0) + pid_bh).to(tl.int64) * N + offs_n, mask=rows, other=0.0)
-    do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
-    rec = S_ptr + kv * rec_size
-    dx = tl.zeros([BN, BD], dtype=tl.float32)
-    dl_sum = tl.zeros([BN], dtype=tl.float32)
-    for mb in range(0, NMB):
-        offs_m = mb * BMB + tl.arange(0, BMB)
-        fmask = offs_m < m
-        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-        _, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
-                           fmask[None, :], FEATURE)
-        S = tl.load(rec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
-        z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
-        # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
-        dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
-        dl = dphi * factor
-        if FEATURE == 0:
-            dx += dl
-        else:
-            dx += _dot(dl, tl.trans(whi), LP)
-            dl_sum += tl.sum(dl, axis=1)
-    if FEATURE != 0:
-        dx = dx * xs
-        if FEATURE == 1:
-            dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
-    tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _dstate_bwd(
-    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, stats_ptr, part_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_gb, stride_gh, stride_gn, stride_gd,
-    stride_wm, stride_wd,
-    HQ, NMB, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, LP: tl.constexpr,
-    BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-):
-    """Grid (query head × feature block, query split): partial dS = Σ φ(q)dnumᵀ and dz, in the
-    split's record (the A and a slots)."""
-    pid = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    num_p = tl.num_programs(1)
-    bh = pid // NMB
-    mb = pid % NMB
-    b = bh // HQ
-    h = bh % HQ
-    offs_d = tl.arange(0, BD)
-    offs_v = tl.arange(0, BDV)
-    offs_m = mb * BMB + tl.arange(0, BMB)
-    fmask = offs_m < m
-    dmask = offs_d < d
-    vmask = offs_v < dv
-    whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    qmax_base = stats_ptr + (tl.num_programs(0) // NMB + bh).to(tl.int64) * N
-    dS = tl.zeros([BMB, BDV], dtype=tl.float32)
-    dz = tl.zeros([BMB], dtype=tl.float32)
-    start = pid_p * tokens
-    stop = tl.minimum(start + tokens, N)
-    for n0 in range(start, stop, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        rows = offs_n < stop
-        x = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=rows[:, None] & dmask[None, :], other=0.0)
-        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        do = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                     mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        den = tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-        row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
-        phi, _ = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
-                        rows[:, None] & fmask[None, :], FEATURE)
-        dnum = do / den[:, None]
-        dden = -tl.sum(do * o, axis=1) / den
-        dS += _dot(tl.trans(phi), dnum, LP)
-        dz += tl.sum(phi * dden[:, None], axis=0)
-    rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
-    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], dS, mask=fmask[:, None] & vmask[None, :])
-    tl.store(rec + m * dv + offs_m, dz, mask=fmask)
-
-
-@triton.jit
 def _q_bwd_fused(
     q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -382,15 +258,15 @@ def _q_bwd_fused(
     FEATURE: tl.constexpr, LP: tl.constexpr, NMB: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, query split): ``_q_bwd`` and ``_dstate_bwd`` in one sweep, each row
-    block's features computed once. dq is stored row block by row block; the split's partial
-    dS and dz go into its record (the A and a slots, as ``_dstate_bwd`` writes them).
+    """Grid (query head, query split): dq and the partial dS, dz in one sweep, each row block's
+    features computed once (they were two kernels, each computing them). dq is stored row block
+    by row block; the split's partial dS and dz go into its record (the A and a slots).
 
     One feature block (NMB = 1) is summed in registers. With more, the split's record itself
     is the accumulator (zeroed first, then read, added to and written back for every row
     block; it stays in L2): one register tile per block spills. Measured on the H100, FAVOR+
     m = 256 (N = 65,536, B = 1, H = 16, d = 64, bf16): four register tiles need 255 registers
-    a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the unfused pair; the
+    a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the two kernels it replaced; the
     record, 1.4 ms."""
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -443,7 +319,7 @@ def _q_bwd_fused(
             fmask = offs_m < m
             tmask = fmask[:, None] & vmask[None, :]
             whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-            # rows past the split: φ = 0 (nothing into dS, dz, as in _dstate_bwd), factor = 0 (dq not stored)
+            # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
             phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
                                  rows[:, None] & fmask[None, :], FEATURE)
             S = tl.load(state + offs_m[:, None] * dv + offs_v[None, :], mask=tmask, other=0.0)
@@ -556,11 +432,6 @@ def _kv_bwd(
 
 
 FEATURE_BLOCK = 64  # features per block of the projected maps (ELU: one block of width d)
-# Feature blocks up to which the backward takes ``_q_bwd_fused``, beyond them ``_q_bwd`` +
-# ``_dstate_bwd``. A choice, not a limit of the kernel: on the H100 (N = 65,536, B = 1, H = 16,
-# d = 64, bf16) it was faster than the pair at m = 320 and 512 too (1.77 against 2.02 ms, 2.73
-# against 3.09 ms, with 64 query splits).
-FUSED_MAX_BLOCKS = 4
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -595,7 +466,7 @@ def record_size(m: int, dv: int, blocks: int) -> int:
     key stabiliser per feature block (a combined record keeps its maximum in the first). The
     kernels get the size as an argument: Triton specialises integers divisible by 16, so
     ``base + i·size`` is known aligned (an unpadded size made every S tile load scalar:
-    measured 2.4–3.8× slower ``_out_fwd``/``_q_bwd`` for FAVOR+ m=256 on the H100)."""
+    measured 2.4–3.8× slower ``_out_fwd`` and query backward for FAVOR+ m=256 on the H100)."""
     return triton.cdiv(m * dv + m + dv + 1 + blocks, RECORD_ALIGN) * RECORD_ALIGN
 
 
@@ -675,36 +546,18 @@ class _BackwardPlan:
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
         rec = record_size(m, dv, NMB)
         dq_strides = _contiguous_strides(*q.shape)
-        self.q_bwd_fused = self.q_bwd = self.dstate = None
-        if NMB <= FUSED_MAX_BLOCKS:
-            launch = pick_config("q_bwd_fused", m, d, dv)
-            # one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
-            # each split more costs the combine a record (H100, FAVOR+ m = 256, B·H = 16: 64 splits
-            # made the combine 0.20 ms slower, this kernel no faster)
-            tokens = _splits(N, B * HQ * PROGRAMS_PER_SM, q.device, launch["BN"])
-            P = triton.cdiv(N, tokens)
-            self.q_bwd_fused = Launch(
-                _q_bwd_fused, (B * HQ, P),
-                (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
-                 HQ, G, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
-                dict(**common, NMB=NMB, **launch), q.device,
-            )
-        else:
-            launch = pick_config("q_bwd", m, d, dv)
-            self.q_bwd = Launch(
-                _q_bwd, (B * HQ, triton.cdiv(N, launch["BN"])),
-                (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
-                 HQ, G, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch),
-                q.device,
-            )
-            launch = pick_config("dstate", m, d, dv)
-            tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
-            P = triton.cdiv(N, tokens)
-            self.dstate = Launch(
-                _dstate_bwd, (B * HQ * NMB, P),
-                (*_strides(q), *o_strides, *_strides(do), *w_strides, HQ, NMB, N, m, d, dv, tokens, rec,
-                 cfg.x_scale, cfg.ratio, cfg.eps), dict(**common, **launch), q.device,
-            )
+        launch = pick_config("q_bwd_fused", m, d, dv)
+        # one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
+        # each split more costs the combine a record (H100, FAVOR+ m = 256, B·H = 16: 64 splits
+        # made the combine 0.20 ms slower, this kernel no faster)
+        tokens = _splits(N, B * HQ * PROGRAMS_PER_SM, q.device, launch["BN"])
+        P = triton.cdiv(N, tokens)
+        self.q_bwd_fused = Launch(
+            _q_bwd_fused, (B * HQ, P),
+            (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
+             HQ, G, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
+            dict(**common, NMB=NMB, **launch), q.device,
+        )
         self.parts, self.records = B * HQ * P * rec, B * HKV * rec
         self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
                                       device=q.device)
@@ -716,14 +569,6 @@ class _BackwardPlan:
              *w_strides, smb, smn, HKV, NMB, NK, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps),
             dict(USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, **launch), q.device,
         )
-
-    def query_grads(self, q, whi, wlo, state, o, do, stats, dq, parts) -> None:
-        """dq, and the partial dS, dz of every query head and split into ``parts``."""
-        if self.q_bwd_fused is not None:
-            self.q_bwd_fused(q, whi, wlo, state, o, do, stats, dq, parts)
-        else:
-            self.q_bwd(q, whi, wlo, state, o, do, stats, dq)
-            self.dstate(q, whi, wlo, o, do, stats, parts)
 
 
 _FORWARD_PLANS = PlanCache()
@@ -753,7 +598,7 @@ def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConf
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
     parts = torch.empty(plan.parts, **f32)
-    plan.query_grads(q, whi, wlo, state, o, do, stats, dq, parts)
+    plan.q_bwd_fused(q, whi, wlo, state, o, do, stats, dq, parts)
     dstate = torch.empty(plan.records, **f32)
     plan.combine(parts, dstate)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
