@@ -22,8 +22,6 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-
-
 def explicit_conv(x, weight, bias, *, stride_rows=1, dilation=1, pad_top=0, pad_bottom=0, pad_left=0,
                   pad_right=0, upsample_rows=1, virtual_rows=None, out_rows=None, relu=False):
     """An independent check in fp64: the virtual input gathered row by row (row u ← x row
