@@ -10,7 +10,9 @@
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
 # skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
 # (comma-separated), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
-# tree to import, default src: a carried snapshot keeps a run apart from edits in progress).
+# tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
+# VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
+# own extra `distill run` arguments, folders /tmp/distill_<name>).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/smollm2
@@ -38,8 +40,8 @@ options_for() {  # the options of one method (the CLI refuses options of methods
     performer) echo "--option performer.num_features=256 --option performer.kernel=softmax" ;;
   esac
 }
-distill() {  # $1: comma-separated methods, $2: run folder, $3: log file
-  local opts=""
+distill() {  # $1: comma-separated methods, $2: run folder, $3: log file, $4: extra arguments
+  local opts="${4:-}"
   for m in ${1//,/ }; do opts="$opts $(options_for "$m")"; done
   # shellcheck disable=SC2086
   timeout "${DISTILL_S:-540}" python -m approxattn.distill.cli run --teacher smollm2 --methods "$1" $opts \
@@ -49,7 +51,14 @@ distill() {  # $1: comma-separated methods, $2: run folder, $3: log file
 }
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
 monitor=$!
-if [ "${PARALLEL:-0}" = 1 ]; then
+if [ -n "${VARIANTS:-}" ]; then
+  IFS=';' read -r -a variants <<< "$VARIANTS"
+  for variant in "${variants[@]}"; do
+    name=${variant%%=*}
+    distill "$METHODS" "/tmp/distill_$name" "$OUT/distill_$name.log" "${variant#*=}" &
+  done
+  wait $(jobs -p | grep -v "^$monitor\$")
+elif [ "${PARALLEL:-0}" = 1 ]; then
   # one process per method, each its own run folder /tmp/distill_<method> (a step is host-bound, so
   # methods side by side share the GPU well); `approxattn distill report` merges the folders
   for m in ${METHODS//,/ }; do distill "$m" "/tmp/distill_$m" "$OUT/distill_$m.log" & done

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
@@ -22,6 +24,7 @@ from approxattn.distill import (  # noqa: E402
     attention_kl,
     distill,
     eval_windows,
+    lr_factor,
     perplexity,
     split_text,
     train_batch,
@@ -117,6 +120,46 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
         distill(teacher, tokens, other, out_dir=tmp_path / "split")
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+@given(steps=st.integers(2, 400), warmup_fraction=st.floats(0, 0.99), min_ratio=st.floats(0, 1))
+@settings(max_examples=30, deadline=None)
+def test_lr_factor_warms_up_peaks_once_and_ends_at_the_floor(schedule, steps, warmup_fraction, min_ratio):
+    warmup = min(steps - 1, int(warmup_fraction * steps))
+    config = DistillConfig(steps=steps, lr_schedule=schedule, warmup_steps=warmup, min_lr_ratio=min_ratio)
+    config.validate()
+    factors = [lr_factor(config, s) for s in range(steps)]
+    assert all(0 < f <= 1 for f in factors[:warmup]) and factors[warmup - 1 if warmup else 0] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:warmup], factors[1:warmup]))            # warm-up rises
+    after = factors[warmup:]
+    assert after[0] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))                       # then never rises
+    if schedule == "constant":
+        assert after == [1.0] * len(after)
+    elif len(after) > 1:
+        assert after[-1] == pytest.approx(min_ratio) and min(after) >= min_ratio - 1e-12
+
+
+def test_the_optimizer_runs_the_schedule_and_a_resume_follows_it(tmp_path):
+    teacher = tiny_teacher()
+    tokens = stream()
+    config = DistillConfig(method="performer", options={"num_features": 16, "redraw": 2}, steps=6, seq_len=16,
+                           lr=1e-3, precision="fp32", checkpoint_every=2, lr_schedule="cosine", warmup_steps=2,
+                           min_lr_ratio=0.1)
+    whole = distill(teacher, tokens, config, out_dir=tmp_path / "whole")
+    expected = [lr_factor(config, s) for s in range(6)]
+    assert [row["lr_factor"] for row in whole.history] == expected
+    assert expected[0] == 0.5 and expected[1] == 1.0 and expected[-1] == pytest.approx(0.1)
+    for group in whole.optimizer.param_groups:  # the last step ran at the floor
+        assert group["lr"] == pytest.approx(whole.peak_lr[group["name"]] * 0.1)
+    distill(teacher, tokens, config, out_dir=tmp_path / "split", stop_after=3)
+    resumed = distill(teacher, tokens, config, out_dir=tmp_path / "split")
+    assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+    # a decaying schedule depends on the number of steps: going on for more is refused
+    longer = DistillConfig(**(config.as_dict() | {"steps": 8, "weights": None}))
+    with pytest.raises(ValueError, match="steps"):
+        distill(teacher, tokens, longer, out_dir=tmp_path / "split")
+
+
 @pytest.mark.gpu
 def test_resume_on_cuda(tmp_path):
     """A checkpoint loads onto the GPU (``map_location``), and its RNG states, which that moved
@@ -167,6 +210,11 @@ def test_data_split_and_windows():
     ({"lr": -1.0}, "lr"),
     ({"grad_clip": 0}, "grad_clip"),
     ({"hidden_loss": "l1"}, "hidden_loss"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+    ({"min_lr_ratio": float("nan")}, "min_lr_ratio"),
 ])
 def test_bad_options_raise_clear_errors(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -224,6 +272,12 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
         merge_results([_fake_results(10.0, "performer", 12.5), _fake_results(11.0, "linear", 11.0)])
     with pytest.raises(ValueError, match="more than one run"):
         merge_results([_fake_results(10.0, "linear", 12.5), _fake_results(10.0, "linear", 11.0)])
+    # the same method trained with another recipe keeps both rows, the second labelled by what differs
+    cosine = _fake_results(10.0, "linear", 11.0)
+    cosine["config"] = {"seq_len": 32, "lr_schedule": "cosine", "lr": 3e-5}
+    both = merge_results([_fake_results(10.0, "linear", 12.5), cosine])
+    assert list(both["methods"]) == ["linear", "linear [lr=3e-05, lr_schedule=cosine]"]
+    assert both["methods"]["linear [lr=3e-05, lr_schedule=cosine]"]["eval"]["ppl"] == 11.0
     with pytest.raises(ValueError, match="at least one"):
         merge_results([])
     for name, part in (("a", _fake_results(10.0, "performer", 12.5)), ("b", _fake_results(10.0, "linear", 11.0))):

@@ -11,7 +11,7 @@ print(perplexity(d.student, heldout_tokens, seq_len=1024))
 
 from .data import SPLITS, eval_windows, split_text, token_stream, train_batch
 from .losses import RECIPES, LossWeights, attention_kl, attention_mse, layer_losses, model_losses, recipe_for
-from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
+from .trainer import DistillConfig, Distiller, distill, hidden_agreement, lr_factor, perplexity
 
 __all__ = [
     "RECIPES",
@@ -25,6 +25,7 @@ __all__ = [
     "eval_windows",
     "hidden_agreement",
     "layer_losses",
+    "lr_factor",
     "model_losses",
     "perplexity",
     "recipe_for",

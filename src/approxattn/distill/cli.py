@@ -80,7 +80,8 @@ def run_command(args: argparse.Namespace) -> int:
         config = DistillConfig(
             steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
             new_lr_scale=args.new_lr_scale, pretrained_lr_scale=args.pretrained_lr_scale,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
+            weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+            min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
             checkpoint_every=args.checkpoint_every, weights=weights, hidden_loss=args.hidden_loss,
         )
         results = run_experiment(
@@ -137,6 +138,10 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--new-lr-scale", type=float, default=10.0, help="lr factor of the methods' new parameters")
     run.add_argument("--pretrained-lr-scale", type=float, default=0.2, help="lr factor of the pretrained weights")
     run.add_argument("--weight-decay", type=float, default=0.01)
+    run.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant",
+                     help="constant (SEA's recipe) or a decay to --min-lr-ratio x the peak at the last step")
+    run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the schedule")
+    run.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr of a decaying schedule / peak lr")
     run.add_argument("--grad-clip", type=float, default=1.0)
     run.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     run.add_argument("--seed", type=int, default=0)

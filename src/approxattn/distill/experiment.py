@@ -148,13 +148,24 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         mine, theirs = (merged.get("teacher") or {}).get("ppl"), (other.get("teacher") or {}).get("ppl")
         if mine is not None and theirs is not None and abs(mine - theirs) > 1e-3 * mine:
             raise ValueError(f"results: teacher perplexity differs between runs ({mine} vs {theirs})")
+        recipe = _recipe_difference(parts[0].get("config") or {}, other.get("config") or {})
         for label, row in other.get("methods", {}).items():
             if label in merged["methods"]:
-                raise ValueError(f"results: method {label!r} appears in more than one run")
+                if not recipe:
+                    raise ValueError(f"results: method {label!r} appears in more than one run with the same options")
+                label = f"{label} [{recipe}]"  # the same method trained another way: say how
+                row = row | {"label": label}
             merged["methods"][label] = row
         if other.get("command") != merged.get("command"):
             merged["command"] = f"{merged.get('command')} ; {other.get('command')}"
     return merged
+
+
+def _recipe_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
+    """``"lr=3e-05, lr_schedule=cosine"``: the training options in which ``other`` differs from ``first``."""
+    keys = sorted(k for k in set(first) | set(other) if k not in ("method", "options", "checkpoint_every")
+                  and first.get(k) != other.get(k))
+    return ", ".join(f"{k}={other.get(k)}" for k in keys)
 
 
 def _final_loss(history: list[dict[str, float]], last: int = 10) -> float | None:

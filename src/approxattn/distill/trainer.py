@@ -5,7 +5,8 @@ teacher = the frozen original, run first under ``no_grad`` with its attention ca
 (:func:`approxattn.hf.patch_model`), which keeps every pretrained weight and adds the method's
 modules. Losses: :mod:`approxattn.distill.losses`. AdamW with two parameter groups: the new
 (method) parameters at ``lr · new_lr_scale`` and the pretrained ones at ``lr · pretrained_lr_scale``,
-weight decay, gradient-norm clipping, fp32 or bf16 autocast. Checkpoints are written atomically
+weight decay, gradient-norm clipping, fp32 or bf16 autocast, and an optional learning-rate schedule
+(linear warm-up, then constant, cosine or linear decay: :func:`lr_factor`). Checkpoints are written atomically
 every ``checkpoint_every`` steps and at the end; :func:`distill` resumes from the checkpoint in
 its folder, and a resumed run gives the same result as an uninterrupted one (the data windows of
 step s depend only on (seed, s); RNG states are saved).
@@ -31,6 +32,7 @@ from .data import eval_windows, train_batch
 from .losses import HIDDEN_LOSSES, LossWeights, layer_losses, model_losses, recipe_for
 
 PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
@@ -59,6 +61,9 @@ class DistillConfig:
     new_lr_scale: float = 10.0  # the method's new parameters: lr x 10
     pretrained_lr_scale: float = 0.2  # the teacher's weights in the student: lr x 0.2
     weight_decay: float = 0.01
+    lr_schedule: str = "constant"  # SEA's recipe; "cosine"/"linear" decay to min_lr_ratio · lr at the last step
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over the first steps
+    min_lr_ratio: float = 0.0  # the decayed schedules' final lr, as a fraction of the peak
     grad_clip: float = 1.0
     precision: str = "bf16"
     seed: int = 0
@@ -79,6 +84,14 @@ class DistillConfig:
         for name in ("new_lr_scale", "pretrained_lr_scale", "weight_decay"):
             _non_negative(name, getattr(self, name))
         _non_negative("grad_clip", self.grad_clip, positive=True)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps: expected an int in [0, steps={self.steps}), got {self.warmup_steps!r}")
+        _non_negative("min_lr_ratio", self.min_lr_ratio)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -92,6 +105,19 @@ class DistillConfig:
         out = asdict(self)
         out["weights"] = None if self.weights is None else self.weights.as_dict()
         return out
+
+
+def lr_factor(config: DistillConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of the peak: a pure
+    function of the step, so a resumed run follows the same schedule as an uninterrupted one."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    decay_steps = max(1, config.steps - 1 - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)  # 0 at the peak, 1 at the last step
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1.0 - progress
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
 
 def autocast(device: torch.device, precision: str):
@@ -128,9 +154,10 @@ class Distiller:
         new = {id(p) for module in hf.attached_modules(student) for p in module.parameters()}
         new_params = [p for p in student.parameters() if id(p) in new]
         old_params = [p for p in student.parameters() if id(p) not in new]
-        groups = [{"params": old_params, "lr": config.lr * config.pretrained_lr_scale, "name": "pretrained"}]
+        self.peak_lr = {"pretrained": config.lr * config.pretrained_lr_scale, "new": config.lr * config.new_lr_scale}
+        groups = [{"params": old_params, "lr": self.peak_lr["pretrained"], "name": "pretrained"}]
         if new_params:
-            groups.append({"params": new_params, "lr": config.lr * config.new_lr_scale, "name": "new"})
+            groups.append({"params": new_params, "lr": self.peak_lr["new"], "name": "new"})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.step_count = 0
         self.history: list[dict[str, float]] = []
@@ -175,10 +202,14 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        factor = lr_factor(self.config, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.peak_lr[group["name"]] * factor
         self.optimizer.step()
         self.step_count += 1
         row = {name: float(value.detach()) for name, value in terms.items()}
         row["grad_norm"] = float(grad_norm)
+        row["lr_factor"] = factor
         row["step"] = self.step_count
         self.history.append(row)
         return row
@@ -201,8 +232,12 @@ class Distiller:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = dict(state["config"])
         mine = self.config.as_dict()
-        # a resumed run may go on for more steps or save less often; everything else must match
-        different = sorted(k for k in mine if k not in ("steps", "checkpoint_every") and saved.get(k) != mine[k])
+        # a resumed run may go on for more steps (unless a decaying schedule depends on their number)
+        # or save less often; everything else must match. Checkpoints from before the schedule
+        # options ran the constant schedule.
+        saved = {"lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0} | saved
+        free = ("steps", "checkpoint_every") if mine["lr_schedule"] == "constant" else ("checkpoint_every",)
+        different = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if different:
             raise ValueError("checkpoint: it was written with other options ("
                              + ", ".join(f"{k}: {saved.get(k)!r} there, {mine[k]!r} now" for k in different)
