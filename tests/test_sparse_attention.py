@@ -302,6 +302,53 @@ def test_tile_runs_cover_every_masked_pair_once():
                     assert set(needed.tolist()) <= set(tiles.long().tolist())
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_column_tile_runs_cover_every_masked_pair_of_rows_in_any_order_once(causal):
+    """Rows of different lengths in any order: every (row, key) of the mask lies in a visited tile
+    of its block, no tile is visited twice, and no run reaches beyond the block's chosen columns."""
+    from approxattn.kernels.sparse_attention import rows_by_first_keys, tile_runs_by_column_lengths
+
+    gen = torch.Generator().manual_seed(12 + causal)
+    B, H, N, T, BM, BN = 2, 3, 45, 7, 8, 4
+    layout = column_layout(B, N, N, T, causal=causal, key_padding_mask=random_padding(B, N, gen))
+    selected = torch.rand(B, H, N, T, generator=gen) < 0.3
+    mask = dense_column_mask(selected, layout)                       # (B, H, N, N)
+    random_order = torch.stack([torch.stack([torch.randperm(N, generator=gen) for _ in range(H)]) for _ in range(B)])
+    for order in (random_order, rows_by_first_keys(selected, layout).long()):
+        ordered = selected.gather(2, order[..., None].expand(B, H, N, T))
+        length = layout.row_length[:, None, :].expand(B, H, N).gather(2, order)
+        start, count, runs = tile_runs_by_column_lengths(ordered, length, layout, BM, BN)
+        for b in range(B):
+            for h in range(H):
+                for mb in range(start.shape[2]):
+                    n = int(runs[b, h, mb])
+                    assert torch.all(count[b, h, mb, :n] > 0) and torch.all(count[b, h, mb, n:] == 0)
+                    tiles = torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in
+                                       zip(start[b, h, mb, :n], count[b, h, mb, :n])]) if n else torch.zeros(0)
+                    assert tiles.numel() == tiles.unique().numel()
+                    rows = order[b, h, mb * BM:(mb + 1) * BM]
+                    needed = mask[b, h, rows].any(0).nonzero().flatten() // BN
+                    assert set(needed.tolist()) <= set(tiles.long().tolist())
+
+
+def test_rows_by_first_keys_sorts_rows_by_where_their_first_column_starts():
+    from approxattn.blocks.sparse_attention import column_rank_range
+    from approxattn.kernels.sparse_attention import rows_by_first_keys
+
+    gen = torch.Generator().manual_seed(22)
+    layout = column_layout(2, 50, 50, 9, causal=True, key_padding_mask=random_padding(2, 50, gen))
+    selected = torch.rand(2, 3, 50, 9, generator=gen) < 0.2
+    selected[0, 0, 7] = False
+    order = rows_by_first_keys(selected, layout).long()
+    assert order.shape == (2, 3, 50)
+    assert torch.equal(order.sort(-1).values, torch.arange(50).expand(2, 3, 50))
+    first = selected.int().argmax(-1)
+    lo, _ = column_rank_range(first, layout.row_length[:, None, :], 9)
+    key = torch.where(selected.any(-1), lo, 50).gather(-1, order)
+    assert torch.all(key[..., 1:] >= key[..., :-1])
+    assert int((order[0, 0] == 7).nonzero()) >= int(selected[0, 0].any(-1).sum())   # empty rows go last
+
+
 @needs_triton
 @pytest.mark.parametrize("causal,padded,T", [(False, False, 7), (True, True, 16), (True, False, 5), (False, True, 20)])
 def test_triton_tile_runs_match_the_torch_ones(forced_kernels, causal, padded, T):
@@ -351,14 +398,16 @@ def test_rows_by_columns_is_a_per_head_permutation_grouped_by_first_column():
 
 
 @needs_triton
-@pytest.mark.parametrize("padded", [False, True])
-def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, padded):
-    """Rows grouped by column (equal-length layouts) give the same output as rows in index order,
-    with GQA, empty rows and more rows than one block."""
+@pytest.mark.parametrize("causal,padded", [(False, False), (False, True), (True, False), (True, True)])
+def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, causal, padded):
+    """Rows grouped by column (equal-length layouts) or by first key (causal) give the same output
+    as rows in index order, with GQA, empty rows and more rows than one block."""
     from approxattn.kernels.sparse_attention import fast_column_mask_attention
 
-    q, k, v, selected, layout, _ = _case(2, 4, 2, 70, 61, 8, False, padded, 0.25, 15, dtype=torch.float32)
-    assert layout.equal_lengths
+    n = 70
+    q, k, v, selected, layout, _ = _case(2, 4, 2, n, n if causal else 61, 8, causal, padded, 0.25, 15,
+                                         dtype=torch.float32)
+    assert layout.equal_lengths != causal
     selected[1, 3, 40] = False
     ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
     outs = {}
@@ -368,6 +417,26 @@ def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, padded):
         assert rel_err(outs[flag], ref) < 1e-4
     assert rel_err(outs["0"], outs["1"]) < 1e-5
     assert torch.all(outs["1"][1, 3, 40] == 0)
+
+
+@needs_triton
+def test_causal_kernel_on_rows_sorted_by_first_key(forced_kernels):
+    """One scattered column per row: index order would visit the whole causal triangle, so the
+    kernel takes the rows sorted by first key (checked) and still matches the reference."""
+    from approxattn.kernels.sparse_attention import _cheaper_row_order, fast_column_mask_attention, launch_config, tile_runs
+
+    gen = torch.Generator().manual_seed(31)
+    B, H, n, T = 2, 4, 96, 12
+    q, k, v, _, layout, _ = _case(B, H, 2, n, n, T, True, True, 0.25, 16, dtype=torch.float32)
+    selected = torch.zeros(B, H, n, T, dtype=torch.bool)
+    selected.scatter_(-1, torch.randint(0, T, (B, H, n, 1), generator=gen), True)
+    cfg = launch_config(q.shape[-1], v.shape[-1])
+    order, *_ = _cheaper_row_order(selected, layout, cfg["BM"], cfg["BN"], tile_runs)
+    identity = torch.arange(n, dtype=torch.int32)
+    assert sum(not torch.equal(order[b, h], identity) for b in range(B) for h in range(H)) >= B * H // 2
+    out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4)
+    ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
+    assert rel_err(out, ref) < 1e-4
 
 
 @needs_triton
