@@ -159,6 +159,28 @@ def _input_grad(x, dl, wt, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
         return dx
 
 
+@triton.jit
+def _add_input_grad_blk(dx, dl_sum, dl, wt, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """:func:`_input_grad` over feature blocks: add one block's ``dl = ∂L/∂p`` ``(BN, BMB)``
+    (projection block ``wt (BD, BMB)``) to the running ``dx (BN, BD)`` and ``Σ dl (BN,)``;
+    :func:`_finish_input_grad` applies the scale and FAVOR's norm term once at the end."""
+    if FEATURE == 0:
+        dx += dl
+    else:
+        dx += _dot(dl, tl.trans(wt), LP)
+        dl_sum += tl.sum(dl, axis=1)
+    return dx, dl_sum
+
+
+@triton.jit
+def _finish_input_grad(dx, dl_sum, x, xs, FEATURE: tl.constexpr):
+    if FEATURE != 0:
+        dx = dx * xs
+        if FEATURE == 1:
+            dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
+    return dx
+
+
 # ----------------------------------------------------------------------------- feature blocks
 # The non-causal kernels walk the m features in blocks of BMB columns so that no m-wide tile
 # lives in registers; the projection arrives split on the host into hi + lo halves in the

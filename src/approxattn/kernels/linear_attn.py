@@ -38,7 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._feature_map import FEATURE_CODES, _apply, _cast_out, _dot, _dot_split, _load_w_blk, _logits_blk
+from ._feature_map import (
+    FEATURE_CODES,
+    _add_input_grad_blk,
+    _apply,
+    _cast_out,
+    _dot,
+    _dot_split,
+    _finish_input_grad,
+    _load_w_blk,
+    _logits_blk,
+)
 from ._launch import (
     PROGRAMS_PER_SM,
     FeatureConfig,
@@ -326,12 +336,7 @@ def _q_bwd_fused(
             z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
             # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
             dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
-            dl = dphi * factor
-            if FEATURE == 0:
-                dx += dl
-            else:
-                dx += _dot(dl, tl.trans(whi), LP)
-                dl_sum += tl.sum(dl, axis=1)
+            dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
             dS_blk = _dot(tl.trans(phi), dnum, LP)
             dz_blk = tl.sum(phi * dden[:, None], axis=0)
             if NMB == 1:
@@ -342,10 +347,7 @@ def _q_bwd_fused(
                 tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
                 dz_ptrs = rec + m * dv + offs_m
                 tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
-        if FEATURE != 0:
-            dx = dx * xs
-            if FEATURE == 1:
-                dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
+        dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
         if NMB > 1:
@@ -407,16 +409,8 @@ def _kv_bwd(
         dz = tl.load(drec + m * dv + offs_m, mask=fmask, other=0.0)
         dphi = _dot_split(vv, tl.trans(dS), LP, True) + dz[None, :]
         dvv += _dot(phi, dS, LP)
-        dl = dphi * factor
-        if FEATURE == 0:
-            dx += dl
-        else:
-            dx += _dot(dl, tl.trans(whi), LP)
-            dl_sum += tl.sum(dl, axis=1)
-    if FEATURE != 0:
-        dx = dx * xs
-        if FEATURE == 1:
-            dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
+        dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
+    dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _cast_out(dx, dk_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
