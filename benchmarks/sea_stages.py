@@ -106,10 +106,19 @@ def fused_agreement(seq: int, device: str) -> dict:
         def rel(a, b):
             return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
+        with torch.no_grad():   # the decoder's GEMMs on TF32 (the default for half inputs) against exact fp32
+            os.environ["APPROXATTN_SEA_TF32"] = "0"
+            try:
+                exact = module.forward_with_details(q, k, v, causal=causal)
+            finally:
+                del os.environ["APPROXATTN_SEA_TF32"]
         result["causal" if causal else "noncausal"] = {
             "estimated_attention_rel_err": rel(fused.estimated_attention(), ref.estimated_attention()),
             "output_rel_err": rel(fused.output, ref.output),
             "selected_cells_differing": (fused.selected != ref.selected).float().mean().item(),
+            "tf32_vs_fp32_estimated_attention_rel_err": rel(fused.estimated_attention(), exact.estimated_attention()),
+            "tf32_vs_fp32_output_rel_err": rel(fused.output, exact.output),
+            "tf32_vs_fp32_selected_cells_differing": (fused.selected != exact.selected).float().mean().item(),
         }
     return result
 

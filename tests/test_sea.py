@@ -573,3 +573,24 @@ def test_attention_matrices_default_is_the_identity_trick():
         assert set(maps) == {"attention"}
         out = approxattn.attention(q, k, v, method, causal=True, **options)
         assert rel_err(maps["attention"] @ v.repeat_interleave(2, dim=1), out) < 1e-10
+
+
+def test_tf32_switch_is_scoped_and_restored(monkeypatch):
+    from approxattn.methods.sparse import _tf32_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with _tf32_matmuls(True):
+            assert torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError), _tf32_matmuls(True):   # restored on an error too
+            raise RuntimeError("boom")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        with _tf32_matmuls(False):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setenv("APPROXATTN_SEA_TF32", "0")
+        with _tf32_matmuls(True):
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

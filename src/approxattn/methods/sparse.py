@@ -7,7 +7,9 @@ softmax runs on those keys only. Gates mix the sparse context with an average co
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,13 +328,17 @@ class SEAAttention(RandomFeatureModule):
         else:
             own_value = v_fit.new_zeros(shape.batch, shape.heads, shape.seq_q, d)
         stage = _stage("sea.decoder", stage)
-        e = self._encode(context, own_value)
-        if causal:
-            logits = self.causal_decoder(e)
-        else:
-            logits = self.decoder(e)
-            if self.options["decoder_residual"]:
-                logits = logits + probe_histogram_logits(context[..., :d], n_valid, T)
+        # half inputs: the estimator's fp32 GEMMs may round their operands to TF32 (the estimate only
+        # ranks cells, and its input already passed through bf16 dots); measured on an H100 the
+        # decoder's fp32 FFMA GEMMs took ~6.5 ms of the 28 ms module at N = 65,536
+        with _tf32_matmuls(q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+            e = self._encode(context, own_value)
+            if causal:
+                logits = self.causal_decoder(e)
+            else:
+                logits = self.decoder(e)
+                if self.options["decoder_residual"]:
+                    logits = logits + probe_histogram_logits(context[..., :d], n_valid, T)
         probs = torch.softmax(logits, dim=-1)
 
         # 4. grouped top-k
@@ -566,6 +572,21 @@ class SEAAttention(RandomFeatureModule):
         logits = logits.masked_fill(~valid, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         return (probs[..., None, :] @ gather(state.values))                              # (B, H, 1, dv)
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool):
+    """fp32 CUDA matmuls on TF32 tensor cores inside the block (torch's switch is process-wide,
+    so it is restored on the way out). ``APPROXATTN_SEA_TF32=0`` keeps exact fp32 (A/B checks)."""
+    if not enabled or os.environ.get("APPROXATTN_SEA_TF32", "1") == "0":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _stage(name: str | None, previous: torch.profiler.record_function | None = None):
