@@ -134,6 +134,37 @@ def test_each_group_keeps_exactly_its_budget_of_cells(grouping):
     assert selected.any(dim=-1).all()
 
 
+@pytest.mark.parametrize("grouping", ["query", "causal_batch"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_row_groupings_match_one_top_k_over_every_row(grouping, padded):
+    """Rows with a one-cell budget keep their best cells without competing (the shortcut); the
+    answer is the plain grouped top-k over all rows with each (head, row)'s best cell first."""
+    from approxattn.blocks.sea_mask import _BEST_CELL_BONUS, _top_cells
+
+    B, H, N, T, k = 2, 3, 64, 8, 3          # budgets round(24 / L): 24 … 1, mixed
+    gen = torch.Generator().manual_seed(8 + padded)
+    layout = column_layout(B, N, N, T, causal=True, key_padding_mask=padding_mask(N) if padded else None)
+    candidates = nonempty_columns(layout)
+    for trial in range(3):
+        probs = torch.rand(B, H, N, T, generator=gen).softmax(-1)
+        if trial == 2:
+            probs = (probs * 4).round() / 4                             # ties
+        selected = select_cells(probs, candidates, layout.row_length, k=k, grouping=grouping)
+        cand = candidates[:, None].expand(B, H, N, T)
+        score = probs.masked_fill(~cand, float("-inf"))
+        best = torch.zeros_like(cand).scatter_(-1, score.argmax(-1, keepdim=True),
+                                               candidates.any(-1)[:, None, :, None].expand(B, H, N, 1))
+        score = score + best * _BEST_CELL_BONUS
+        per_row = row_budgets(layout.row_length, k, T)
+        if grouping == "query":
+            expected = _top_cells(score.reshape(-1, T), per_row[:, None].expand(B, H, N).reshape(-1)).view(B, H, N, T)
+        else:
+            flat = score.transpose(1, 2).reshape(B * N, H * T)
+            expected = _top_cells(flat, H * per_row.reshape(-1)).view(B, N, H, T).transpose(1, 2)
+        assert torch.equal(selected, (expected | best) & cand)
+        assert (per_row > 1).any() and (per_row == 1).any()
+
+
 def test_top_cells_break_ties_like_a_stable_sort():
     from approxattn.blocks.sea_mask import _top_cells
 
