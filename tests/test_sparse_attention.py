@@ -288,24 +288,33 @@ def test_tile_runs_cover_every_masked_pair_once():
         layout = column_layout(2, 45, 45, 7, causal=causal, key_padding_mask=random_padding(2, 45, gen))
         selected = torch.rand(2, 3, 45, 7, generator=gen) < 0.3
         BM, BN = 8, 4
-        start, count, runs = tile_runs(selected, layout, BM, BN)
-        mask = dense_column_mask(selected, layout)
-        for b in range(2):
-            for h in range(3):
-                for mb in range(start.shape[2]):
-                    n = int(runs[b, h, mb])
-                    assert torch.all(count[b, h, mb, :n] > 0) and torch.all(count[b, h, mb, n:] == 0)
-                    tiles = torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in
-                                       zip(start[b, h, mb, :n], count[b, h, mb, :n])]) if n else torch.zeros(0)
-                    assert tiles.numel() == tiles.unique().numel()
-                    needed = mask[b, h, mb * BM:(mb + 1) * BM].any(0).nonzero().flatten() // BN
-                    assert set(needed.tolist()) <= set(tiles.long().tolist())
+        runs = tile_runs(selected, layout, BM, BN)
+        assert_runs_cover_each_needed_tile_once(runs, dense_column_mask(selected, layout), torch.arange(45), BM, BN)
+
+
+def assert_runs_cover_each_needed_tile_once(tile_runs_, mask, order, BM, BN):
+    """tile_runs_ = (start, count, runs); mask (B, H, Nq, Nk); order (Nq,) or (B, H, Nq): the rows of
+    the blocks. Runs are compacted to the front, disjoint, and hold every tile a block's rows need."""
+    start, count, runs = tile_runs_
+    B, H = mask.shape[:2]
+    order = order.expand(B, H, -1)
+    for b in range(B):
+        for h in range(H):
+            for mb in range(start.shape[2]):
+                n = int(runs[b, h, mb])
+                assert torch.all(count[b, h, mb, :n] > 0) and torch.all(count[b, h, mb, n:] == 0)
+                tiles = torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in
+                                   zip(start[b, h, mb, :n], count[b, h, mb, :n])]) if n else torch.zeros(0)
+                assert tiles.numel() == tiles.unique().numel()
+                rows = order[b, h, mb * BM:(mb + 1) * BM]
+                needed = mask[b, h, rows].any(0).nonzero().flatten() // BN
+                assert set(needed.tolist()) <= set(tiles.long().tolist())
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_per_column_tile_runs_cover_every_masked_pair_of_rows_in_any_order_once(causal):
     """Rows of different lengths in any order: every (row, key) of the mask lies in a visited tile
-    of its block, no tile is visited twice, and no run reaches beyond the block's chosen columns."""
+    of its block, and no tile is visited twice."""
     from approxattn.kernels.sparse_attention import rows_by_first_keys, tile_runs_by_column_lengths
 
     gen = torch.Generator().manual_seed(12 + causal)
@@ -317,18 +326,8 @@ def test_per_column_tile_runs_cover_every_masked_pair_of_rows_in_any_order_once(
     for order in (random_order, rows_by_first_keys(selected, layout).long()):
         ordered = selected.gather(2, order[..., None].expand(B, H, N, T))
         length = layout.row_length[:, None, :].expand(B, H, N).gather(2, order)
-        start, count, runs = tile_runs_by_column_lengths(ordered, length, layout, BM, BN)
-        for b in range(B):
-            for h in range(H):
-                for mb in range(start.shape[2]):
-                    n = int(runs[b, h, mb])
-                    assert torch.all(count[b, h, mb, :n] > 0) and torch.all(count[b, h, mb, n:] == 0)
-                    tiles = torch.cat([torch.arange(int(s), int(s) + int(c)) for s, c in
-                                       zip(start[b, h, mb, :n], count[b, h, mb, :n])]) if n else torch.zeros(0)
-                    assert tiles.numel() == tiles.unique().numel()
-                    rows = order[b, h, mb * BM:(mb + 1) * BM]
-                    needed = mask[b, h, rows].any(0).nonzero().flatten() // BN
-                    assert set(needed.tolist()) <= set(tiles.long().tolist())
+        runs = tile_runs_by_column_lengths(ordered, length, layout, BM, BN)
+        assert_runs_cover_each_needed_tile_once(runs, mask, order, BM, BN)
 
 
 def test_rows_by_first_keys_sorts_rows_by_where_their_first_column_starts():
