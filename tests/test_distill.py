@@ -154,6 +154,7 @@ def test_the_optimizer_runs_the_schedule_and_a_resume_follows_it(tmp_path):
     distill(teacher, tokens, config, out_dir=tmp_path / "split", stop_after=3)
     resumed = distill(teacher, tokens, config, out_dir=tmp_path / "split")
     assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+    assert all(r["seconds"] > 0 for r in resumed.history)   # the first call's steps kept their times
     # a decaying schedule depends on the number of steps: going on for more is refused
     longer = DistillConfig(**(config.as_dict() | {"steps": 8, "weights": None}))
     with pytest.raises(ValueError, match="steps"):

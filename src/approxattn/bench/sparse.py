@@ -12,8 +12,8 @@ Implementations (``Case.impl``), all forward only:
 
 - ``sparse-kernel``: :func:`approxattn.kernels.sparse_attention.fast_column_mask_attention`
   (tile runs built on every call + the Triton kernel);
-- ``sparse-runs``: the tile-run construction alone (tensor ops, or one Triton launch with
-  ``APPROXATTN_TRITON_TILE_RUNS=1``);
+- ``sparse-runs``: the tile-run construction alone (one Triton launch, or tensor ops with
+  ``APPROXATTN_TRITON_TILE_RUNS=0``);
 - ``sparse-flex``: FlexAttention (compiled) with a prebuilt ``BlockMask`` (mask build not timed);
 - ``sparse-reference``: the PyTorch reference (gather path at these sizes).
 """

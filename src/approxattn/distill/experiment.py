@@ -288,6 +288,9 @@ def run_experiment(
         distiller = distill(model, train_tokens, cfg, out_dir=folder, progress=progress)
         _sync(device)
         train_seconds = time.perf_counter() - start
+        if distiller.history and all("seconds" in row for row in distiller.history):
+            # every step's time, those of earlier calls of a resumed run included
+            train_seconds = sum(row["seconds"] for row in distiller.history)
         evaluation = evaluate(distiller.student)
         results["methods"][label] = {
             "label": label, "method": method, "options": options, "steps": distiller.step_count,

@@ -196,7 +196,9 @@ class Distiller:
         return terms
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimisation step; returns the loss terms (floats) and the gradient norm."""
+        """One optimisation step; returns the loss terms (floats), the gradient norm, the lr factor
+        and the step's wall seconds (the loss floats wait for the device)."""
+        started = time.perf_counter()
         self.student.train()
         terms = self.losses(input_ids, attention_mask)
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,6 +212,7 @@ class Distiller:
         row = {name: float(value.detach()) for name, value in terms.items()}
         row["grad_norm"] = float(grad_norm)
         row["lr_factor"] = factor
+        row["seconds"] = time.perf_counter() - started
         row["step"] = self.step_count
         self.history.append(row)
         return row

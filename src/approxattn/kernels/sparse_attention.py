@@ -58,10 +58,11 @@ OVERRIDE: dict[str, int] = {}   # tuning runs set this
 
 
 def triton_tile_runs() -> bool:
-    """Whether the kernel builds its tile runs in one Triton launch (``APPROXATTN_TRITON_TILE_RUNS=1``)
-    instead of ~30 small tensor ops (about 1.2 ms of launch overhead on an H100). Off by default
-    until validated on a GPU: it matches the tensor-op version under the interpreter only."""
-    return os.environ.get("APPROXATTN_TRITON_TILE_RUNS", "0") == "1"
+    """Whether the kernel builds its tile runs in one Triton launch (the default) instead of ~30
+    small tensor ops (``APPROXATTN_TRITON_TILE_RUNS=0``, for A/B checks). Measured on an H100 at
+    N = 65,536 (2026-11-24, `sea` module forward): sparse stage 7.58 → 5.95 ms non-causal,
+    9.23 → 7.78 causal; the two agree exactly in the GPU tests."""
+    return os.environ.get("APPROXATTN_TRITON_TILE_RUNS", "1") != "0"
 
 
 def row_ordering() -> bool:
