@@ -24,8 +24,25 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
-def layer_norm(x: torch.Tensor, layer: nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, layer.normalized_shape, layer.weight.to(x.dtype), layer.bias.to(x.dtype), layer.eps)
+def layer_norm(x: torch.Tensor, layer: nn.LayerNorm, *, gelu: bool = False) -> torch.Tensor:
+    """``layer`` over x's last axis, then exact GELU if asked. At inference on CUDA one Triton kernel
+    (``kernels.layer_norm``: torch's kernel idles on SEA's 32–128-wide rows, and GELU comes fused)."""
+    weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
+    fast = _fast_layer_norm()
+    if fast is not None:
+        out = fast(x, weight, bias, layer.eps, gelu=gelu)
+        if out is not None:
+            return out
+    y = F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    return F.gelu(y) if gelu else y
+
+
+def _fast_layer_norm():
+    try:
+        from ..kernels.layer_norm import fast_layer_norm
+    except ImportError:  # pragma: no cover - the kernels package is optional
+        return None
+    return fast_layer_norm
 
 
 def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] = (0, 0, 0, 0), relu: bool = False,

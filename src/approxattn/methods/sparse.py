@@ -371,7 +371,7 @@ class SEAAttention(RandomFeatureModule):
     def _encode(self, context: torch.Tensor, own_value: torch.Tensor) -> torch.Tensor:
         """``GELU(LayerNorm(Linear([c, v_i])))`` → ``(B, H, Nq, 2d)``."""
         hidden = linear(torch.cat([context, own_value], dim=-1), self.encoder)
-        return F.gelu(layer_norm(hidden, self.encoder_norm))
+        return layer_norm(hidden, self.encoder_norm, gelu=True)
 
     def _estimator_attention(self, q, k, v_aug, *, causal, key_padding_mask, scale, shape) -> torch.Tensor:
         """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in v_aug's (compute) dtype: softmax kernel
