@@ -221,10 +221,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...])
             writer.writerow({k: _clean(row.get(k)) for k in columns})
 
 
-def write_report(plan: Any, rows: list[dict[str, Any]], env: dict[str, Any], *, wall_s: float, computed: int,
-                 reused: int, extra: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
-    from .runner import config_dict, environment
-
+def write_report(plan: Any, rows: list[dict[str, Any]], env: dict[str, Any], *, config: dict[str, Any],
+                 environment: dict[str, Any], wall_s: float, computed: int, reused: int,
+                 extra: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Write the report files of a finished run into ``plan.out_dir``; returns (file names, summary).
+    ``config`` and ``environment``: the run's options and machine, as the runner records them."""
     out = plan.out_dir
     rows = [r for r in rows if r]
     measures = [r for r in rows if r["kind"] in ("measure", "scaling")]
@@ -244,8 +245,8 @@ def write_report(plan: Any, rows: list[dict[str, Any]], env: dict[str, Any], *, 
         plot_status = write_plots(plan, rows, out)
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     document = {
-        "config": config_dict(plan.config),
-        "environment": environment(plan, env),
+        "config": config,
+        "environment": environment,
         "wall_s": wall_s,
         "rows_computed": computed,
         "rows_reused": reused,

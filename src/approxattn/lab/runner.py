@@ -35,6 +35,7 @@ from . import metrics
 from .budgets import budget_label, budget_option_names, method_budgets, parse_budget_overrides
 from .inputs import AttentionInput, expand_spec
 from .models import cache_dir
+from .report import write_report
 from .spectrum import rank_profile, sparse_low_rank_split
 from .store import ResultStore, dumps, make_key
 from .timing import device_description, median_time, peak_memory
@@ -571,9 +572,8 @@ def _run(plan: Plan, config: CompareConfig, console: Any, progress: bool, status
 
     rows = [store.get(key) for key, *_ in work]
     _append_measurements(cfg.cache, new_rows)
-    from .report import write_report
-
-    files, summary = write_report(plan, rows, env, wall_s=time.perf_counter() - start, computed=computed, reused=reused,
+    files, summary = write_report(plan, rows, env, config=config_dict(plan.config), environment=environment(plan, env),
+                                  wall_s=time.perf_counter() - start, computed=computed, reused=reused,
                                   extra={"input_load_s": load_s})
     return CompareResult(plan, rows, time.perf_counter() - start, computed, reused, files, summary)
 
