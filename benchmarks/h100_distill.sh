@@ -9,7 +9,7 @@
 #   run(command="bash benchmarks/h100_distill.sh", carry=[".whl", ".smollm2b"])
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
 # skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
-# (comma-separated), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
+# (comma-separated), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
 # tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
 # VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
 # own extra `distill run` arguments, folders /tmp/distill_<name>).
@@ -32,7 +32,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   date -u +"%Y-%m-%d %H:%M UTC"
 } >> "$OUT/session.log" 2>&1
-export PYTHONPATH=${SRC:-src}:/tmp/site HF_HUB_OFFLINE=1 APPROXATTN_DISABLE_KERNELS=1
+export PYTHONPATH=${SRC:-src}:/tmp/site HF_HUB_OFFLINE=1
+# the students' Triton kernels (estimator, etc.) are on: a SEA step at 2 × 1024 tokens takes 0.93 s with them
+# and 2.13 s on the PyTorch paths (benchmarks/distill_step_profile.py, run 7); KERNELS=0 turns them off
+[ "${KERNELS:-1}" = 0 ] && export APPROXATTN_DISABLE_KERNELS=1
 METHODS=${METHODS:-sea,performer,linear}
 options_for() {  # the options of one method (the CLI refuses options of methods it does not run)
   case "$1" in
