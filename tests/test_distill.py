@@ -248,6 +248,7 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     row = results["methods"]["linear"]
     assert row["steps"] == 2 and 0.0 < row["eval"]["token_cosine"] <= 1.0
     assert results["causal"] is False and "teacher" not in results  # encoders: no perplexity
+    assert results["kernels"] is False                                 # a CPU run: the PyTorch paths
     capsys.readouterr()
     assert distill_main(["report", str(out)]) == 0
     assert "token cosine" in capsys.readouterr().out
@@ -278,6 +279,9 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     cosine["config"] = {"seq_len": 32, "lr_schedule": "cosine", "lr": 3e-5}
     both = merge_results([_fake_results(10.0, "linear", 12.5), cosine])
     assert list(both["methods"]) == ["linear", "linear [lr=3e-05, lr_schedule=cosine]"]
+    with_kernels = _fake_results(10.0, "linear", 11.0) | {"kernels": True}       # the same recipe, fused kernels
+    assert list(merge_results([_fake_results(10.0, "linear", 12.5), with_kernels])["methods"]) == [
+        "linear", "linear [kernels=True]"]
     assert both["methods"]["linear [lr=3e-05, lr_schedule=cosine]"]["eval"]["ppl"] == 11.0
     with pytest.raises(ValueError, match="at least one"):
         merge_results([])

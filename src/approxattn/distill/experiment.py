@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from .. import hf
+from ..kernels import kernels_enabled
 from .data import split_text, token_stream
 from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
 
@@ -148,7 +149,7 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         mine, theirs = (merged.get("teacher") or {}).get("ppl"), (other.get("teacher") or {}).get("ppl")
         if mine is not None and theirs is not None and abs(mine - theirs) > 1e-3 * mine:
             raise ValueError(f"results: teacher perplexity differs between runs ({mine} vs {theirs})")
-        recipe = _recipe_difference(parts[0].get("config") or {}, other.get("config") or {})
+        recipe = _recipe_difference(_recipe(parts[0]), _recipe(other))
         for label, row in other.get("methods", {}).items():
             if label in merged["methods"]:
                 if not recipe:
@@ -159,6 +160,11 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if other.get("command") != merged.get("command"):
             merged["command"] = f"{merged.get('command')} ; {other.get('command')}"
     return merged
+
+
+def _recipe(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's training options plus whether its students ran the fused kernels (None: not recorded)."""
+    return (results.get("config") or {}) | {"kernels": results.get("kernels")}
 
 
 def _recipe_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
@@ -216,6 +222,8 @@ def run_experiment(
         "date": datetime.date.today().isoformat(),
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "transformers": __import__("transformers").__version__,
+        # the students' fused Triton kernels (CUDA, unless APPROXATTN_DISABLE_KERNELS=1): same maths, other speed
+        "kernels": kernels_enabled(torch.empty(0, device=device)),
     })
     results.setdefault("methods", {})
 
