@@ -422,7 +422,7 @@ def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, causal, 
 def test_causal_kernel_on_rows_sorted_by_first_key(forced_kernels):
     """One scattered column per row: index order would visit the whole causal triangle, so the
     kernel takes the rows sorted by first key (checked) and still matches the reference."""
-    from approxattn.kernels.sparse_attention import _cheaper_row_order, fast_column_mask_attention, launch_config, tile_runs
+    from approxattn.kernels.sparse_attention import _cheaper_row_order, fast_column_mask_attention, launch_config
 
     gen = torch.Generator().manual_seed(31)
     B, H, n, T = 2, 4, 96, 12
@@ -430,7 +430,7 @@ def test_causal_kernel_on_rows_sorted_by_first_key(forced_kernels):
     selected = torch.zeros(B, H, n, T, dtype=torch.bool)
     selected.scatter_(-1, torch.randint(0, T, (B, H, n, 1), generator=gen), True)
     cfg = launch_config(q.shape[-1], v.shape[-1])
-    order, *_ = _cheaper_row_order(selected, layout, cfg["BM"], cfg["BN"], tile_runs)
+    order, *_ = _cheaper_row_order(selected, layout, cfg["BM"], cfg["BN"])
     identity = torch.arange(n, dtype=torch.int32)
     assert sum(not torch.equal(order[b, h], identity) for b in range(B) for h in range(H)) >= B * H // 2
     out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4)

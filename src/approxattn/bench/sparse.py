@@ -87,7 +87,7 @@ def build_sparse(case: Case, device: str = "cuda"):
         cfg = ks.launch_config(case.head_dim, case.head_dim)
 
         def run(q, k, v):
-            return (ks.tile_runs_triton if ks.triton_tile_runs() else ks.tile_runs)(selected, layout, cfg["BM"], cfg["BN"])
+            return ks.build_tile_runs(selected, layout, cfg["BM"], cfg["BN"])
     elif case.impl == "sparse-flex":
         from torch.nn.attention.flex_attention import flex_attention
 

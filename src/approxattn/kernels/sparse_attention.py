@@ -65,6 +65,12 @@ def triton_tile_runs() -> bool:
     return os.environ.get("APPROXATTN_TRITON_TILE_RUNS", "1") != "0"
 
 
+def build_tile_runs(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int):
+    """:func:`tile_runs_triton` or :func:`tile_runs` (:func:`triton_tile_runs` decides): the runs of
+    blocks of rows in index order, or of rows reordered where all share one length."""
+    return (tile_runs_triton if triton_tile_runs() else tile_runs)(selected, layout, block_m, block_n)
+
+
 def row_ordering() -> bool:
     """Whether equal-length layouts get their query rows grouped by selected columns before tiling
     (``APPROXATTN_SPARSE_ROW_ORDER=0`` turns it off, for A/B benchmarks)."""
@@ -143,6 +149,13 @@ def tile_runs_by_column_lengths(selected: torch.Tensor, row_length: torch.Tensor
     first = torch.where(used, first, torch.full_like(first, never))
     first, by_first = first.sort(dim=-1, stable=True)
     end = torch.where(used, last, torch.full_like(last, -1)).gather(-1, by_first)
+    return _disjoint_runs(first, end)
+
+
+def _disjoint_runs(first: torch.Tensor, end: torch.Tensor):
+    """Candidate runs ``[first, end]`` of KV tiles per (…, column), ordered by ``first`` along the
+    last axis (``end`` −1: unused) → ``start, count, runs`` (see :func:`tile_runs`): each run cut
+    against the running maximum of the previous ends (every tile visited once), then compacted."""
     covered = torch.nn.functional.pad(end.cummax(-1).values[..., :-1], (1, 0), value=-1)
     start = torch.maximum(first, covered + 1)
     count = (end - start + 1).clamp(min=0)                          # 0 for unused and fully covered runs
@@ -175,16 +188,9 @@ def tile_runs(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_
     last = torch.gather(positions, 1, (hi - 1).clamp(min=0, max=Nk - 1).flatten(1)).view_as(hi) // block_n
     used = torch.nn.functional.pad(selected, (0, 0, 0, pad)).view(B, H, nmb, block_m, T).any(3)
     used &= nonempty[:, None]                                       # (B, H, NMB, T)
+    # one length range per block: runs grow with the column, so they are already ordered by first tile
     end = torch.where(used, last[:, None], torch.full_like(last[:, None], -1))
-    # tiles already covered by an earlier selected column: the running max of previous ends
-    covered = torch.nn.functional.pad(end.cummax(-1).values[..., :-1], (1, 0), value=-1)
-    start = torch.maximum(first[:, None], covered + 1)
-    count = torch.where(used, end - start + 1, torch.zeros_like(end)).clamp(min=0)
-    order = torch.sort((count == 0).to(torch.uint8), dim=-1, stable=True).indices
-    start = torch.gather(start, -1, order).to(torch.int32).contiguous()
-    count = torch.gather(count, -1, order).to(torch.int32).contiguous()
-    runs = (count > 0).sum(-1, dtype=torch.int32)
-    return start, count, runs
+    return _disjoint_runs(first[:, None], end)
 
 
 if HAS_TRITON:
@@ -370,7 +376,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch
     return (2 * k.shape[2] + 1) * T < 2**31 and 2 * k.shape[2] * T < 2**31
 
 
-def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int, build_runs):
+def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: int, block_n: int):
     """Rows of different lengths (causal): per head, index order or :func:`rows_by_first_keys`,
     whichever visits fewer KV tiles, with its runs. Why both: where neighbouring rows choose the same
     columns (a smooth estimate) index order is best (a block's rows share lengths too); where they
@@ -382,7 +388,7 @@ def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: in
     ordered = selected.gather(2, by_key.long()[..., None].expand(B, H, Nq, T))
     length = layout.row_length[:, None, :].expand(B, H, Nq).gather(2, by_key.long())
     sorted_runs = tile_runs_by_column_lengths(ordered, length, layout, block_m, block_n)
-    index_runs = build_runs(selected, layout, block_m, block_n)
+    index_runs = build_tile_runs(selected, layout, block_m, block_n)
 
     def tiles(runs_of):   # KV tiles visited per head (entries past `runs` may be unwritten)
         _, count, runs = runs_of
@@ -404,16 +410,15 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
     T = layout.columns
     cfg = launch_config(d, dv)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
-    build_runs = tile_runs_triton if triton_tile_runs() else tile_runs
     if not (row_ordering() and Nq > BM):
         order = None
-        start, count, runs = build_runs(selected, layout, BM, BN)
+        start, count, runs = build_tile_runs(selected, layout, BM, BN)
     elif layout.equal_lengths:   # the runs of each block of ordered rows: only `selected` moves
         order = rows_by_columns(selected)
         ordered = selected.gather(2, order.long()[..., None].expand(B, H, Nq, T))
-        start, count, runs = build_runs(ordered, layout, BM, BN)
+        start, count, runs = build_tile_runs(ordered, layout, BM, BN)
     else:
-        order, start, count, runs = _cheaper_row_order(selected, layout, BM, BN, build_runs)
+        order, start, count, runs = _cheaper_row_order(selected, layout, BM, BN)
     nmb = start.shape[2]
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=q.device)
     sel = selected.view(torch.uint8)
