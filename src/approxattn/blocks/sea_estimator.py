@@ -11,6 +11,7 @@ fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
 
 from __future__ import annotations
 
+import importlib
 import math
 from functools import lru_cache
 
@@ -28,7 +29,7 @@ def layer_norm(x: torch.Tensor, layer: nn.LayerNorm, *, gelu: bool = False) -> t
     """``layer`` over x's last axis, then exact GELU if asked. At inference on CUDA one Triton kernel
     (``kernels.layer_norm``: torch's kernel idles on SEA's 32–128-wide rows, and GELU comes fused)."""
     weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
-    fast = _fast_layer_norm()
+    fast = _fast_kernel("layer_norm", "fast_layer_norm")
     if fast is not None:
         out = fast(x, weight, bias, layer.eps, gelu=gelu)
         if out is not None:
@@ -37,12 +38,13 @@ def layer_norm(x: torch.Tensor, layer: nn.LayerNorm, *, gelu: bool = False) -> t
     return F.gelu(y) if gelu else y
 
 
-def _fast_layer_norm():
+def _fast_kernel(module: str, name: str):
+    """``approxattn.kernels.<module>.<name>`` (a dispatching op that returns None where its kernel
+    does not apply), or None when the kernels package cannot be imported."""
     try:
-        from ..kernels.layer_norm import fast_layer_norm
+        return getattr(importlib.import_module(f"..kernels.{module}", __package__), name)
     except ImportError:  # pragma: no cover - the kernels package is optional
         return None
-    return fast_layer_norm
 
 
 def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] = (0, 0, 0, 0), relu: bool = False,
@@ -54,7 +56,7 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] 
     skips the upsampled and padded copies); ``F.conv2d`` otherwise."""
     weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
     if layer.stride[1] == 1:
-        fast = _fast_small_conv2d()
+        fast = _fast_kernel("small_conv", "fast_small_conv2d")
         if fast is not None:
             out = fast(x, weight, bias, stride_rows=layer.stride[0], dilation=layer.dilation, pad_left=pad[0],
                        pad_right=pad[1], pad_top=pad[2], pad_bottom=pad[3], upsample_rows=upsample_rows,
@@ -69,14 +71,6 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] 
     else:
         out = F.conv2d(F.pad(x, pad), weight, bias, stride=layer.stride, dilation=layer.dilation)
     return F.relu(out) if relu else out
-
-
-def _fast_small_conv2d():
-    try:
-        from ..kernels.small_conv import fast_small_conv2d
-    except ImportError:  # pragma: no cover - the kernels package is optional
-        return None
-    return fast_small_conv2d
 
 
 def resize_width(x: torch.Tensor, width: int) -> torch.Tensor:
