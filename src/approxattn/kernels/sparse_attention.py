@@ -380,8 +380,9 @@ def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: in
     """Rows of different lengths (causal): per head, index order or :func:`rows_by_first_keys`,
     whichever visits fewer KV tiles, with its runs. Why both: where neighbouring rows choose the same
     columns (a smooth estimate) index order is best (a block's rows share lengths too); where they
-    do not, index order visits nearly the whole causal triangle (measured on CPU at N = 65,536,
-    T = 128, one random column per row: 4.0 M tiles against 0.15 M sorted by first key).
+    do not, index order visits half the causal triangle (counted on CPU at N = 65,536,
+    T = 128, one random column per row: 4.0 M tiles against 0.15 M sorted by first key;
+    benchmarks/causal_row_order_tiles.py).
     Returns ``order (B, H, Nq)`` int32 and the runs (see :func:`tile_runs`)."""
     B, H, Nq, T = selected.shape
     by_key = rows_by_first_keys(selected, layout)
