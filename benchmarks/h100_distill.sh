@@ -12,7 +12,7 @@
 # (comma-separated), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
 # tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
 # VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
-# own extra `distill run` arguments, folders /tmp/distill_<name>).
+# own extra `distill run` arguments, folders /tmp/distill_<name>; "name:methods=ARGS" names its own methods).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/smollm2
@@ -58,13 +58,17 @@ if [ -n "${VARIANTS:-}" ]; then
   IFS=';' read -r -a variants <<< "$VARIANTS"
   for variant in "${variants[@]}"; do
     name=${variant%%=*}
-    distill "$METHODS" "/tmp/distill_$name" "$OUT/distill_$name.log" "${variant#*=}" &
+    methods=$METHODS
+    # "name:methods=ARGS" trains its own methods (e.g. the drop-ins beside SEA, each with its recipe)
+    if [[ $name == *:* ]]; then methods=${name#*:}; name=${name%%:*}; fi
+    distill "$methods" "/tmp/distill_$name" "$OUT/distill_$name.log" "${variant#*=}" &
   done
-  wait $(jobs -p | grep -v "^$monitor\$")
 elif [ "${PARALLEL:-0}" = 1 ]; then
   # one process per method, each its own run folder /tmp/distill_<method> (a step is host-bound, so
   # methods side by side share the GPU well); `approxattn distill report` merges the folders
   for m in ${METHODS//,/ }; do distill "$m" "/tmp/distill_$m" "$OUT/distill_$m.log" & done
+fi
+if [ -n "${VARIANTS:-}" ] || [ "${PARALLEL:-0}" = 1 ]; then
   wait $(jobs -p | grep -v "^$monitor\$")
 else
   distill "$METHODS" /tmp/distill_run "$OUT/distill.log"
