@@ -261,7 +261,7 @@ def _fake_results(teacher_ppl: float, label: str, ppl: float) -> dict:
            "final_loss": 0.5, "eval": {"ppl": ppl}}
     return {"teacher_name": "kjv-tiny", "causal": True, "teacher": {"ppl": teacher_ppl, "windows": 2},
             "heldout": {"description": "KJV Hebrews to Revelation", "tokens": 100, "windows": 2},
-            "config": {"seq_len": 32}, "command": f"run {label}", "methods": {label: row}}
+            "config": {"seq_len": 32}, "command": f"run {label}", "device": "GPU A", "methods": {label: row}}
 
 
 def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
@@ -270,6 +270,7 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     merged = merge_results([_fake_results(10.0, "performer", 12.5), _fake_results(10.0, "linear", 11.0)])
     assert list(merged["methods"]) == ["performer", "linear"]
     assert merged["command"] == "run performer ; run linear"
+    assert merged["device"] == "GPU A"
     with pytest.raises(ValueError, match="teacher perplexity"):
         merge_results([_fake_results(10.0, "performer", 12.5), _fake_results(11.0, "linear", 11.0)])
     with pytest.raises(ValueError, match="more than one run"):
@@ -283,6 +284,12 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     assert list(merge_results([_fake_results(10.0, "linear", 12.5), with_kernels])["methods"]) == [
         "linear", "linear [kernels=True]"]
     assert both["methods"]["linear [lr=3e-05, lr_schedule=cosine]"]["eval"]["ppl"] == 11.0
+    # a method that appears once is labelled too when its run's recipe is not the footnote's (the first run's)
+    other = _fake_results(10.0, "softmax", 9.0) | {"device": "GPU B"}
+    other["config"] = {"seq_len": 32, "steps": 1000}
+    three = merge_results([_fake_results(10.0, "linear", 12.5), other, _fake_results(10.0, "performer", 12.0)])
+    assert list(three["methods"]) == ["linear", "softmax [steps=1000]", "performer"]
+    assert three["device"] == "GPU A | GPU B"
     with pytest.raises(ValueError, match="at least one"):
         merge_results([])
     for name, part in (("a", _fake_results(10.0, "performer", 12.5)), ("b", _fake_results(10.0, "linear", 11.0))):
@@ -291,7 +298,7 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     capsys.readouterr()
     assert distill_main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     table = capsys.readouterr().out
-    assert "| performer | 3 | 96 | 12.500 | 1.25 |" in table and "| linear | 3 | 96 | 11.000 | 1.10 |" in table
+    assert "| performer | 3 | 96 | 12.500 | 1.250 |" in table and "| linear | 3 | 96 | 11.000 | 1.100 |" in table
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "results.json").write_text(json.dumps(_fake_results(11.0, "sea", 11.0)))
     assert distill_main(["report", str(tmp_path / "a"), str(tmp_path / "c")]) == 2

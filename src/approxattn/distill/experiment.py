@@ -111,11 +111,12 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| model | steps | train tokens | held-out PPL | × teacher | train s | final loss |")
         lines.append("|---|---|---|---|---|---|---|")
         if teacher:
-            lines.append(f"| teacher ({results['teacher_name']}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.00 | - | - |")
+            lines.append(f"| teacher ({results['teacher_name']}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.000 | - | - |")
         for row in results.get("methods", {}).values():
             ratio = row["eval"]["ppl"] / teacher["ppl"] if teacher.get("ppl") else None
+            # three decimals: targets such as "within 5 %" sit at the second
             lines.append(f"| {row['label']} | {row['steps']} | {row['train_tokens']} | {_fmt(row['eval']['ppl'])} | "
-                         f"{_fmt(ratio, 2)} | {_fmt(row['train_seconds'], 0)} | {_fmt(row.get('final_loss'), 4)} |")
+                         f"{_fmt(ratio, 3)} | {_fmt(row['train_seconds'], 0)} | {_fmt(row.get('final_loss'), 4)} |")
     else:
         lines.append("| model | steps | train tokens | token cosine to teacher | pooled cosine | train s | final loss |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -137,7 +138,9 @@ def markdown_table(results: dict[str, Any]) -> str:
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs' results (e.g. one process per method) as one: the first run's header and
     teacher, every run's methods. The runs must share the teacher and its held-out evaluation,
-    otherwise their perplexities are not comparable (ValueError)."""
+    otherwise their perplexities are not comparable (ValueError). The table's footnote gives the
+    first run's recipe, so every row of a run trained otherwise is labelled by what differs, and
+    the device line names every device the runs used."""
     if not parts:
         raise ValueError("parts: expected at least one results dict")
     merged = json.loads(json.dumps(parts[0]))
@@ -151,12 +154,15 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"results: teacher perplexity differs between runs ({mine} vs {theirs})")
         recipe = _recipe_difference(_recipe(parts[0]), _recipe(other))
         for label, row in other.get("methods", {}).items():
-            if label in merged["methods"]:
-                if not recipe:
-                    raise ValueError(f"results: method {label!r} appears in more than one run with the same options")
-                label = f"{label} [{recipe}]"  # the same method trained another way: say how
+            if recipe:
+                label = f"{label} [{recipe}]"  # trained otherwise than the footnote says: say how
                 row = row | {"label": label}
+            if label in merged["methods"]:
+                raise ValueError(f"results: method {label!r} appears in more than one run with the same options")
             merged["methods"][label] = row
+        device = other.get("device")
+        if device and device not in (merged.get("device") or "").split(" | "):
+            merged["device"] = f"{merged['device']} | {device}" if merged.get("device") else device
         if other.get("command") != merged.get("command"):
             merged["command"] = f"{merged.get('command')} ; {other.get('command')}"
     return merged
