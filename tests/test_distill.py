@@ -98,6 +98,24 @@ def test_estimator_loss_appears_exactly_for_methods_with_details():
         assert torch.isfinite(terms["total"])
 
 
+def test_random_features_stay_fixed_unless_a_redraw_is_asked_for():
+    """A redraw on one of the last steps evaluates the student on features it never trained with
+    (the 1,000-step SmolLM2 runs hit the methods' every-1,000-calls default on their last step)."""
+    assert DistillConfig(method="performer").options == {"redraw": "never"}
+    assert DistillConfig(method="sea", options={"k": 4}).options == {"k": 4, "redraw": "never"}
+    assert DistillConfig(method="performer", options={"redraw": 3}).options == {"redraw": 3}
+    assert DistillConfig(method="linear").options == {}           # no random features: nothing added
+    with pytest.raises(ValueError, match="unknown method"):
+        DistillConfig(method="nope").validate()
+    teacher, tokens = tiny_teacher(), stream()
+    for options, draws in (({"num_features": 8}, 0), ({"num_features": 8, "redraw": 3}, 1)):
+        config = DistillConfig(method="performer", options=options, steps=3, seq_len=16, batch_size=1,
+                               precision="fp32")
+        student = distill(teacher, tokens, config).student
+        modules = approxattn.hf.attached_modules(student)
+        assert modules and all(int(m.feature_draws) == draws for m in modules)
+
+
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     teacher = tiny_teacher()
     tokens = stream()

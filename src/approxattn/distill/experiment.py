@@ -205,6 +205,8 @@ def run_experiment(
     """Run (or resume) the comparison; returns the results dict also written to ``out_dir``."""
     if not methods:
         raise ValueError("methods: expected at least one method")
+    # each method's options with the distillation defaults, so labels and results show them
+    methods = [(method, DistillConfig(method=method, options=options).options) for method, options in methods]
     for method, options in methods:
         DistillConfig(**(config.as_dict() | {"method": method, "options": options,
                                               "weights": config.weights})).validate()

@@ -48,9 +48,27 @@ def _non_negative(name: str, value: Any, *, positive: bool = False) -> None:
         raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
+def student_options(method: Any, options: Any) -> Any:
+    """``options`` with the distillation default of a random-feature method: features never redrawn
+    unless ``redraw`` is given. The methods' default (every 1,000 training calls, lucidrains' and
+    SEA's) landed a redraw on the last step of a 1,000-step run, so the student was evaluated on
+    features it trained with for one clipped step. Anything malformed is returned as it came, for
+    ``DistillConfig.validate`` to reject."""
+    if not isinstance(options, dict) or "redraw" in options or not isinstance(method, str):
+        return options
+    try:
+        spec = get_method(method)
+    except ValueError:
+        return options
+    if any(option.name == "redraw" for option in spec.options):
+        return options | {"redraw": "never"}
+    return options
+
+
 @dataclass
 class DistillConfig:
-    """Options of one distillation run (defaults: SEA's recipe, sized for a short run)."""
+    """Options of one distillation run (defaults: SEA's recipe, sized for a short run). The
+    method's options get the distillation defaults of ``student_options``."""
 
     method: str = "softmax"
     options: dict[str, Any] = field(default_factory=dict)  # the method's options
@@ -100,6 +118,9 @@ class DistillConfig:
             raise ValueError(f"hidden_loss: expected one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
         if self.weights is not None and not isinstance(self.weights, LossWeights):
             raise TypeError(f"weights: expected a LossWeights or None, got {type(self.weights).__name__}")
+
+    def __post_init__(self) -> None:
+        self.options = student_options(self.method, self.options)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
