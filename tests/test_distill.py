@@ -211,6 +211,12 @@ def test_data_split_and_windows():
     train, heldout = split_text("train"), split_text("heldout")
     assert heldout.startswith("God, who at sundry times")
     assert heldout[1000:1200] not in train and "come, Lord Jesus" in heldout
+    full = split_text("train-full")   # every book before the held-out ones: the excerpt and ~10x more
+    assert full.startswith(train[:2000]) and train[-300:] in full and len(full) > 9 * len(train)
+    assert full.rstrip().endswith("be with your spirit. Amen.")           # Philemon, the book before Hebrews
+    assert all(heldout[i:i + 200] not in full for i in range(0, len(heldout) - 200, 15_000))
+    with pytest.raises(ValueError, match="split"):
+        split_text("test")
     tokens = torch.arange(100)
     a = train_batch(tokens, step=3, batch_size=2, seq_len=10, seed=0)
     torch.testing.assert_close(a, train_batch(tokens, step=3, batch_size=2, seq_len=10, seed=0))
@@ -270,6 +276,9 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     capsys.readouterr()
     assert distill_main(["report", str(out)]) == 0
     assert "token cosine" in capsys.readouterr().out
+    assert results["train_split"]["name"] == "train"
+    assert distill_main(args + ["--train-split", "train-full"]) == 2   # a resume on other text: refused
+    assert "split" in capsys.readouterr().err
     assert distill_main(["run", "--teacher", "minilm", "--methods", "linear", "--option", "bad", "--out",
                          str(tmp_path / "x")]) == 2
 
@@ -308,6 +317,9 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     three = merge_results([_fake_results(10.0, "linear", 12.5), other, _fake_results(10.0, "performer", 12.0)])
     assert list(three["methods"]) == ["linear", "softmax [steps=1000]", "performer"]
     assert three["device"] == "GPU A | GPU B"
+    longer = _fake_results(10.0, "linear", 10.5) | {"train_split": {"name": "train-full", "tokens": 10**6}}
+    assert list(merge_results([_fake_results(10.0, "linear", 12.5), longer])["methods"]) == [
+        "linear", "linear [train_split=train-full]"]
     with pytest.raises(ValueError, match="at least one"):
         merge_results([])
     for name, part in (("a", _fake_results(10.0, "performer", 12.5)), ("b", _fake_results(10.0, "linear", 11.0))):

@@ -9,13 +9,14 @@ print(perplexity(d.student, heldout_tokens, seq_len=1024))
 ``approxattn distill run|report`` runs the teacher-vs-methods comparison on the KJV text.
 """
 
-from .data import SPLITS, eval_windows, split_text, token_stream, train_batch
+from .data import SPLITS, TRAIN_SPLITS, eval_windows, split_text, token_stream, train_batch
 from .losses import RECIPES, LossWeights, attention_kl, attention_mse, layer_losses, model_losses, recipe_for
 from .trainer import DistillConfig, Distiller, distill, hidden_agreement, lr_factor, perplexity
 
 __all__ = [
     "RECIPES",
     "SPLITS",
+    "TRAIN_SPLITS",
     "DistillConfig",
     "Distiller",
     "LossWeights",

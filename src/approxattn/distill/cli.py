@@ -89,6 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
             eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
             device=args.device, progress=not args.no_progress,
             command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
+            train_split=args.train_split,
         )
     except (ValueError, TypeError, NotImplementedError) as error:
         print(f"approxattn distill: {error}", file=sys.stderr)
@@ -130,6 +131,9 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
                      help="kjv-tiny: a small softmax Llama trained here on the KJV train split first "
                           "(cached in --out/teacher), for machines without the budget for SmolLM2")
     run.add_argument("--methods", default="performer,linear", help="comma-separated methods (default performer,linear)")
+    run.add_argument("--train-split", choices=["train", "train-full"], default="train",
+                     help="the students' training text: the lab's KJV excerpt (96 K tokens, default) or every book "
+                          "before the held-out ones (Genesis to Philemon, ~1 M tokens)")
     run.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="a method option (repeatable)")
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--batch-size", type=int, default=1)

@@ -1,8 +1,11 @@
 """Text for distillation: a fixed train / held-out split of the King James Bible.
 
-* train: the lab's KJV excerpt (Genesis onwards, ``approxattn.lab`` package data);
-* held-out: Hebrews to Revelation (``approxattn/distill/data/kjv_heldout.txt.gz``, made by
-  ``scripts/make_distill_text.py``) — books no model is distilled on.
+* train: the lab's KJV excerpt (Genesis onwards, ``approxattn.lab`` package data; 96 K SmolLM2
+  tokens, so a run of 1,000 steps × 2,048 tokens passes over it ~21 times);
+* train-full: every book before the held-out ones, Genesis to Philemon
+  (``approxattn/distill/data/kjv_train.txt.gz``, ~1 M tokens);
+* held-out: Hebrews to Revelation (``approxattn/distill/data/kjv_heldout.txt.gz``) — books no
+  model is distilled on. Both package files are made by ``scripts/make_distill_text.py``.
 
 Both are tokenised once into one long stream of token ids. Training draws windows at random
 offsets (a generator seeded by ``(seed, step)``, so a resumed run sees exactly the windows an
@@ -22,17 +25,20 @@ from ..lab.text import load_text
 
 SPLITS = {
     "train": "KJV Genesis onwards (approxattn.lab's kjv.txt.gz)",
+    "train-full": "KJV Genesis to Philemon (approxattn.distill's kjv_train.txt.gz)",
     "heldout": "KJV Hebrews to Revelation (approxattn.distill's kjv_heldout.txt.gz)",
 }
+TRAIN_SPLITS = ("train", "train-full")
+_PACKAGE_FILES = {"train-full": "kjv_train.txt.gz", "heldout": "kjv_heldout.txt.gz"}
 
 
 @lru_cache(maxsize=None)
 def split_text(split: str) -> str:
-    """The text of ``split`` ('train' or 'heldout')."""
+    """The text of ``split`` ('train', 'train-full' or 'heldout')."""
     if split == "train":
         return load_text("kjv")
-    if split == "heldout":
-        data = resources.files("approxattn.distill").joinpath("data").joinpath("kjv_heldout.txt.gz").read_bytes()
+    if split in _PACKAGE_FILES:
+        data = resources.files("approxattn.distill").joinpath("data").joinpath(_PACKAGE_FILES[split]).read_bytes()
         return gzip.decompress(data).decode("utf-8")
     raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
 

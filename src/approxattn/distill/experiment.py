@@ -32,7 +32,7 @@ import torch
 
 from .. import hf
 from ..kernels import kernels_enabled
-from .data import split_text, token_stream
+from .data import SPLITS, TRAIN_SPLITS, split_text, token_stream
 from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
 
 RESULTS = "results.json"
@@ -168,9 +168,16 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _train_split_name(results: dict[str, Any]) -> str:
+    """The split a run trained on (runs from before ``train_split`` was recorded: 'train')."""
+    return (results.get("train_split") or {}).get("name", "train")
+
+
 def _recipe(results: dict[str, Any]) -> dict[str, Any]:
-    """A run's training options plus whether its students ran the fused kernels (None: not recorded)."""
-    return (results.get("config") or {}) | {"kernels": results.get("kernels")}
+    """A run's training options, its train split, and whether its students ran the fused kernels
+    (None: not recorded)."""
+    return (results.get("config") or {}) | {"kernels": results.get("kernels"),
+                                             "train_split": _train_split_name(results)}
 
 
 def _recipe_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
@@ -201,10 +208,15 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    train_split: str = "train",
 ) -> dict[str, Any]:
-    """Run (or resume) the comparison; returns the results dict also written to ``out_dir``."""
+    """Run (or resume) the comparison; returns the results dict also written to ``out_dir``.
+    ``train_split``: the text the students train on, 'train' (the lab's 96 K-token KJV excerpt) or
+    'train-full' (Genesis to Philemon, ~1 M tokens); the held-out books are the same for both."""
     if not methods:
         raise ValueError("methods: expected at least one method")
+    if train_split not in TRAIN_SPLITS:
+        raise ValueError(f"train_split: expected one of {TRAIN_SPLITS}, got {train_split!r}")
     # each method's options with the distillation defaults, so labels and results show them
     methods = [(method, DistillConfig(method=method, options=options).options) for method, options in methods]
     for method, options in methods:
@@ -219,6 +231,9 @@ def run_experiment(
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if results and results.get("teacher_name") != teacher:
         raise ValueError(f"out_dir: {out} holds results for teacher {results.get('teacher_name')!r}, not {teacher!r}")
+    if results and _train_split_name(results) != train_split:
+        raise ValueError(f"out_dir: {out} holds students trained on the {_train_split_name(results)!r} split, "
+                         f"not {train_split!r}; use another output folder")
     model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device, out_dir=out)
     causal = hf.is_causal_model(model)
     results.update({
@@ -239,11 +254,12 @@ def run_experiment(
         _write_json(path, results)
         (out / TABLE).write_text(markdown_table(results))
 
-    log(f"tokenising the KJV train and held-out splits with {teacher}'s tokenizer")
-    train_tokens = token_stream(tokenizer, split_text("train"))
+    log(f"tokenising the KJV {train_split} and held-out splits with {teacher}'s tokenizer")
+    train_tokens = token_stream(tokenizer, split_text(train_split))
     heldout_tokens = token_stream(tokenizer, split_text("heldout"))
     seq_len = config.seq_len
-    results["train_split"] = {"description": "KJV Genesis onwards (lab excerpt)", "tokens": int(train_tokens.numel())}
+    results["train_split"] = {"name": train_split, "description": SPLITS[train_split],
+                              "tokens": int(train_tokens.numel())}
 
     def evaluate(student: torch.nn.Module) -> dict[str, float]:
         if causal:
