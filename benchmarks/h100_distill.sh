@@ -44,8 +44,9 @@ options_for() {  # the options of one method (the CLI refuses options of methods
   esac
 }
 distill() {  # $1: comma-separated methods, $2: run folder, $3: log file, $4: extra arguments
-  local opts="${4:-}"
+  local opts=""
   for m in ${1//,/ }; do opts="$opts $(options_for "$m")"; done
+  opts="$opts ${4:-}"  # the variant's own arguments last: they override the defaults above
   # shellcheck disable=SC2086
   timeout "${DISTILL_S:-540}" python -m approxattn.distill.cli run --teacher smollm2 --methods "$1" $opts \
     --steps "${STEPS:-150}" --batch-size "${BATCH:-4}" --seq-len "${SEQ:-1024}" --eval-windows 32 \
@@ -56,11 +57,20 @@ nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 
 monitor=$!
 if [ -n "${VARIANTS:-}" ]; then
   IFS=';' read -r -a variants <<< "$VARIANTS"
+  seen=" "
   for variant in "${variants[@]}"; do
+    variant=$(echo "$variant" | sed 's/^ *//; s/ *$//')
+    [ -z "$variant" ] && continue
     name=${variant%%=*}
     methods=$METHODS
     # "name:methods=ARGS" trains its own methods (e.g. the drop-ins beside SEA, each with its recipe)
     if [[ $name == *:* ]]; then methods=${name#*:}; name=${name%%:*}; fi
+    # a name becomes a folder; two variants in one folder would overwrite each other's results
+    if [[ $variant != *=* || ! $name =~ ^[A-Za-z0-9_-]+$ || $seen == *" $name "* ]]; then
+      echo "VARIANTS: expected distinct 'name=ARGS' or 'name:methods=ARGS' entries (name: letters, digits, _ -), got '$variant'" | tee -a "$OUT/session.log" >&2
+      continue
+    fi
+    seen="$seen$name "
     distill "$methods" "/tmp/distill_$name" "$OUT/distill_$name.log" "${variant#*=}" &
   done
 elif [ "${PARALLEL:-0}" = 1 ]; then

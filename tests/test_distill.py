@@ -105,6 +105,10 @@ def test_random_features_stay_fixed_unless_a_redraw_is_asked_for():
     assert DistillConfig(method="sea", options={"k": 4}).options == {"k": 4, "redraw": "never"}
     assert DistillConfig(method="performer", options={"redraw": 3}).options == {"redraw": 3}
     assert DistillConfig(method="linear").options == {}           # no random features: nothing added
+    from approxattn.registry import get_method
+    never = [m for m in approxattn.available_methods()
+             if any(o.name == "redraw" and o.default == "never" for o in get_method(m).options)]
+    assert never and all(DistillConfig(method=m).options == {} for m in never)  # never redrawn anyway: label kept
     with pytest.raises(ValueError, match="unknown method"):
         DistillConfig(method="nope").validate()
     teacher, tokens = tiny_teacher(), stream()
@@ -278,7 +282,12 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     assert "token cosine" in capsys.readouterr().out
     assert results["train_split"]["name"] == "train"
     assert distill_main(args + ["--train-split", "train-full"]) == 2   # a resume on other text: refused
-    assert "split" in capsys.readouterr().err
+    assert "--train-split" in capsys.readouterr().err
+    full = tmp_path / "full"
+    assert distill_main(args[:-1] + [str(full), "--train-split", "train-full"]) == 0
+    split = json.loads((full / "results.json").read_text())["train_split"]
+    assert split["name"] == "train-full" and split["tokens"] > 9 * results["train_split"]["tokens"]
+    assert "Genesis to Philemon" in (full / "table.md").read_text()
     assert distill_main(["run", "--teacher", "minilm", "--methods", "linear", "--option", "bad", "--out",
                          str(tmp_path / "x")]) == 2
 
@@ -317,6 +326,10 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     three = merge_results([_fake_results(10.0, "linear", 12.5), other, _fake_results(10.0, "performer", 12.0)])
     assert list(three["methods"]) == ["linear", "softmax [steps=1000]", "performer"]
     assert three["device"] == "GPU A | GPU B"
+    # options a run predates take their defaults (no lr_schedule recorded = constant): no label for them
+    explicit = _fake_results(10.0, "performer", 12.0)
+    explicit["config"] = {"seq_len": 32, "lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0}
+    assert list(merge_results([_fake_results(10.0, "linear", 12.5), explicit])["methods"]) == ["linear", "performer"]
     longer = _fake_results(10.0, "linear", 10.5) | {"train_split": {"name": "train-full", "tokens": 10**6}}
     assert list(merge_results([_fake_results(10.0, "linear", 12.5), longer])["methods"]) == [
         "linear", "linear [train_split=train-full]"]

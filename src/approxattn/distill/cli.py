@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .data import TRAIN_SPLITS
+
 EPILOG = """\
 options: --option METHOD.NAME=VALUE (repeatable), e.g. --option performer.num_features=256
   --option performer.kernel=relu --option sea.k=64; values are Python literals or plain strings.
@@ -131,7 +133,7 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
                      help="kjv-tiny: a small softmax Llama trained here on the KJV train split first "
                           "(cached in --out/teacher), for machines without the budget for SmolLM2")
     run.add_argument("--methods", default="performer,linear", help="comma-separated methods (default performer,linear)")
-    run.add_argument("--train-split", choices=["train", "train-full"], default="train",
+    run.add_argument("--train-split", choices=TRAIN_SPLITS, default="train",
                      help="the students' training text: the lab's KJV excerpt (96 K tokens, default) or every book "
                           "before the held-out ones (Genesis to Philemon, ~1 M tokens)")
     run.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="a method option (repeatable)")

@@ -131,6 +131,9 @@ def markdown_table(results: dict[str, Any]) -> str:
                  f"{held.get('description')}, {held.get('windows')} non-overlapping windows of {cfg.get('seq_len')} "
                  f"tokens; precision {cfg.get('precision')}, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
                  f"(new ×{cfg.get('new_lr_scale')}, pretrained ×{cfg.get('pretrained_lr_scale')}).")
+    split = results.get("train_split") or {}
+    lines.append(f"Students trained on {split.get('description', SPLITS['train'])} "
+                 f"({split.get('tokens', '?')} tokens); rows labelled [train_split=…] on the other split.")
     lines.append(f"Device: {results.get('device')}; date {results.get('date')}; command: `{results.get('command')}`")
     return "\n".join(lines) + "\n"
 
@@ -175,9 +178,10 @@ def _train_split_name(results: dict[str, Any]) -> str:
 
 def _recipe(results: dict[str, Any]) -> dict[str, Any]:
     """A run's training options, its train split, and whether its students ran the fused kernels
-    (None: not recorded)."""
-    return (results.get("config") or {}) | {"kernels": results.get("kernels"),
-                                             "train_split": _train_split_name(results)}
+    (None: not recorded). Options a run predates take their defaults, which is how it ran (e.g. no
+    ``lr_schedule``: constant), so they do not label rows as different."""
+    config = DistillConfig().as_dict() | (results.get("config") or {})
+    return config | {"kernels": results.get("kernels"), "train_split": _train_split_name(results)}
 
 
 def _recipe_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
@@ -232,8 +236,8 @@ def run_experiment(
     if results and results.get("teacher_name") != teacher:
         raise ValueError(f"out_dir: {out} holds results for teacher {results.get('teacher_name')!r}, not {teacher!r}")
     if results and _train_split_name(results) != train_split:
-        raise ValueError(f"out_dir: {out} holds students trained on the {_train_split_name(results)!r} split, "
-                         f"not {train_split!r}; use another output folder")
+        raise ValueError(f"train_split (--train-split): {out} holds students trained on the "
+                         f"{_train_split_name(results)!r} split, not {train_split!r}; use another output folder")
     model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device, out_dir=out)
     causal = hf.is_causal_model(model)
     results.update({

@@ -60,9 +60,9 @@ def student_options(method: Any, options: Any) -> Any:
         spec = get_method(method)
     except ValueError:
         return options
-    if any(option.name == "redraw" for option in spec.options):
+    if any(option.name == "redraw" and option.default != "never" for option in spec.options):
         return options | {"redraw": "never"}
-    return options
+    return options  # no random features, or never redrawn anyway: the label stays as it was
 
 
 @dataclass
