@@ -33,7 +33,7 @@ import torch
 from .. import hf
 from ..kernels import kernels_enabled
 from .data import SPLITS, TRAIN_SPLITS, split_text, token_stream
-from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity
+from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity, student_options
 
 RESULTS = "results.json"
 TABLE = "table.md"
@@ -222,7 +222,7 @@ def run_experiment(
     if train_split not in TRAIN_SPLITS:
         raise ValueError(f"train_split: expected one of {TRAIN_SPLITS}, got {train_split!r}")
     # each method's options with the distillation defaults, so labels and results show them
-    methods = [(method, DistillConfig(method=method, options=options).options) for method, options in methods]
+    methods = [(method, student_options(method, options)) for method, options in methods]
     for method, options in methods:
         DistillConfig(**(config.as_dict() | {"method": method, "options": options,
                                               "weights": config.weights})).validate()
