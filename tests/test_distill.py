@@ -290,6 +290,9 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     assert "Genesis to Philemon" in (full / "table.md").read_text()
     assert distill_main(["run", "--teacher", "minilm", "--methods", "linear", "--option", "bad", "--out",
                          str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert distill_main(args[:-1] + [str(tmp_path / "tuned"), "--finetune-teacher", "2"]) == 2  # an encoder: refused
+    assert "causal LM teacher" in capsys.readouterr().err
 
 
 def _fake_results(teacher_ppl: float, label: str, ppl: float) -> dict:
@@ -346,3 +349,55 @@ def test_report_merges_runs_of_one_teacher(tmp_path, capsys):
     (tmp_path / "c" / "results.json").write_text(json.dumps(_fake_results(11.0, "sea", 11.0)))
     assert distill_main(["report", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert distill_main(["report", str(tmp_path / "missing")]) == 2
+
+
+class ByteTokenizer:
+    """Bytes modulo the tiny vocabulary: enough to run the KJV pipeline on ``tiny_teacher``."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [b % VOCAB for b in text.encode()]}
+
+
+def test_finetune_lowers_the_lm_loss_resumes_and_leaves_the_model_untouched(tmp_path):
+    from approxattn import hf
+    from approxattn.distill import finetune
+
+    teacher, tokens = tiny_teacher(), stream(3000, seed=4)
+    original = {name: p.clone() for name, p in teacher.state_dict().items()}
+    before = perplexity(teacher, tokens, seq_len=32, max_windows=8, precision="fp32")["ppl"]
+    config = DistillConfig(steps=6, batch_size=2, seq_len=32, lr=2e-2, precision="fp32")
+    tuned, history = finetune(teacher, tokens, config, out_dir=tmp_path / "ft")
+    assert perplexity(tuned, tokens, seq_len=32, max_windows=8, precision="fp32")["ppl"] < 0.9 * before
+    assert all(torch.equal(p, original[name]) for name, p in teacher.state_dict().items())
+    assert hf.patched_method(tuned) is None and not any(p.requires_grad for p in tuned.parameters())
+    assert not tuned.training and len(history) == 6
+    assert all(row["hidden"] == 0 and row["logits"] == 0 and row["task"] > 0 for row in history)  # LM loss alone
+    again, history_again = finetune(teacher, tokens, config, out_dir=tmp_path / "ft")  # finished: loaded, not retrained
+    assert len(history_again) == 6
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
+
+
+def test_run_distils_from_a_finetuned_teacher_and_keeps_runs_apart(tmp_path, monkeypatch):
+    from approxattn.distill import experiment
+
+    monkeypatch.setitem(experiment.TEACHER_LOADERS, "kjv-tiny", lambda name, out: (tiny_teacher(), ByteTokenizer()))
+    run = dict(teacher="kjv-tiny", methods=[("linear", {})], eval_max_windows=4, device="cpu", progress=False,
+               log=lambda message: None, config=DistillConfig(steps=2, batch_size=2, seq_len=32, lr=2e-2,
+                                                               precision="fp32"))
+    out = tmp_path / "tuned"
+    results = experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)
+    assert results["teacher_finetune"]["steps"] == 8 and (out / "teacher_finetuned" / "checkpoint.pt").exists()
+    assert results["teacher"]["ppl"] < results["base_teacher"]["ppl"]   # the students' teacher is the tuned one
+    table = (out / "table.md").read_text()
+    assert "| base teacher (kjv-tiny, not fine-tuned) |" in table and "fine-tuned 8 steps on the train split" in table
+    with pytest.raises(ValueError, match="--finetune-teacher"):      # a resume with another teacher: refused
+        experiment.run_experiment(out_dir=out, finetune_teacher_steps=0, **run)
+    assert experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)["methods"] == results["methods"]
+    plain = experiment.run_experiment(out_dir=tmp_path / "plain", **run)
+    assert "teacher_finetune" not in plain and "base teacher" not in (tmp_path / "plain" / "table.md").read_text()
+    with pytest.raises(ValueError, match="fine-tuned for 8 steps in one run and 0"):
+        experiment.merge_results([results, plain])
+    for steps, match in ((-1, "int >= 0"), (True, "int >= 0"), (1, "warm-up")):
+        config = DistillConfig(steps=4, warmup_steps=1, seq_len=32)
+        with pytest.raises(ValueError, match=match):
+            experiment.run_experiment(**(run | {"config": config}), out_dir=tmp_path / "bad", finetune_teacher_steps=steps)

@@ -11,7 +11,7 @@ print(perplexity(d.student, heldout_tokens, seq_len=1024))
 
 from .data import SPLITS, TRAIN_SPLITS, eval_windows, split_text, token_stream, train_batch
 from .losses import RECIPES, LossWeights, attention_kl, attention_mse, layer_losses, model_losses, recipe_for
-from .trainer import DistillConfig, Distiller, distill, hidden_agreement, lr_factor, perplexity
+from .trainer import DistillConfig, Distiller, distill, finetune, hidden_agreement, lr_factor, perplexity
 
 __all__ = [
     "RECIPES",
@@ -24,6 +24,7 @@ __all__ = [
     "attention_mse",
     "distill",
     "eval_windows",
+    "finetune",
     "hidden_agreement",
     "layer_losses",
     "lr_factor",

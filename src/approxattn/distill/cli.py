@@ -91,7 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
             eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
             device=args.device, progress=not args.no_progress,
             command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
-            train_split=args.train_split,
+            train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher,
         )
     except (ValueError, TypeError, NotImplementedError) as error:
         print(f"approxattn distill: {error}", file=sys.stderr)
@@ -136,6 +136,10 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--train-split", choices=TRAIN_SPLITS, default="train",
                      help="the students' training text: the lab's KJV excerpt (96 K tokens, default) or every book "
                           "before the held-out ones (Genesis to Philemon, ~1 M tokens)")
+    run.add_argument("--finetune-teacher", type=int, default=0, metavar="STEPS",
+                     help="first fine-tune the (causal) teacher on the train split with the next-token loss alone for "
+                          "STEPS steps of the same recipe, then distil from it, as the SEA paper did (its teachers "
+                          "are domain fine-tunes); cached in --out/teacher_finetuned (default 0: the teacher as loaded)")
     run.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="a method option (repeatable)")
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--batch-size", type=int, default=1)

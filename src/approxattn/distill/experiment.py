@@ -33,11 +33,12 @@ import torch
 from .. import hf
 from ..kernels import kernels_enabled
 from .data import SPLITS, TRAIN_SPLITS, split_text, token_stream
-from .trainer import DistillConfig, Distiller, distill, hidden_agreement, perplexity, student_options
+from .trainer import DistillConfig, Distiller, distill, finetune, hidden_agreement, perplexity, student_options
 
 RESULTS = "results.json"
 TABLE = "table.md"
 TEACHERS = ("smollm2", "minilm", "kjv-tiny")
+FINETUNED_TEACHER = "teacher_finetuned"  # the folder of --finetune-teacher's checkpoint
 
 
 def method_label(method: str, options: dict[str, Any]) -> str:
@@ -110,8 +111,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     if causal:
         lines.append("| model | steps | train tokens | held-out PPL | × teacher | train s | final loss |")
         lines.append("|---|---|---|---|---|---|---|")
+        tuned_steps = _finetune_steps(results)
+        base = (results.get("base_teacher") or {}).get("ppl")
+        if tuned_steps and base and teacher.get("ppl"):
+            lines.append(f"| base teacher ({results['teacher_name']}, not fine-tuned) | - | - | {_fmt(base)} | "
+                         f"{_fmt(base / teacher['ppl'], 3)} | - | - |")
         if teacher:
-            lines.append(f"| teacher ({results['teacher_name']}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.000 | - | - |")
+            name = results["teacher_name"] + (f", fine-tuned {tuned_steps} steps on the train split" if tuned_steps else "")
+            lines.append(f"| teacher ({name}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.000 | - | - |")
         for row in results.get("methods", {}).values():
             ratio = row["eval"]["ppl"] / teacher["ppl"] if teacher.get("ppl") else None
             # three decimals: targets such as "within 5 %" sit at the second
@@ -152,6 +159,9 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("teacher_name", "heldout"):
             if other.get(key) != merged.get(key):
                 raise ValueError(f"results: {key} differs between runs ({merged.get(key)!r} vs {other.get(key)!r})")
+        if _finetune_steps(other) != _finetune_steps(merged):
+            raise ValueError(f"results: the teacher was fine-tuned for {_finetune_steps(merged)} steps in one run and "
+                             f"{_finetune_steps(other)} in another; their students distilled from different teachers")
         mine, theirs = (merged.get("teacher") or {}).get("ppl"), (other.get("teacher") or {}).get("ppl")
         if mine is not None and theirs is not None and abs(mine - theirs) > 1e-3 * mine:
             raise ValueError(f"results: teacher perplexity differs between runs ({mine} vs {theirs})")
@@ -174,6 +184,11 @@ def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _train_split_name(results: dict[str, Any]) -> str:
     """The split a run trained on (runs from before ``train_split`` was recorded: 'train')."""
     return (results.get("train_split") or {}).get("name", "train")
+
+
+def _finetune_steps(results: dict[str, Any]) -> int:
+    """Steps the run fine-tuned its teacher for before distilling (0: the teacher as loaded)."""
+    return int((results.get("teacher_finetune") or {}).get("steps", 0))
 
 
 def _recipe(results: dict[str, Any]) -> dict[str, Any]:
@@ -213,14 +228,27 @@ def run_experiment(
     log: Callable[[str], None] = print,
     command: str | None = None,
     train_split: str = "train",
+    finetune_teacher_steps: int = 0,
 ) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the results dict also written to ``out_dir``.
     ``train_split``: the text the students train on, 'train' (the lab's 96 K-token KJV excerpt) or
-    'train-full' (Genesis to Philemon, ~1 M tokens); the held-out books are the same for both."""
+    'train-full' (Genesis to Philemon, ~1 M tokens); the held-out books are the same for both.
+    ``finetune_teacher_steps`` > 0 (causal teachers): first fine-tune the teacher on the same text
+    with its next-token loss alone (:func:`~approxattn.distill.trainer.finetune`, ``config``'s
+    recipe for that many steps; checkpointed in ``out_dir/teacher_finetuned``), then distil every
+    student from the fine-tuned teacher, as the SEA paper did; the loaded teacher's perplexity is
+    reported beside it as the base teacher. ``time_budget`` sizes the students' training only."""
     if not methods:
         raise ValueError("methods: expected at least one method")
     if train_split not in TRAIN_SPLITS:
         raise ValueError(f"train_split: expected one of {TRAIN_SPLITS}, got {train_split!r}")
+    if isinstance(finetune_teacher_steps, bool) or not isinstance(finetune_teacher_steps, int) \
+            or finetune_teacher_steps < 0:
+        raise ValueError(f"finetune_teacher_steps (--finetune-teacher): expected an int >= 0, got "
+                         f"{finetune_teacher_steps!r}")
+    if 0 < finetune_teacher_steps <= config.warmup_steps:
+        raise ValueError(f"finetune_teacher_steps (--finetune-teacher): expected more steps than the "
+                         f"{config.warmup_steps} warm-up steps, got {finetune_teacher_steps}")
     # each method's options with the distillation defaults, so labels and results show them
     methods = [(method, student_options(method, options)) for method, options in methods]
     for method, options in methods:
@@ -238,8 +266,14 @@ def run_experiment(
     if results and _train_split_name(results) != train_split:
         raise ValueError(f"train_split (--train-split): {out} holds students trained on the "
                          f"{_train_split_name(results)!r} split, not {train_split!r}; use another output folder")
+    if results and _finetune_steps(results) != finetune_teacher_steps:
+        raise ValueError(f"finetune_teacher_steps (--finetune-teacher): {out} holds students of a teacher fine-tuned "
+                         f"for {_finetune_steps(results)} steps, not {finetune_teacher_steps}; use another output folder")
     model, tokenizer = load_teacher(teacher, num_layers=num_layers, device=device, out_dir=out)
     causal = hf.is_causal_model(model)
+    if finetune_teacher_steps and not causal:
+        raise ValueError(f"finetune_teacher_steps (--finetune-teacher): expected a causal LM teacher (the fine-tune "
+                         f"uses the next-token loss), got the encoder {teacher!r}")
     results.update({
         "teacher_name": teacher,
         "teacher_layers": len(hf.attention_modules(model)),
@@ -272,6 +306,21 @@ def run_experiment(
         return hidden_agreement(model, student, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
                                 precision=config.precision, max_windows=eval_max_windows)
 
+    if finetune_teacher_steps:
+        if "base_teacher" not in results:
+            log("evaluating the base teacher on the held-out split")
+            results["base_teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
+                                                 precision=config.precision, max_windows=eval_max_windows)
+            log(f"base teacher held-out perplexity {results['base_teacher']['ppl']:.3f}")
+        log(f"fine-tuning the teacher on the {train_split} split: {finetune_teacher_steps} steps, next-token loss")
+        start = time.perf_counter()
+        tuning = DistillConfig(**(config.as_dict() | {"steps": finetune_teacher_steps, "weights": config.weights}))
+        model, history = finetune(model, train_tokens, tuning, out_dir=out / FINETUNED_TEACHER, progress=progress)
+        results["teacher_finetune"] = {
+            "steps": finetune_teacher_steps, "loss": "next-token cross-entropy only",
+            "train_seconds": sum(row.get("seconds", 0.0) for row in history) or time.perf_counter() - start,
+            "final_loss": _final_loss(history), "folder": FINETUNED_TEACHER,
+        }
     if causal and "teacher" not in results:
         log("evaluating the teacher on the held-out split")
         results["teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,

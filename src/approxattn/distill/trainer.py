@@ -350,6 +350,36 @@ def distill(
     return distiller
 
 
+LM_ONLY = LossWeights(task=1.0, hidden=0.0, logits=0.0, estimate_kl=0.0, estimate_mse=0.0, dense_kl=0.0,
+                      dense_mse=0.0, context=0.0)
+
+
+def finetune(
+    model: nn.Module,
+    train_tokens: torch.Tensor,
+    config: DistillConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """``model`` (a causal LM) fine-tuned on windows of ``train_tokens`` with its next-token loss
+    alone, for ``config.steps`` steps of ``config``'s optimizer, schedule and precision (its
+    weights at ``lr · pretrained_lr_scale``). Returns (a new model, frozen and in eval mode; the
+    per-step history) and leaves ``model`` untouched.
+
+    This is how the SEA paper's teachers were made (OPT fine-tuned on Wikitext-2 before any
+    distillation): a student distilled from it is compared with a teacher that knows the domain as
+    well as it does. It runs as a ``softmax`` student of ``model`` with every distillation term at
+    weight 0, so it checkpoints and resumes from ``out_dir`` like :func:`distill`."""
+    if not hf.is_causal_model(model):
+        raise ValueError(f"model: expected a causal LM (fine-tuning uses the next-token loss), got the encoder "
+                         f"{type(model).__name__}")
+    tuning = DistillConfig(**(config.as_dict() | {"method": "softmax", "options": {}, "weights": LM_ONLY}))
+    distiller = distill(model, train_tokens, tuning, out_dir=out_dir, progress=progress)
+    tuned = hf.unpatch(distiller.student)  # the softmax method has no parameters: nothing is lost
+    return tuned.eval().requires_grad_(False), distiller.history
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
