@@ -8,7 +8,9 @@
 # (copies the first half to /tmp and stops); this call carries the second half:
 #   run(command="bash benchmarks/h100_distill.sh", carry=[".whl", ".smollm2b"])
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
-# skipped, the unfinished one resumes from its checkpoint). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
+# skipped, the unfinished one resumes from its checkpoint).
+# The machine goes back after 30 minutes held, and /tmp with it: size a run to finish in three calls (session 9
+# lost two SEA students at step 800 of 1,000; steps per second: benchmarks/results/h100/distill/NOTES.md). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
 # (comma-separated), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
 # tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
 # VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
