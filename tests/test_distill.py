@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from approxattn.distill import (  # noqa: E402
     attention_kl,
     distill,
     eval_windows,
+    finetune,
     lr_factor,
     perplexity,
     split_text,
@@ -360,7 +362,6 @@ class ByteTokenizer:
 
 def test_finetune_lowers_the_lm_loss_resumes_and_leaves_the_model_untouched(tmp_path):
     from approxattn import hf
-    from approxattn.distill import finetune
 
     teacher, tokens = tiny_teacher(), stream(3000, seed=4)
     original = {name: p.clone() for name, p in teacher.state_dict().items()}
@@ -370,11 +371,25 @@ def test_finetune_lowers_the_lm_loss_resumes_and_leaves_the_model_untouched(tmp_
     assert perplexity(tuned, tokens, seq_len=32, max_windows=8, precision="fp32")["ppl"] < 0.9 * before
     assert all(torch.equal(p, original[name]) for name, p in teacher.state_dict().items())
     assert hf.patched_method(tuned) is None and not any(p.requires_grad for p in tuned.parameters())
-    assert not tuned.training and len(history) == 6
-    assert all(row["hidden"] == 0 and row["logits"] == 0 and row["task"] > 0 for row in history)  # LM loss alone
+    assert not tuned.training and len(history) == 6 and all(p.grad is None for p in tuned.parameters())
+    assert all(set(row) >= {"task", "total"} and "hidden" not in row and row["total"] == row["task"]
+               for row in history)                                        # the LM loss alone, no teacher terms
     again, history_again = finetune(teacher, tokens, config, out_dir=tmp_path / "ft")  # finished: loaded, not retrained
-    assert len(history_again) == 6
+    assert history_again == history                                      # the same rows, step times included
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="holds a fine-tune of 6 steps, not 4"):
+        finetune(teacher, tokens, DistillConfig(**(config.as_dict() | {"steps": 4, "weights": None})),
+                 out_dir=tmp_path / "ft")
+    with pytest.raises(ValueError, match="causal LM"):
+        finetune(tiny_encoder(), tokens, config)
+
+
+def tiny_encoder():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=64)
+    return BertModel(config).eval()
 
 
 def test_run_distils_from_a_finetuned_teacher_and_keeps_runs_apart(tmp_path, monkeypatch):
@@ -390,9 +405,29 @@ def test_run_distils_from_a_finetuned_teacher_and_keeps_runs_apart(tmp_path, mon
     assert results["teacher"]["ppl"] < results["base_teacher"]["ppl"]   # the students' teacher is the tuned one
     table = (out / "table.md").read_text()
     assert "| base teacher (kjv-tiny, not fine-tuned) |" in table and "fine-tuned 8 steps on the train split" in table
+    assert "fine-tuned 8 steps on the train split" in table
     with pytest.raises(ValueError, match="--finetune-teacher"):      # a resume with another teacher: refused
         experiment.run_experiment(out_dir=out, finetune_teacher_steps=0, **run)
-    assert experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)["methods"] == results["methods"]
+    resumed = experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)
+    for key in ("methods", "teacher", "base_teacher"):
+        assert resumed[key] == results[key], key
+    assert resumed["teacher_finetune"]["train_seconds"] == results["teacher_finetune"]["train_seconds"]  # loaded
+    # an interrupted fine-tune (a checkpoint, no results yet) resumes where it stopped
+    half = tmp_path / "half"
+    finetune(tiny_teacher(), stream(), DistillConfig(steps=3, batch_size=2, seq_len=32, lr=2e-2, precision="fp32"),
+             out_dir=half / "teacher_finetuned")
+    resumed_half = experiment.run_experiment(out_dir=half, finetune_teacher_steps=8, **run)
+    rows = (half / "teacher_finetuned" / "log.jsonl").read_text().splitlines()
+    assert resumed_half["teacher_finetune"]["steps"] == 8 and [json.loads(r)["step"] for r in rows] == list(range(1, 9))
+    # another recipe for the fine-tune in the same folder: refused, naming the option and the folder
+    other = tmp_path / "other"
+    shutil.copytree(out / "teacher_finetuned", other / "teacher_finetuned")
+    other_lr = run | {"config": DistillConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2, precision="fp32")}
+    with pytest.raises(ValueError, match="--finetune-teacher.*teacher_finetuned"):
+        experiment.run_experiment(out_dir=other, finetune_teacher_steps=8, **other_lr)
+    (out / "teacher_finetuned" / "checkpoint.pt").unlink()           # the recorded teacher's weights are gone
+    with pytest.raises(ValueError, match="is gone"):
+        experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)
     plain = experiment.run_experiment(out_dir=tmp_path / "plain", **run)
     assert "teacher_finetune" not in plain and "base teacher" not in (tmp_path / "plain" / "table.md").read_text()
     with pytest.raises(ValueError, match="fine-tuned for 8 steps in one run and 0"):

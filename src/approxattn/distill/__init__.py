@@ -10,8 +10,26 @@ print(perplexity(d.student, heldout_tokens, seq_len=1024))
 """
 
 from .data import SPLITS, TRAIN_SPLITS, eval_windows, split_text, token_stream, train_batch
-from .losses import RECIPES, LossWeights, attention_kl, attention_mse, layer_losses, model_losses, recipe_for
-from .trainer import DistillConfig, Distiller, distill, finetune, hidden_agreement, lr_factor, perplexity
+from .losses import (
+    RECIPES,
+    LossWeights,
+    attention_kl,
+    attention_mse,
+    layer_losses,
+    model_losses,
+    next_token_loss,
+    recipe_for,
+)
+from .trainer import (
+    DistillConfig,
+    Distiller,
+    LanguageModelTuner,
+    distill,
+    finetune,
+    hidden_agreement,
+    lr_factor,
+    perplexity,
+)
 
 __all__ = [
     "RECIPES",
@@ -19,6 +37,7 @@ __all__ = [
     "TRAIN_SPLITS",
     "DistillConfig",
     "Distiller",
+    "LanguageModelTuner",
     "LossWeights",
     "attention_kl",
     "attention_mse",
@@ -29,6 +48,7 @@ __all__ = [
     "layer_losses",
     "lr_factor",
     "model_losses",
+    "next_token_loss",
     "perplexity",
     "recipe_for",
     "split_text",

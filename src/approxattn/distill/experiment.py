@@ -33,7 +33,16 @@ import torch
 from .. import hf
 from ..kernels import kernels_enabled
 from .data import SPLITS, TRAIN_SPLITS, split_text, token_stream
-from .trainer import DistillConfig, Distiller, distill, finetune, hidden_agreement, perplexity, student_options
+from .trainer import (
+    CHECKPOINT,
+    DistillConfig,
+    Distiller,
+    distill,
+    finetune,
+    hidden_agreement,
+    perplexity,
+    student_options,
+)
 
 RESULTS = "results.json"
 TABLE = "table.md"
@@ -117,7 +126,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| base teacher ({results['teacher_name']}, not fine-tuned) | - | - | {_fmt(base)} | "
                          f"{_fmt(base / teacher['ppl'], 3)} | - | - |")
         if teacher:
-            name = results["teacher_name"] + (f", fine-tuned {tuned_steps} steps on the train split" if tuned_steps else "")
+            name = results["teacher_name"] + (f", fine-tuned {tuned_steps} steps on the {_train_split_name(results)} "
+                                              f"split" if tuned_steps else "")
             lines.append(f"| teacher ({name}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.000 | - | - |")
         for row in results.get("methods", {}).values():
             ratio = row["eval"]["ppl"] / teacher["ppl"] if teacher.get("ppl") else None
@@ -312,10 +322,23 @@ def run_experiment(
             results["base_teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
                                                  precision=config.precision, max_windows=eval_max_windows)
             log(f"base teacher held-out perplexity {results['base_teacher']['ppl']:.3f}")
-        log(f"fine-tuning the teacher on the {train_split} split: {finetune_teacher_steps} steps, next-token loss")
+        folder = out / FINETUNED_TEACHER
+        if "teacher_finetune" in results and not (folder / CHECKPOINT).exists():
+            # the recorded teacher perplexity (and every student) came from that checkpoint
+            raise ValueError(f"finetune_teacher_steps (--finetune-teacher): {out} holds students of a teacher "
+                             f"fine-tuned in {folder}, whose {CHECKPOINT} is gone; use another output folder")
+        log(f"fine-tuning the teacher on the {train_split} split (or loading it from {folder}): "
+            f"{finetune_teacher_steps} steps, next-token loss")
         start = time.perf_counter()
         tuning = DistillConfig(**(config.as_dict() | {"steps": finetune_teacher_steps, "weights": config.weights}))
-        model, history = finetune(model, train_tokens, tuning, out_dir=out / FINETUNED_TEACHER, progress=progress)
+        try:
+            tuned, history = finetune(model, train_tokens, tuning, out_dir=folder, progress=progress)
+        except ValueError as error:  # a checkpoint of another recipe or length in the folder
+            raise ValueError(f"finetune_teacher_steps (--finetune-teacher): {folder} holds a fine-tune of another "
+                             f"recipe or length ({error}); the teacher's fine-tune follows the students' recipe for "
+                             f"--finetune-teacher steps; use another output folder") from None
+        model.to("cpu")  # the base teacher (maybe the loader's cached object) off the device while students train
+        model = tuned
         results["teacher_finetune"] = {
             "steps": finetune_teacher_steps, "loss": "next-token cross-entropy only",
             "train_seconds": sum(row.get("seconds", 0.0) for row in history) or time.perf_counter() - start,

@@ -135,6 +135,13 @@ def layer_losses(teacher: LayerRecord, student: LayerRecord, weights: LossWeight
     return out
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits (B, N, V)`` on ``input_ids (B, N)``, over the
+    positions where both the token and its predecessor are real (``valid (B, N)`` bool)."""
+    labels = input_ids[:, 1:].masked_fill(~(valid[:, 1:] & valid[:, :-1]), -100)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def model_losses(
     teacher_out: Any,
     student_out: Any,
@@ -159,9 +166,7 @@ def model_losses(
     student_logits = getattr(student_out, "logits", None)
     if student_logits is not None:
         if causal:
-            labels = input_ids[:, 1:].masked_fill(~(valid[:, 1:] & valid[:, :-1]), -100)
-            out["task"] = weights.task * F.cross_entropy(
-                student_logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            out["task"] = weights.task * next_token_loss(student_logits, input_ids, valid)
         log_student = torch.log_softmax(student_logits.float(), dim=-1)
         log_teacher = torch.log_softmax(teacher_out.logits.float(), dim=-1)
         per_token = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1)

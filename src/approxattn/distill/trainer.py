@@ -29,7 +29,7 @@ from torch import nn
 from .. import hf
 from ..registry import get_method
 from .data import eval_windows, train_batch
-from .losses import HIDDEN_LOSSES, LossWeights, layer_losses, model_losses, recipe_for
+from .losses import HIDDEN_LOSSES, LossWeights, layer_losses, model_losses, next_token_loss, recipe_for
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -302,6 +302,7 @@ def distill(
     progress: bool = False,
     on_step: Callable[[dict[str, float]], None] | None = None,
     stop_after: int | None = None,
+    trainer: type[Distiller] | None = None,
 ) -> Distiller:
     """Distil ``teacher`` into ``config.method`` for ``config.steps`` steps on windows of
     ``train_tokens`` (1-D token ids); returns the :class:`Distiller` (``.student``, ``.history``).
@@ -309,8 +310,9 @@ def distill(
     With ``out_dir``: resumes from ``out_dir/checkpoint.pt`` when it exists, writes the
     checkpoint every ``checkpoint_every`` steps and at the end, and ``log.jsonl`` (one row per
     step). ``stop_after``: stop after this many steps of this call (an interruption, for tests).
+    ``trainer``: the :class:`Distiller` subclass to run (default Distiller).
     """
-    distiller = Distiller(teacher, config)
+    distiller = (trainer or Distiller)(teacher, config)
     folder = Path(out_dir) if out_dir is not None else None
     if folder is not None and (folder / CHECKPOINT).exists():
         distiller.load(folder / CHECKPOINT)
@@ -350,8 +352,18 @@ def distill(
     return distiller
 
 
-LM_ONLY = LossWeights(task=1.0, hidden=0.0, logits=0.0, estimate_kl=0.0, estimate_mse=0.0, dense_kl=0.0,
-                      dense_mse=0.0, context=0.0)
+class LanguageModelTuner(Distiller):
+    """A :class:`Distiller` whose loss is the student's next-token loss alone: the teacher is not
+    run and no attention is captured (a fine-tune, not a distillation)."""
+
+    def losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        with autocast(device, self.config.precision):
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+        task = next_token_loss(logits, input_ids, attention_mask.bool())
+        return {"task": task, "total": task}
 
 
 def finetune(
@@ -369,13 +381,17 @@ def finetune(
 
     This is how the SEA paper's teachers were made (OPT fine-tuned on Wikitext-2 before any
     distillation): a student distilled from it is compared with a teacher that knows the domain as
-    well as it does. It runs as a ``softmax`` student of ``model`` with every distillation term at
-    weight 0, so it checkpoints and resumes from ``out_dir`` like :func:`distill`."""
+    well as it does. It runs as a ``softmax`` student of ``model`` (:class:`LanguageModelTuner`),
+    so it checkpoints and resumes from ``out_dir`` like :func:`distill`; a checkpoint there of
+    another recipe, or of more steps, raises ValueError."""
     if not hf.is_causal_model(model):
         raise ValueError(f"model: expected a causal LM (fine-tuning uses the next-token loss), got the encoder "
                          f"{type(model).__name__}")
-    tuning = DistillConfig(**(config.as_dict() | {"method": "softmax", "options": {}, "weights": LM_ONLY}))
-    distiller = distill(model, train_tokens, tuning, out_dir=out_dir, progress=progress)
+    tuning = DistillConfig(**(config.as_dict() | {"method": "softmax", "options": {}, "weights": None}))
+    distiller = distill(model, train_tokens, tuning, out_dir=out_dir, progress=progress, trainer=LanguageModelTuner)
+    if distiller.step_count != tuning.steps:  # a constant schedule's checkpoint may have gone further
+        raise ValueError(f"out_dir: {out_dir} holds a fine-tune of {distiller.step_count} steps, not {tuning.steps}")
+    distiller.optimizer.zero_grad(set_to_none=True)  # the last step's gradients: as large as the model
     tuned = hf.unpatch(distiller.student)  # the softmax method has no parameters: nothing is lost
     return tuned.eval().requires_grad_(False), distiller.history
 
