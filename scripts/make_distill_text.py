@@ -8,10 +8,11 @@ of the Bible, Hebrews to Revelation. The text comes from Debian's ``bible-kjv-te
 by ``bible-kjv``'s ``bible`` program. Chapter headings and verse numbers are stripped as in
 ``scripts/make_lab_text.py``; each chapter becomes one paragraph.
 
-Usage (needs apt-get and dpkg; downloads .deb files only, installs nothing)::
+Usage (the project venv: the file names come from the package; needs apt-get and dpkg; downloads
+.deb files only, installs nothing)::
 
-    python scripts/make_distill_text.py                     # src/approxattn/distill/data/kjv_heldout.txt.gz
-    python scripts/make_distill_text.py --split train-full  # src/approxattn/distill/data/kjv_train.txt.gz
+    .venv/bin/python scripts/make_distill_text.py                     # src/approxattn/distill/data/kjv_heldout.txt.gz
+    .venv/bin/python scripts/make_distill_text.py --split train-full  # src/approxattn/distill/data/kjv_train.txt.gz
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from pathlib import Path
 
 from make_lab_text import chapters  # noqa: E402  (same folder: the lab's KJV chapter parser)
 
+from approxattn.distill.data import PACKAGE_FILES  # the file names the package reads
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "approxattn" / "distill" / "data"
 # split → (passage range, file); the held-out books follow Philemon, so the two never overlap
-SPLITS = {"heldout": ("Heb1:1-Rev22:21", "kjv_heldout.txt.gz"), "train-full": ("Gen1:1-Phm1:25", "kjv_train.txt.gz")}
+PASSAGES = {"heldout": "Heb1:1-Rev22:21", "train-full": "Gen1:1-Phm1:25"}
+SPLITS = {split: (passages, PACKAGE_FILES[split]) for split, passages in PASSAGES.items()}
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ SPLITS = {
     "heldout": "KJV Hebrews to Revelation (approxattn.distill's kjv_heldout.txt.gz)",
 }
 TRAIN_SPLITS = ("train", "train-full")
-_PACKAGE_FILES = {"train-full": "kjv_train.txt.gz", "heldout": "kjv_heldout.txt.gz"}
+PACKAGE_FILES = {"train-full": "kjv_train.txt.gz", "heldout": "kjv_heldout.txt.gz"}
 
 
 @lru_cache(maxsize=None)
@@ -37,8 +37,8 @@ def split_text(split: str) -> str:
     """The text of ``split`` ('train', 'train-full' or 'heldout')."""
     if split == "train":
         return load_text("kjv")
-    if split in _PACKAGE_FILES:
-        data = resources.files("approxattn.distill").joinpath("data").joinpath(_PACKAGE_FILES[split]).read_bytes()
+    if split in PACKAGE_FILES:
+        data = resources.files("approxattn.distill").joinpath("data").joinpath(PACKAGE_FILES[split]).read_bytes()
         return gzip.decompress(data).decode("utf-8")
     raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
 
