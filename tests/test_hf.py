@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import approxattn  # noqa: E402
 import approxattn.hf as hf  # noqa: E402
 from approxattn.lab.models import MODELS, model_available  # noqa: E402
 
@@ -174,3 +175,26 @@ def test_smollm2_truncated_patched_softmax():
     with torch.no_grad(), hf.capture(model) as records:
         model(ids)
     assert records[0].q.shape[1] == 9 and records[0].k.shape[1] == 3
+
+
+@pytest.mark.parametrize("method", sorted(name for name, spec in approxattn.available_methods().items()
+                                          if spec.supports_causal))
+def test_kv_cache_decoding_is_exact_or_refused(method):
+    # one token over the KV cache of a prompt = the last row of the whole causal forward, for the
+    # methods whose metadata says so; the others refuse the cached step instead of answering otherwise
+    spec = approxattn.available_methods()[method]
+    model = hf.patch_model(tiny_llama(), method, **spec.example_options(24))
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        prompt = model(ids[:, :-1], use_cache=True)
+        if spec.kv_cache_decoding:
+            step = model(ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True).logits[:, -1]
+            assert rel_err(step, full) < 1e-5
+        else:
+            with pytest.raises(NotImplementedError, match="use_cache=False"):
+                model(ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True)
+            generated = model.generate(ids[:, :-1], max_new_tokens=2, do_sample=False, use_cache=False,
+                                       pad_token_id=0)
+            assert generated.shape == (2, 25)
+            assert torch.equal(generated[:, 23], model(ids[:, :-1], use_cache=False).logits[:, -1].argmax(-1))

@@ -197,6 +197,10 @@ class MethodSpec:
     # did not give them (e.g. Linformer's max_len = seq_k)
     infer_options: Callable[[int, int], dict[str, Any]] | None = field(default=None, repr=False)
     uses_scale: bool = True
+    # one new query over cached keys, unmasked, gives the last row of the causal call, so a KV-cache
+    # decoder (transformers' generate) decodes exactly; False where the causal path is its own
+    # model (SEA's causal estimator and decoder), which decodes through its own state
+    kv_cache_decoding: bool = True
     # a cheap working configuration for sequences of n tokens (tests, smoke runs, docs)
     example_options: Callable[[int], dict[str, Any]] = field(default=lambda n: {}, repr=False)
 

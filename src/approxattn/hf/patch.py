@@ -226,7 +226,14 @@ def approxattn_attention(
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     key_padding_mask = key_padding_mask_from_hf(attention_mask, batch=batch, seq_q=seq_q, seq_k=seq_k, causal=causal)
+    attached = getattr(module, ATTACHED, None)
     if causal and seq_q == 1:
+        if seq_k > 1 and attached is not None and not attached.spec.kv_cache_decoding:
+            raise NotImplementedError(
+                f"approxattn: method {attached.spec.name!r} cannot decode one token over a KV cache exactly (its "
+                "causal rows come from a causal estimator that needs every earlier query); generate with "
+                "use_cache=False, or decode with the module's decoding_state/decode_step"
+            )
         causal = False  # one new token after a KV cache sees every cached key
     if causal and seq_q != seq_k:
         raise NotImplementedError(
@@ -234,7 +241,6 @@ def approxattn_attention(
             "not supported; run the whole sequence at once, or decode one token at a time"
         )
     scale = float(scaling) if scaling is not None else head_dim ** -0.5
-    attached = getattr(module, ATTACHED, None)
     recorder = getattr(module, _RECORDER, None)
     details = probabilities = None
     if attached is None:

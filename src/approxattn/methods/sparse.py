@@ -688,6 +688,7 @@ register(MethodSpec(
     summary="SEA: a Performer + CNN estimates a compressed attention mask; exact softmax on about k keys per row",
     reference="Lee, Kim, Willette, Hwang, SEA: Sparse Linear Attention with Estimated Attention Mask, ICLR 2024",
     supports_causal=True,
+    kv_cache_decoding=False,  # causal rows come from a causal estimator and decoder: decode_step
     options=(
         int_option("k", 64, "keys per query row kept on average (the top-k budget, in keys)"),
         int_option("columns", 128, "T: width of the compressed attention estimate (SEA's attention_predictor_length)"),
