@@ -16,8 +16,10 @@ def test_every_method_is_listed_with_its_metadata(capsys):
     assert set(listed) == set(approxattn.available_methods())
     assert listed["linformer"]["supports_causal"] is False
     assert listed["performer"]["options"]["num_features"]["default"] == 256
+    assert listed["sea"]["kv_cache_decoding"] is False and listed["performer"]["kv_cache_decoding"] is True
     assert main(["list", "--width", "160"]) == 0
-    assert "flurka-performer" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "flurka-performer" in table and "yes (no KV-cache step)" in table
 
 
 def test_softmax_cost_formula_by_hand():

@@ -27,7 +27,8 @@ def list_methods(args: argparse.Namespace) -> int:
     for spec in methods.values():
         options = ", ".join(f"{o.name}={o.default!r}" for o in spec.options) or "—"
         limit = f"→ {spec.exact_limit.parent}: {spec.exact_limit.description}"
-        table.add_row(spec.name, spec.family, "yes" if spec.supports_causal else "no", options, limit)
+        causal = "no" if not spec.supports_causal else "yes" if spec.kv_cache_decoding else "yes (no KV-cache step)"
+        table.add_row(spec.name, spec.family, causal, options, limit)
     Console(width=args.width).print(table)
     return 0
 

@@ -255,6 +255,7 @@ class MethodSpec:
             "summary": self.summary,
             "reference": self.reference,
             "supports_causal": self.supports_causal,
+            "kv_cache_decoding": self.kv_cache_decoding,
             "options": {o.name: {"default": o.default, "doc": o.doc} for o in self.options},
             "exact_limit": {"parent": self.exact_limit.parent, "description": self.exact_limit.description},
             "cost": self.cost_doc,
