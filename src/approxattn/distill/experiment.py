@@ -216,6 +216,14 @@ def _recipe_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
     return ", ".join(f"{k}={other.get(k)}" for k in keys)
 
 
+def _training_seconds(history: list[dict[str, float]], started: float) -> float:
+    """Seconds of training: every step's own time when the history has them (those of earlier calls
+    of a resumed run included), else the wall time since ``started``."""
+    if history and all("seconds" in row for row in history):
+        return sum(row["seconds"] for row in history)
+    return time.perf_counter() - started
+
+
 def _final_loss(history: list[dict[str, float]], last: int = 10) -> float | None:
     if not history:
         return None
@@ -309,7 +317,7 @@ def run_experiment(
     results["train_split"] = {"name": train_split, "description": SPLITS[train_split],
                               "tokens": int(train_tokens.numel())}
 
-    def evaluate(student: torch.nn.Module) -> dict[str, float]:
+    def evaluate(student: torch.nn.Module) -> dict[str, float]:  # a student, or a causal teacher itself
         if causal:
             return perplexity(student, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
                               precision=config.precision, max_windows=eval_max_windows)
@@ -319,8 +327,7 @@ def run_experiment(
     if finetune_teacher_steps:
         if "base_teacher" not in results:
             log("evaluating the base teacher on the held-out split")
-            results["base_teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
-                                                 precision=config.precision, max_windows=eval_max_windows)
+            results["base_teacher"] = evaluate(model)
             log(f"base teacher held-out perplexity {results['base_teacher']['ppl']:.3f}")
         folder = out / FINETUNED_TEACHER
         if "teacher_finetune" in results and not (folder / CHECKPOINT).exists():
@@ -341,13 +348,12 @@ def run_experiment(
         model = tuned
         results["teacher_finetune"] = {
             "steps": finetune_teacher_steps, "loss": "next-token cross-entropy only",
-            "train_seconds": sum(row.get("seconds", 0.0) for row in history) or time.perf_counter() - start,
+            "train_seconds": _training_seconds(history, start),
             "final_loss": _final_loss(history), "folder": FINETUNED_TEACHER,
         }
     if causal and "teacher" not in results:
         log("evaluating the teacher on the held-out split")
-        results["teacher"] = perplexity(model, heldout_tokens, seq_len=seq_len, batch_size=config.batch_size,
-                                        precision=config.precision, max_windows=eval_max_windows)
+        results["teacher"] = evaluate(model)
         log(f"teacher held-out perplexity {results['teacher']['ppl']:.3f}")
     windows = results["teacher"]["windows"] if causal else min(heldout_tokens.numel() // seq_len,
                                                                 eval_max_windows or 10**9)
@@ -395,10 +401,7 @@ def run_experiment(
         start = time.perf_counter()
         distiller = distill(model, train_tokens, cfg, out_dir=folder, progress=progress)
         _sync(device)
-        train_seconds = time.perf_counter() - start
-        if distiller.history and all("seconds" in row for row in distiller.history):
-            # every step's time, those of earlier calls of a resumed run included
-            train_seconds = sum(row["seconds"] for row in distiller.history)
+        train_seconds = _training_seconds(distiller.history, start)
         evaluation = evaluate(distiller.student)
         results["methods"][label] = {
             "label": label, "method": method, "options": options, "steps": distiller.step_count,
