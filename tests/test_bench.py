@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from approxattn.bench import add_commands, presets, report, runner
-from approxattn.bench.case import Case
+from approxattn.bench.case import Case, graphed_label
 from approxattn.bench.impls import build
 from approxattn.bench.runner import floors
 
@@ -142,3 +142,62 @@ def test_floor_of_a_forced_sdpa_backend_is_the_softmax_floor():
     flash, cudnn = (next(c for c in presets.noncausal_family(65536) if c.label == label)
                     for label in ("SDPA flash", "SDPA cuDNN"))
     assert floors(cudnn, DEVICE) == floors(flash, DEVICE)
+
+
+def test_crossover_preset_pairs_every_case_with_its_cuda_graph_twin():
+    cases = presets.crossover((1024, 2048))
+    eager = [c for c in cases if not c.graphed]
+    twins = {(c.label, c.seq): c for c in cases if c.graphed}
+    assert {c.label for c in eager} == {"SDPA flash", "FAVOR+ m=256 (fused)", "elu+1 linear (fused)",
+                                        "SDPA flash causal", "elu+1 linear causal (fused)"}
+    assert len(twins) == len(eager) == len(cases) // 2
+    for c in eager:
+        twin = twins[(graphed_label(c.label), c.seq)]
+        assert twin.key() == {**c.key(), "label": twin.label, "graphed": True}
+    assert graphed_label("FAVOR+ m=256 (fused)") == "FAVOR+ m=256 (fused, CUDA graph)"
+    assert graphed_label("SDPA flash causal") == "SDPA flash causal (CUDA graph)"
+
+
+def test_report_crossover_under_cuda_graphs():
+    """Eager: our path slower at 1K and 2K (launch-bound); graphed: faster from 2K. The report gives
+    both cross-overs, each against SDPA timed the same way."""
+    rows = []
+    for case in presets.crossover((1024, 2048, 4096)):
+        if case.impl == "sdpa":
+            ms = {1024: 0.10, 2048: 0.20, 4096: 0.60}[case.seq]
+        elif case.graphed:
+            ms = {1024: 0.12, 2048: 0.10, 4096: 0.15}[case.seq]
+        else:
+            ms = {1024: 0.45, 2048: 0.45, 4096: 0.46}[case.seq]
+        rows.append({"case": case.key(), "fwd": ms / 3, "fwd+bwd": ms, "floor": None})
+    targets = {t["target"]: t for t in report.targets(report._headline_rows(rows))}
+    eager = targets["cross-over of FAVOR+ m=256 (fused) with SDPA (fwd+bwd)"]
+    assert eager["value"] == 4096 and not eager["met"]
+    graphed = targets["cross-over of FAVOR+ m=256 (fused, CUDA graph) with SDPA flash (CUDA graph) (fwd+bwd)"]
+    assert graphed["value"] == 2048 and graphed["met"]
+    causal = targets["cross-over of elu+1 linear causal (fused, CUDA graph) with SDPA flash causal (CUDA graph) "
+                     "(fwd+bwd)"]
+    assert causal["value"] == 2048 and causal["met"]
+
+
+@pytest.mark.gpu
+def test_graphed_step_replays_the_eager_result():
+    """A graphed fused fwd+bwd writes the same gradients as the eager call on the same inputs."""
+    case = Case("fused", "FAVOR+ m=64 (fused)", 2048, False, heads=2, method="performer",
+                options={"num_features": 64})
+    run, make = build(case)
+    q, k, v, do = make(True, 0)
+    want = torch.autograd.grad(run(q, k, v), (q, k, v), do)
+    got = []
+
+    def body(inputs):
+        q, k, v, do = inputs
+        got[:] = torch.autograd.grad(run(q, k, v), (q, k, v), do)
+
+    step = runner.graphed_step(body, [(q, k, v, do)])
+    for g in got:
+        g.zero_()
+    step()
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-6

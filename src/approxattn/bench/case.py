@@ -27,6 +27,9 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     feature_dim: int | None = None  # fla's K / performer-pytorch's nb_features
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")  # what the runner times
+    # replayed from CUDA graphs (one per input set): the GPU's time without Python's launch
+    # overhead, which bounds every path below ~8K tokens
+    graphed: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -39,4 +42,11 @@ class Case:
     def key(self) -> dict[str, Any]:
         return {"impl": self.impl, "label": self.label, "seq": self.seq, "causal": self.causal, "batch": self.batch,
                 "heads": self.heads, "kv_heads": self.kv, "head_dim": self.head_dim, "dtype": self.dtype,
-                "method": self.method, "options": self.options, "feature_dim": self.feature_dim}
+                "method": self.method, "options": self.options, "feature_dim": self.feature_dim,
+                "graphed": self.graphed}
+
+
+def graphed_label(label: str) -> str:
+    """The label of a case's CUDA-graph twin: ``X (fused)`` → ``X (fused, CUDA graph)``,
+    ``SDPA flash`` → ``SDPA flash (CUDA graph)``."""
+    return label[:-1] + ", CUDA graph)" if label.endswith(")") else label + " (CUDA graph)"

@@ -25,7 +25,7 @@ def run_command(args: argparse.Namespace) -> int:
     cases = []
     for name in args.preset:
         builder = presets.PRESETS[name]
-        cases += builder(args.seq) if args.seq and name in ("headline", "sweep", "sea") else builder()
+        cases += builder(args.seq) if args.seq and name in ("headline", "sweep", "sea", "crossover") else builder()
     if args.impls:
         cases = [c for c in cases if c.impl in args.impls]
     if args.match:

@@ -1,11 +1,13 @@
 """Named sweeps. ``headline``: the issue's side-by-side run (B=1, H=16, d=64, bf16, N = 1K…128K; SDPA's
 cuDNN and default backends from N=16K);
 ``sweep``: the other axes (batch×heads, head dim, dtype, feature budget) at a few lengths;
-``quick``: a smoke test; ``sea``: SEA's sparse step and module, forward only (``bench/sparse.py``)."""
+``quick``: a smoke test; ``sea``: SEA's sparse step and module, forward only (``bench/sparse.py``);
+``crossover``: the short lengths where SDPA and the fused paths cross, each timed as called
+from Python and replayed from CUDA graphs (the GPU's own time, without launch overhead)."""
 
 from __future__ import annotations
 
-from .case import Case
+from .case import Case, graphed_label
 
 HEADLINE_SEQ = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FLEX_SEQ = (4096, 65536)
@@ -96,10 +98,29 @@ def sweep(seqs=(4096, 16384, 65536)) -> list[Case]:
     return cases
 
 
+CROSSOVER_SEQ = (1024, 2048, 4096, 8192)
+
+
+def graphed(case: Case) -> Case:
+    """``case`` replayed from CUDA graphs, under its :func:`graphed_label`."""
+    return Case(**{**case.__dict__, "label": graphed_label(case.label), "graphed": True})
+
+
+def crossover(seqs=CROSSOVER_SEQ) -> list[Case]:
+    """SDPA flash and the fused paths of the cross-over targets, eager and graphed."""
+    wanted = ("SDPA flash", "FAVOR+ m=256 (fused)", "elu+1 linear (fused)", "SDPA flash causal",
+              "elu+1 linear causal (fused)")
+    cases: list[Case] = []
+    for seq in seqs:
+        eager = [c for c in noncausal_family(seq) + causal_family(seq) if c.label in wanted]
+        cases += eager + [graphed(c) for c in eager]
+    return cases
+
+
 def quick() -> list[Case]:
     return noncausal_family(4096)[:3] + causal_family(4096)[:3]
 
 
 from .sparse import sea  # noqa: E402  (SEA's sparse step and the sea module)
 
-PRESETS = {"headline": headline, "sweep": sweep, "quick": quick, "sea": sea}
+PRESETS = {"headline": headline, "sweep": sweep, "quick": quick, "sea": sea, "crossover": crossover}

@@ -1,7 +1,8 @@
 """Timing, peak memory and roofline floors.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events; 25 ms warm-up, 100 ms of
-repeats), over inputs rotated among enough sets to exceed the L2 cache. Forward is timed
+repeats), over inputs rotated among enough sets to exceed the L2 cache. A graphed case
+(``Case.graphed``) captures one CUDA graph of the step per input set and times their replay. Forward is timed
 under ``torch.no_grad()``; forward+backward computes ``torch.autograd.grad(out, (q, k, v), do)``.
 Peak memory is ``max_memory_allocated`` during one fwd+bwd from fresh inputs, counting the
 inputs, minus what was allocated before them.
@@ -114,14 +115,19 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), *, warmup: int = 25, rep: in
             sets = _input_sets(make, mode == "fwd+bwd")
             cycle = itertools.cycle(sets)
             if mode == "fwd":
-                def step():
-                    q, k, v, _ = next(cycle)
+                def body(inputs):
+                    q, k, v, _ = inputs
                     with torch.no_grad():
                         run(q, k, v)
             else:
-                def step():
-                    q, k, v, do = next(cycle)
+                def body(inputs):
+                    q, k, v, do = inputs
                     torch.autograd.grad(run(q, k, v), (q, k, v), do)
+            if case.graphed:
+                step = graphed_step(body, sets)
+            else:
+                def step():
+                    body(next(cycle))
             result[mode] = do_bench(step, warmup=warmup, rep=rep, return_mode="median")
         except torch.cuda.OutOfMemoryError:
             result[mode] = None
@@ -132,9 +138,32 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), *, warmup: int = 25, rep: in
         finally:
             sets = cycle = None
             torch.cuda.empty_cache()
-    if memory and "fwd+bwd" in modes and result.get("fwd+bwd") is not None:
+    if memory and "fwd+bwd" in modes and result.get("fwd+bwd") is not None and not case.graphed:
         result.update(peak_memory(run, make))
     return result
+
+
+def graphed_step(body, sets: list[tuple]):
+    """A step replaying one CUDA graph of ``body(inputs)`` per input set, in turn.
+
+    Each body runs twice on a side stream before capture (what torch asks of a captured
+    region: lazy initialisation, kernel compilation and the launch caches happen outside
+    the graph); the captured outputs live in the graph's memory pool."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for inputs in sets:
+            for _ in range(2):
+                body(inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for inputs in sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body(inputs)
+        graphs.append(graph)
+    cycle = itertools.cycle(graphs)
+    return lambda: next(cycle).replay()
 
 
 def peak_memory(run, make) -> dict[str, float]:
