@@ -4,7 +4,8 @@
 #   mkdir -p .ab_old && git archive HEAD src | tar -x -C .ab_old     (before editing; git-ignored)
 #   run(command="AB_OLD=.ab_old/src bash benchmarks/h100_ab.sh", carry=[".whl", ".ab_old"])
 # AB_NEW (default src) names the other side's source, for a variant that is not in the tree.
-# Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides). The cases: the fused feature-map kernels with m = 256.
+# Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides); AB_EXTRA="label:VAR=value ...;label2:..." times
+# the new side again under each entry's environment (e.g. "fusedq:APPROXATTN_QUERY_BACKWARD=fused"), after it. The cases: the fused feature-map kernels with m = 256.
 # AB_TESTS="tests/test_kernels.py ...": first the GPU tests of the new side. AB_TUNE="q_bwd_fused ...": then the
 # launch-config sweep (benchmarks/tune.py) of those kernel kinds on the new side, whose best configs the new side
 # is timed with (APPROXATTN_LAUNCH_OVERRIDES).
@@ -24,9 +25,14 @@ run_side() {  # $1 = label, $2 = source folder, $3 = time limit, then extra labe
 }
 if [ -n "${AB_TESTS:-}" ]; then
   # shellcheck disable=SC2086
-  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TESTS_S:-240}" python -m pytest -q -m gpu -n 8 -p no:cacheprovider \
-    $AB_TESTS > "$OUT/gpu_tests.log" 2>&1
+  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TESTS_S:-240}" python -m pytest -q -m "gpu and not gpu_heavy" \
+    -n 8 -p no:cacheprovider -rfEx $AB_TESTS > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
+  # the memory-heavy ones (~50 GB each) one at a time
+  # shellcheck disable=SC2086
+  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TESTS_S:-240}" python -m pytest -q -m gpu_heavy \
+    -p no:cacheprovider -rfEx $AB_TESTS >> "$OUT/gpu_tests.log" 2>&1
+  echo "gpu heavy tests rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
 fi
 if [ -n "${AB_TUNE:-}" ]; then
   # shellcheck disable=SC2086
@@ -53,3 +59,14 @@ APPROXATTN_LAUNCH_OVERRIDES= run_side old "${AB_OLD:-.ab_old/src}" "${AB_S:-150}
 peers=("SDPA flash" "performer-pytorch" "fla chunk_linear_attn K=256")
 [ "${AB_PEERS:-1}" = 0 ] && peers=()
 run_side new "${AB_NEW:-src}" "${AB_NEW_S:-240}" "${peers[@]}"
+if [ -n "${AB_EXTRA:-}" ]; then
+  IFS=';' read -r -a extras <<< "$AB_EXTRA"
+  for extra in "${extras[@]}"; do
+    # shellcheck disable=SC2086
+    (export ${extra#*:}; run_side "${extra%%:*}" "${AB_NEW:-src}" "${AB_NEW_S:-240}")
+  done
+fi
+# at most 8 files come back: more travel as one archive
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  tar -czf /tmp/ab_out.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/ab_out.tgz "$OUT/ab_out.tgz"
+fi
