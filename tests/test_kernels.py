@@ -122,23 +122,47 @@ def test_noncausal_odd_sizes_unstabilised():
     check("favor", torch.float32, causal=False, B=1, HQ=3, HKV=3, N=21, d=12, dv=20, m=24, stabilize=False)
 
 
+QUERY_BACKWARDS = ["split", "fused"]
+
+
+@pytest.fixture(params=QUERY_BACKWARDS)
+def query_backward(request, monkeypatch):
+    """Both ways of the non-causal backward's query side (``linear_attn.QUERY_BACKWARD``), with
+    fresh plan caches."""
+    from approxattn.kernels import linear_attn
+    from approxattn.kernels._launch import PlanCache
+
+    monkeypatch.setattr(linear_attn, "QUERY_BACKWARD", request.param)
+    monkeypatch.setattr(linear_attn, "_FORWARD_PLANS", PlanCache())
+    monkeypatch.setattr(linear_attn, "_BACKWARD_PLANS", PlanCache())
+    return request.param
+
+
 @needs_triton
 @pytest.mark.parametrize("feature,m", [("elu", 16), ("favor", 24), ("favor", 150), ("relu", 256), ("favor", 257),
                                        ("favor", 320)])
-def test_noncausal_backward_has_one_query_launch(feature, m):
-    """Every feature width: dq and the partial dS, dz come from ``_q_bwd_fused``, one launch over
-    (query head, query split)."""
+def test_noncausal_backward_query_launches(feature, m, query_backward):
+    """Every feature width: dq from ``_q_bwd_fused`` over (query head, query split), with the partial
+    dS, dz in the same sweep ("fused") or from ``_dstate_bwd`` over (query head × feature block,
+    query split) ("split")."""
     from approxattn.kernels import linear_attn
 
     (q, k, v, do), gen = inputs(1, 4, 2, 40, 40, 16, 16, torch.float32, "cpu", 0)
-    plan = linear_attn._BackwardPlan(do, q, k, v, None, make_cfg(feature, 16, m, generator=gen))
-    assert plan.q_bwd_fused.fn is linear_attn._q_bwd_fused
-    assert plan.q_bwd_fused.grid[0] == 4
+    cfg = make_cfg(feature, 16, m, generator=gen)
+    plan = linear_attn._BackwardPlan(do, q, k, v, None, cfg)
+    assert plan.q_bwd.fn is linear_attn._q_bwd_fused
+    assert plan.q_bwd.grid[0] == 4
+    assert plan.q_bwd.meta["STATE"] == (query_backward == "fused")
+    if query_backward == "fused":
+        assert plan.dstate is None
+    else:
+        blocks = linear_attn.feature_blocks(cfg, 16, 16)[2]
+        assert plan.dstate.fn is linear_attn._dstate_bwd and plan.dstate.grid[0] == 4 * blocks
 
 
 @needs_triton
 @cpu_only
-def test_noncausal_query_backward_320_features():
+def test_noncausal_query_backward_320_features(query_backward):
     """Five feature blocks (the last partial) summed in the split's record."""
     check("favor", torch.float32, causal=False, N=37, NK=50, padding=9, m=320)
 
@@ -146,19 +170,38 @@ def test_noncausal_query_backward_320_features():
 @needs_triton
 @cpu_only
 @pytest.mark.parametrize("feature", ["favor", "relu"])
-def test_noncausal_fused_backward_gqa_split_ragged_rows(feature, monkeypatch):
-    """``_q_bwd_fused`` with 4 query heads on 2 key/value heads, four feature blocks summed in
-    the split's record (m = 256; one block, summed in registers, is the ELU and m ≤ 64 tests
+def test_noncausal_backward_gqa_split_ragged_rows(feature, query_backward, monkeypatch):
+    """The query backward with 4 query heads on 2 key/value heads, four feature blocks (m = 256;
+    fused: summed in the split's record, one block in registers being the ELU and m ≤ 64 tests
     above) and two query splits, the second ending in a partial row block (N = 300 = 256 + 44)."""
+    from approxattn.kernels import linear_attn
+
+    monkeypatch.setattr(linear_attn, "num_programs_hint", lambda device: 64)  # splits of 256 rows
+    check(feature, torch.float32, causal=False, B=1, HQ=4, HKV=2, N=300, NK=90, padding=11, m=256)
+    (plan,) = linear_attn._BACKWARD_PLANS.values()
+    assert plan.q_bwd.grid == (4, 2)
+    if query_backward == "split":
+        assert plan.dstate.grid == (16, 2)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["favor", "relu"])
+def test_noncausal_key_splits_rising_keys(feature, monkeypatch):
+    """The key state summed over three key splits (600 keys, splits of 256, the last partial and
+    padded) and two feature blocks (m = 96, the second partial); keys whose logits rise along N,
+    so FAVOR's per-feature offsets differ between splits and features and the combine must
+    bring them to one maximum."""
     from approxattn.kernels import linear_attn
     from approxattn.kernels._launch import PlanCache
 
-    monkeypatch.setattr(linear_attn, "num_programs_hint", lambda device: 64)  # splits of 256 rows
+    monkeypatch.setattr(linear_attn, "num_programs_hint", lambda device: 64)
     monkeypatch.setattr(linear_attn, "_FORWARD_PLANS", PlanCache())
     monkeypatch.setattr(linear_attn, "_BACKWARD_PLANS", PlanCache())
-    check(feature, torch.float32, causal=False, B=1, HQ=4, HKV=2, N=300, NK=90, padding=11, m=256)
-    (plan,) = linear_attn._BACKWARD_PLANS.values()
-    assert plan.q_bwd_fused.grid == (4, 2)
+    check(feature, torch.float32, causal=False, B=1, HQ=2, HKV=1, N=40, NK=600, m=96, padding=9,
+          key_ramp=(0.3, 2.5))
+    (plan,) = linear_attn._FORWARD_PLANS.values()
+    assert plan.state.grid == (2, 3)
 
 
 @needs_triton
@@ -268,9 +311,23 @@ def test_gpu_real_sizes(feature, m, dtype, causal):
 @needs_triton
 @pytest.mark.parametrize("feature,m", [("favor", 256), ("relu", 256), ("favor", 512)])
 def test_gpu_headline_shape_noncausal(feature, m):
-    # the benchmark's shape: the fused query backward walks 8,192-row splits, 64 row blocks each
-    # read-modify-writing its dS record, so an ordering bug between row blocks would show here
+    # the benchmark's shape: long key and query splits, many feature blocks, and (fused query
+    # backward) 64 row blocks a split read-modify-writing its dS record, where an ordering bug
+    # between row blocks would show
     check(feature, torch.bfloat16, causal=False, B=1, HQ=16, HKV=16, N=65536, d=64, dv=64, m=m, device="cuda")
+
+
+@gpu
+@pytest.mark.gpu_heavy
+@needs_cuda
+@needs_triton
+def test_gpu_headline_shape_fused_query_backward(monkeypatch):
+    """The same with the query backward's state sums fused into the dq sweep."""
+    from approxattn.kernels import linear_attn
+
+    monkeypatch.setattr(linear_attn, "QUERY_BACKWARD", "fused")
+    monkeypatch.setattr(linear_attn, "_BACKWARD_PLANS", linear_attn.PlanCache())
+    check("favor", torch.bfloat16, causal=False, B=1, HQ=16, HKV=16, N=65536, d=64, dv=64, m=256, device="cuda")
 
 
 @gpu

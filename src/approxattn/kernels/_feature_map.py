@@ -219,3 +219,44 @@ def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
             xf = x.to(tl.float32)
             p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=1)[:, None]
         return p
+
+
+# Feature-major tiles: the key-state sweep computes pre-activations as ``(BMB, BN)`` (features
+# × keys), so the state update ``A += e·V`` takes e straight from the accumulator as the dot's
+# first operand, the pattern of flash attention's ``O += P·V``; a ``(BN, BMB)`` tile would go
+# through shared memory to be transposed first.
+
+
+@triton.jit
+def _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.constexpr, BMB: tl.constexpr,
+                 BD: tl.constexpr):
+    """Rows ``mb·BMB …`` of the projection as they are, ``(BMB, BD)``: (hi, lo)."""
+    if FEATURE == 0:
+        zero = tl.zeros([BMB, BD], dtype=tl.float32)
+        return zero, zero
+    else:
+        offs_m = mb * BMB + tl.arange(0, BMB)
+        offs_d = tl.arange(0, BD)
+        offs = offs_m[:, None] * stride_wm + offs_d[None, :] * stride_wd
+        mask = (offs_m[:, None] < m) & (offs_d[None, :] < d)
+        return tl.load(whi_ptr + offs, mask=mask, other=0.0), tl.load(wlo_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _logits_blk_t(xt, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """Pre-activations ``(BMB, BN)`` of one feature block from rows given transposed, ``xt (BD, BN)``
+    (ELU: xt itself, BMB == BD): :func:`_logits_blk` transposed."""
+    if FEATURE == 0:
+        return xt.to(tl.float32)
+    else:
+        if LP and _INTERPRET:
+            p = tl.dot(whi.to(tl.float32) + wlo.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        elif LP:
+            p = tl.dot(whi, xt) + tl.dot(wlo, xt)
+        else:
+            p = tl.dot(whi.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        p = p * xs
+        if FEATURE == 1:
+            xf = xt.to(tl.float32)
+            p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=0)[None, :]
+        return p

@@ -61,9 +61,9 @@ def _maximum(a, b):
 
 @triton.jit
 def _scan_segments(
-    src_ptr, dst_ptr, off_ptr, P, G, NMB, m, dv, rec_size, mult, const,
+    src_ptr, dst_ptr, off_ptr, P, G, m, dv, rec_size, mult, const,
     REVERSE: tl.constexpr, USE_MAX: tl.constexpr, FOLD: tl.constexpr,
-    BMB: tl.constexpr, BDV: tl.constexpr, BNMB: tl.constexpr,
+    BMB: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
 ):
     """Grid (key/value head, feature block): exclusive scans of records over the P segments.
 
@@ -78,7 +78,7 @@ def _scan_segments(
     mb = tl.program_id(1)
     offs_m = mb * BMB + tl.arange(0, BMB)
     offs_v = tl.arange(0, BDV)
-    offs_b = tl.arange(0, BNMB)
+    offs_b = tl.arange(0, BM)  # every feature's offset slot
     fmask = offs_m < m
     vmask = offs_v < dv
     tile = offs_m[:, None] * dv + offs_v[None, :]
@@ -90,7 +90,7 @@ def _scan_segments(
     if REVERSE:
         ref = tl.load(off_ptr + ((o + 1) * P - 1).to(tl.int64) * rec_size + m * dv + m + dv + 1)
     else:
-        ref = tl.max(tl.full([BNMB], -1.0e30, dtype=tl.float32), axis=0)
+        ref = tl.max(tl.full([BM], -1.0e30, dtype=tl.float32), axis=0)
     for t in range(0, P):
         if REVERSE:
             p = P - 1 - t
@@ -125,12 +125,12 @@ def _scan_segments(
             src = src_ptr + (o * P + p).to(tl.int64) * rec_size
             A = tl.load(src + tile, mask=tmask, other=0.0)
             a = tl.load(src + m * dv + offs_m, mask=fmask, other=0.0)
-            if USE_MAX:
-                offsets = tl.load(src + m * dv + m + dv + 1 + offs_b, mask=offs_b < NMB, other=-1.0e30)
+            if USE_MAX:  # the segment's partial state has one offset per feature
+                offsets = tl.load(src + m * dv + m + dv + 1 + offs_b, mask=offs_b < m, other=-1.0e30)
                 new_ref = tl.maximum(ref, tl.max(offsets, axis=0))
                 scale = tl.exp(ref - new_ref)
-                w = tl.exp(tl.load(src + m * dv + m + dv + 1 + mb) - new_ref)
-                acc = acc * scale + A * w
+                w = tl.exp(tl.load(src + m * dv + m + dv + 1 + offs_m, mask=fmask, other=-1.0e30) - new_ref)
+                acc = acc * scale + A * w[:, None]
                 zacc = zacc * scale + a * w
                 ref = new_ref
             else:
@@ -501,13 +501,13 @@ class _Plan:
         BC = launch.pop("BN")
         self.seg_len = segment_length(N, B * HQ, q.device, BC)
         self.state, P = state_launch(k, v, valid, cfg, tokens=self.seg_len)
-        self.rec = record_size(m, dv, NMB)
+        self.rec = record_size(m, dv)
         self.pmax = cfg.use_key_max
         mult, const = cfg.state_terms()
         self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, 1, NMB, m, dv, self.rec, float(mult), float(const)),
+            _scan_segments, (B * HKV, NMB), (P, 1, m, dv, self.rec, float(mult), float(const)),
             dict(REVERSE=False, USE_MAX=self.pmax, FOLD=not self.pmax, BMB=BMB, BDV=BDV,
-                 BNMB=max(16, triton.next_power_of_2(NMB))), q.device,
+                 BM=max(16, triton.next_power_of_2(m))), q.device,
         )
         self.records = B * HKV * P * self.rec
         self.q_records = B * HQ * P * self.rec
@@ -547,9 +547,9 @@ class _BackwardPlan:
             plan.meta, q.device,
         )
         self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, G, NMB, m, dv, plan.rec, 1.0, 0.0),
+            _scan_segments, (B * HKV, NMB), (P, G, m, dv, plan.rec, 1.0, 0.0),
             dict(REVERSE=True, USE_MAX=plan.pmax, FOLD=False, BMB=BMB, BDV=BDV,
-                 BNMB=max(16, triton.next_power_of_2(NMB))), q.device,
+                 BM=max(16, triton.next_power_of_2(m))), q.device,
         )
         self.dkv = Launch(
             _causal_dkv, (B * HKV, P),

@@ -8,12 +8,13 @@ Forward, three launches:
 
 1. ``_state_fwd`` (grid: key/value head × feature block, key split): partial
    ``A = Σ e(k)vᵀ``, ``a = Σ e(k)`` in fp32, e being the feature without its constant ε part,
-   one record per split (:func:`record_size`). FAVOR keys are relative to the program's own
-   running max (rescaled when it grows, as in flash attention); the reference's stabiliser,
-   one max over all keys and features of a (batch, head), is the maximum of these.
+   one record per split (:func:`record_size`), computed feature-major (``(features, keys)``
+   tiles, like flash attention's ``P·V``). FAVOR keys are relative to the program's running
+   max of each feature (rescaled when it grows, as in flash attention); the reference's
+   stabiliser, one max over all keys and features of a (batch, head), is the maximum of these.
 2. ``_combine_parts`` (grid: key/value head × feature block): the partials relative to that
-   maximum, summed: ``S = ratio·Σ_p w_p A_p + ratio·ε·Σv`` (as ``φ = ratio·(exp(l − M) + ε)``,
-   the ε part of the state needs no offset), and z.
+   maximum, summed: ``S = ratio·Σ_p w_p A_p + ratio·ε·Σv`` (w per feature; as
+   ``φ = ratio·(exp(l − M) + ε)``, the ε part of the state needs no offset), and z.
 3. ``_out_fwd`` (grid: query head × query block): ``o = φ(q)S / (φ(q)·z + den_eps)`` in one
    sweep over the feature blocks, FAVOR's per-row max taken as a running max (the ε part of
    φ(q) is applied at the end through ``Σ_m S_m``); the denominators and row maxima are kept
@@ -34,6 +35,8 @@ Grouped-query heads index their key/value head (h // G); padded keys read a vali
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +50,9 @@ from ._feature_map import (
     _dot_split,
     _finish_input_grad,
     _load_w_blk,
+    _load_w_rows,
     _logits_blk,
+    _logits_blk_t,
 )
 from ._launch import (
     PROGRAMS_PER_SM,
@@ -73,7 +78,12 @@ def _state_fwd(
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head × feature block, key split): partial state of one feature block,
-    written into the split's record (see :func:`record_size`)."""
+    written into the split's record (see :func:`record_size`).
+
+    Feature-major: the logits of a key block are a ``(BMB, BN)`` tile, so ``A += e·V`` takes e
+    from the accumulator as it is (no transpose through shared memory). FAVOR's stabiliser is
+    one running max per feature (a row reduction, kept within a warp), stored as that feature's
+    offset; the combine brings every feature and split to the largest."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -85,7 +95,7 @@ def _state_fwd(
     offs_v = tl.arange(0, BDV)
     offs_m = mb * BMB + tl.arange(0, BMB)
     fmask = offs_m < m
-    whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
@@ -93,7 +103,7 @@ def _state_fwd(
     zacc = tl.zeros([BMB], dtype=tl.float32)
     vsum = tl.zeros([BDV], dtype=tl.float32)
     cnt = tl.zeros([BN], dtype=tl.float32)
-    run_max = tl.full([BMB], -1.0e30, dtype=tl.float32)  # every entry equal: the program's max
+    run_max = tl.full([BMB], -1.0e30, dtype=tl.float32)
     start = pid_p * tokens
     stop = tl.minimum(start + tokens, N)
     for n0 in range(start, stop, BN):
@@ -101,25 +111,24 @@ def _state_fwd(
         valid = offs_n < stop
         if HAS_VALID:
             valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=valid, other=0) != 0)
-        x = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < stop) & (offs_d[None, :] < d), other=0.0)
+        xt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=(offs_n[None, :] < stop) & (offs_d[:, None] < d), other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                      mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0)
-        p = _logits_blk(x, whi, wlo, xs, FEATURE, LP)
-        keep = valid[:, None] & fmask[None, :]
+        p = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
+        keep = fmask[:, None] & valid[None, :]
         if USE_MAX:
-            block_max = tl.max(tl.max(tl.where(keep, p, -1.0e30), axis=1), axis=0)
-            new_max = tl.maximum(run_max, block_max)
+            new_max = tl.maximum(run_max, tl.max(tl.where(keep, p, -1.0e30), axis=1))
             alpha = tl.exp(run_max - new_max)
             acc = acc * alpha[:, None]
             zacc = zacc * alpha
             run_max = new_max
-            offset = tl.max(run_max, axis=0)
+            # a feature with no valid key yet (padded, or masked so far): any finite offset
+            e, _ = _apply(p, tl.where(run_max > -1.0e29, run_max, 0.0)[:, None], 1.0, 0.0, keep, FEATURE)
         else:
-            offset = 0.0
-        e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE)
-        acc += _dot(tl.trans(e), vv, LP)
-        zacc += tl.sum(e, axis=0)
+            e, _ = _apply(p, 0.0, 1.0, 0.0, keep, FEATURE)
+        acc += _dot(e, vv, LP)
+        zacc += tl.sum(e, axis=1)
         vsum += tl.sum(vv.to(tl.float32), axis=0)
         cnt += valid.to(tl.float32)
 
@@ -130,18 +139,18 @@ def _state_fwd(
         tl.store(rec + m * dv + m + offs_v, vsum, mask=offs_v < dv)
         tl.store(rec + m * dv + m + dv, tl.sum(cnt, axis=0))
     if USE_MAX:
-        tl.store(rec + m * dv + m + dv + 1 + mb, tl.max(run_max, axis=0))
+        tl.store(rec + m * dv + m + dv + 1 + offs_m, run_max, mask=fmask)
 
 
 @triton.jit
 def _combine_parts(
-    part_ptr, out_ptr, SRC, NMB, m, dv, rec_size, mult, const,
-    USE_MAX: tl.constexpr, HAS_CONST: tl.constexpr, BMB: tl.constexpr, BDV: tl.constexpr, BNMB: tl.constexpr,
+    part_ptr, out_ptr, SRC, m, dv, rec_size, mult, const,
+    USE_MAX: tl.constexpr, HAS_CONST: tl.constexpr, BMB: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
 ):
     """Grid (output record, feature block): records ``o·SRC … o·SRC + SRC − 1`` summed into record o,
     ``S = mult·Σ_p w_p A_p + const·Σ_p vsum_p``, ``z`` alike. USE_MAX (FAVOR's key stabiliser):
-    ``w_p = exp(offset_p − M)`` with M the largest offset of all SRC records and blocks, stored
-    as the output's first offset; otherwise w_p = 1."""
+    ``w_pf = exp(offset_pf − M)`` per record p and feature f, with M the largest offset of all SRC
+    records and features, stored as the output's first offset; otherwise w = 1."""
     o = tl.program_id(0)
     mb = tl.program_id(1)
     offs_m = mb * BMB + tl.arange(0, BMB)
@@ -152,11 +161,11 @@ def _combine_parts(
     tmask = fmask[:, None] & vmask[None, :]
     first = part_ptr + (o * SRC).to(tl.int64) * rec_size
     if USE_MAX:
-        offs_b = tl.arange(0, BNMB)
-        maxima = tl.full([BNMB], -1.0e30, dtype=tl.float32)
+        offs_all = tl.arange(0, BM)
+        maxima = tl.full([BM], -1.0e30, dtype=tl.float32)
         for s in range(0, SRC):
-            maxima = tl.maximum(maxima, tl.load(first + s * rec_size + m * dv + m + dv + 1 + offs_b,
-                                                mask=offs_b < NMB, other=-1.0e30))
+            maxima = tl.maximum(maxima, tl.load(first + s * rec_size + m * dv + m + dv + 1 + offs_all,
+                                                mask=offs_all < m, other=-1.0e30))
         top = tl.max(maxima, axis=0)
     acc = tl.zeros([BMB, BDV], dtype=tl.float32)
     zacc = tl.zeros([BMB], dtype=tl.float32)
@@ -167,8 +176,8 @@ def _combine_parts(
         A = tl.load(rec + tile, mask=tmask, other=0.0)
         a = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
         if USE_MAX:
-            w = tl.exp(tl.load(rec + m * dv + m + dv + 1 + mb) - top)
-            A = A * w
+            w = tl.exp(tl.load(rec + m * dv + m + dv + 1 + offs_m, mask=fmask, other=-1.0e30) - top)
+            A = A * w[:, None]
             a = a * w
         acc += A
         zacc += a
@@ -265,10 +274,10 @@ def _q_bwd_fused(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_wm, stride_wd,
     HQ, G, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, LP: tl.constexpr, NMB: tl.constexpr,
+    FEATURE: tl.constexpr, LP: tl.constexpr, NMB: tl.constexpr, STATE: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, query split): dq and the partial dS, dz in one sweep, each row block's
+    """Grid (query head, query split): dq and (STATE) the partial dS, dz in one sweep, each row block's
     features computed once (they were two kernels, each computing them). dq is stored row block
     by row block; the split's partial dS and dz go into its record (the A and a slots).
 
@@ -277,7 +286,7 @@ def _q_bwd_fused(
     block; it stays in L2): one register tile per block spills. Measured on the H100, FAVOR+
     m = 256 (N = 65,536, B = 1, H = 16, d = 64, bf16): four register tiles need 255 registers
     a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the two kernels it replaced; the
-    record, 1.4 ms."""
+    record, 1.4 ms. Without STATE, dq alone (``_dstate_bwd`` sums dS and dz)."""
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -299,7 +308,7 @@ def _q_bwd_fused(
     qmax_base = stats_ptr + (tl.num_programs(0) + pid_bh).to(tl.int64) * N
     dS_regs = tl.zeros([BMB, BDV], dtype=tl.float32)  # NMB = 1 only
     dz_regs = tl.zeros([BMB], dtype=tl.float32)
-    if NMB > 1:
+    if STATE and NMB > 1:
         for mb in range(NMB):
             offs_m = mb * BMB + offs_f
             fmask = offs_m < m
@@ -337,12 +346,14 @@ def _q_bwd_fused(
             # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
             dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
             dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
-            dS_blk = _dot(tl.trans(phi), dnum, LP)
-            dz_blk = tl.sum(phi * dden[:, None], axis=0)
-            if NMB == 1:
-                dS_regs += dS_blk
-                dz_regs += dz_blk
+            if not STATE:
+                pass
+            elif NMB == 1:
+                dS_regs += _dot(tl.trans(phi), dnum, LP)
+                dz_regs += tl.sum(phi * dden[:, None], axis=0)
             else:
+                dS_blk = _dot(tl.trans(phi), dnum, LP)
+                dz_blk = tl.sum(phi * dden[:, None], axis=0)
                 dS_ptrs = rec + offs_m[:, None] * dv + offs_v[None, :]
                 tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
                 dz_ptrs = rec + m * dv + offs_m
@@ -350,12 +361,69 @@ def _q_bwd_fused(
         dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
-        if NMB > 1:
+        if STATE and NMB > 1:
             tl.debug_barrier()  # this row block's sums are complete before the next one reads them
-    if NMB == 1:
+    if STATE and NMB == 1:
         fmask = offs_f < m
         tl.store(rec + offs_f[:, None] * dv + offs_v[None, :], dS_regs, mask=fmask[:, None] & vmask[None, :])
         tl.store(rec + m * dv + offs_f, dz_regs, mask=fmask)
+
+
+@triton.jit
+def _dstate_bwd(
+    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, stats_ptr, part_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_wm, stride_wd,
+    HQ, NMB, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
+    FEATURE: tl.constexpr, LP: tl.constexpr,
+    BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    """Grid (query head × feature block, query split): the split's partial ``dS = Σ φ(q)dnumᵀ``
+    and ``dz = Σ φ(q)dden`` of one feature block, feature-major like ``_state_fwd`` (φ(q) of a
+    row block is a ``(BMB, BN)`` tile, the dot's first operand as it stands), into the A and a
+    slots of the split's record. φ(q) uses the forward's row maxima (``stats``)."""
+    pid = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    num_p = tl.num_programs(1)
+    bh = pid // NMB
+    mb = pid % NMB
+    b = bh // HQ
+    h = bh % HQ
+    offs_d = tl.arange(0, BD)
+    offs_v = tl.arange(0, BDV)
+    offs_m = mb * BMB + tl.arange(0, BMB)
+    fmask = offs_m < m
+    vmask = offs_v < dv
+    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    den_base = stats_ptr + bh.to(tl.int64) * N
+    qmax_base = stats_ptr + (tl.num_programs(0) // NMB + bh).to(tl.int64) * N  # after B·HQ rows of den
+    acc = tl.zeros([BMB, BDV], dtype=tl.float32)
+    zacc = tl.zeros([BMB], dtype=tl.float32)
+    start = pid_p * tokens
+    stop = tl.minimum(start + tokens, N)
+    for n0 in range(start, stop, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        rows = offs_n < stop
+        xt = tl.load(q_base + offs_n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=rows[None, :] & (offs_d[:, None] < d), other=0.0)
+        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
+                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        do = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
+                     mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        den = tl.load(den_base + offs_n, mask=rows, other=1.0)
+        row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
+        phi, _ = _apply(_logits_blk_t(xt, whi, wlo, xs, FEATURE, LP), row_max[None, :], ratio, eps,
+                        fmask[:, None] & rows[None, :], FEATURE)
+        acc += _dot(phi, do / den[:, None], LP)
+        zacc += tl.sum(phi * (-tl.sum(do * o, axis=1) / den)[None, :], axis=1)
+    rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
+    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], acc, mask=fmask[:, None] & vmask[None, :])
+    tl.store(rec + m * dv + offs_m, zacc, mask=fmask)
 
 
 @triton.jit
@@ -451,17 +519,17 @@ def feature_blocks(cfg: FeatureConfig, d: int, dv: int) -> tuple[int, int, int, 
 RECORD_ALIGN = 32  # words: records start 128-byte aligned, so tiles of S load vectorised
 
 
-def record_size(m: int, dv: int, blocks: int) -> int:
-    """fp32 words of one state record: ``A (m×dv) | a (m) | Σv (dv) | count | offsets (blocks)``,
+def record_size(m: int, dv: int) -> int:
+    """fp32 words of one state record: ``A (m×dv) | a (m) | Σv (dv) | count | offsets (m)``,
     padded to a multiple of ``RECORD_ALIGN``.
 
     Partial key states, their combinations, the backward's partial ``dS``/``dz`` (A and a
     slots) and the causal scans' running states all use this layout; the offsets are FAVOR's
-    key stabiliser per feature block (a combined record keeps its maximum in the first). The
-    kernels get the size as an argument: Triton specialises integers divisible by 16, so
+    key stabiliser per feature (a combined or scanned record keeps its single offset in the
+    first). The kernels get the size as an argument: Triton specialises integers divisible by 16, so
     ``base + i·size`` is known aligned (an unpadded size made every S tile load scalar:
     measured 2.4–3.8× slower ``_out_fwd`` and query backward for FAVOR+ m=256 on the H100)."""
-    return triton.cdiv(m * dv + m + dv + 1 + blocks, RECORD_ALIGN) * RECORD_ALIGN
+    return triton.cdiv(m * dv + m + dv + 1 + m, RECORD_ALIGN) * RECORD_ALIGN
 
 
 def weight_strides(cfg: FeatureConfig, d: int) -> tuple[int, int]:
@@ -491,7 +559,7 @@ def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) 
     return Launch(
         _state_fwd, (B * HKV * NMB, P),
         (*_strides(k), *_strides(v), *weight_strides(cfg, d), smb, smn, HKV, NMB, N, m, d, dv, tokens,
-         record_size(m, dv, NMB), cfg.x_scale),
+         record_size(m, dv), cfg.x_scale),
         dict(FEATURE=FEATURE_CODES[cfg.feature], USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None,
              LP=cfg.low_precision(k), BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
     ), P
@@ -500,10 +568,10 @@ def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) 
 def combine_launch(outputs: int, sources: int, m: int, dv: int, BMB: int, BDV: int, NMB: int, *, mult: float,
                    const: float, use_max: bool, device) -> Launch:
     """``_combine_parts``: ``outputs`` records, each the sum of ``sources`` consecutive ones."""
-    return Launch(_combine_parts, (outputs, NMB), (sources, NMB, m, dv, record_size(m, dv, NMB), float(mult),
+    return Launch(_combine_parts, (outputs, NMB), (sources, m, dv, record_size(m, dv), float(mult),
                                                     float(const)),
                   dict(USE_MAX=use_max, HAS_CONST=const != 0.0, BMB=BMB, BDV=BDV,
-                       BNMB=max(16, triton.next_power_of_2(NMB))), device)
+                       BM=max(16, triton.next_power_of_2(m))), device)
 
 
 class _ForwardPlan:
@@ -515,7 +583,7 @@ class _ForwardPlan:
         mult, const = cfg.state_terms()
         self.combine = combine_launch(B * HKV, P, m, dv, BMB, BDV, NMB, mult=mult, const=const,
                                       use_max=cfg.use_key_max, device=q.device)
-        rec = record_size(m, dv, NMB)
+        rec = record_size(m, dv)
         self.parts, self.records, self.rows = B * HKV * P * rec, B * HKV * rec, B * HQ * N
         self.o_shape = (B, HQ, N, dv)
         launch = pick_config("out", m, d, dv)
@@ -528,6 +596,11 @@ class _ForwardPlan:
         )
 
 
+# How the backward sums dS, dz: "split" (``_dstate_bwd``, feature-major, beside a dq-only query
+# sweep) or "fused" (``_q_bwd_fused`` sums them in the same sweep as dq, φ(q) computed once).
+QUERY_BACKWARD = os.environ.get("APPROXATTN_QUERY_BACKWARD", "split")
+
+
 class _BackwardPlan:
     def __init__(self, do, q, k, v, valid, cfg: FeatureConfig):
         B, HQ, N, d = q.shape
@@ -538,20 +611,32 @@ class _BackwardPlan:
         o_strides = _contiguous_strides(B, HQ, N, dv)
         w_strides = weight_strides(cfg, d)
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
-        rec = record_size(m, dv, NMB)
+        rec = record_size(m, dv)
         dq_strides = _contiguous_strides(*q.shape)
-        launch = pick_config("q_bwd_fused", m, d, dv)
-        # one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
+        fused = QUERY_BACKWARD == "fused"
+        launch = pick_config("q_bwd_fused" if fused else "q_bwd", m, d, dv)
+        # fused: one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
         # each split more costs the combine a record (H100, FAVOR+ m = 256, B·H = 16: 64 splits
         # made the combine 0.20 ms slower, this kernel no faster)
-        tokens = _splits(N, B * HQ * PROGRAMS_PER_SM, q.device, launch["BN"])
+        tokens = _splits(N, B * HQ * (PROGRAMS_PER_SM if fused else 1), q.device, launch["BN"])
         P = triton.cdiv(N, tokens)
-        self.q_bwd_fused = Launch(
+        self.q_bwd = Launch(
             _q_bwd_fused, (B * HQ, P),
             (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
              HQ, G, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
-            dict(**common, NMB=NMB, **launch), q.device,
+            dict(**common, NMB=NMB, STATE=fused, **launch), q.device,
         )
+        self.dstate = None
+        if not fused:
+            launch = pick_config("dstate", m, d, dv)
+            tokens = _splits(N, B * HQ * NMB, q.device, launch["BN"])
+            P = triton.cdiv(N, tokens)
+            self.dstate = Launch(
+                _dstate_bwd, (B * HQ * NMB, P),
+                (*_strides(q), *o_strides, *_strides(do), *w_strides,
+                 HQ, NMB, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
+                dict(**common, **launch), q.device,
+            )
         self.parts, self.records = B * HQ * P * rec, B * HKV * rec
         self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
                                       device=q.device)
@@ -592,7 +677,9 @@ def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConf
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
     parts = torch.empty(plan.parts, **f32)
-    plan.q_bwd_fused(q, whi, wlo, state, o, do, stats, dq, parts)
+    plan.q_bwd(q, whi, wlo, state, o, do, stats, dq, parts)
+    if plan.dstate is not None:
+        plan.dstate(q, whi, wlo, o, do, stats, parts)
     dstate = torch.empty(plan.records, **f32)
     plan.combine(parts, dstate)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
