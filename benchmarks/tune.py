@@ -2,10 +2,12 @@
 
 For each kernel kind, every candidate (BN, num_warps, num_stages) is timed with the other
 kinds at their defaults; prints the fastest per kind (copy them into kernels/_launch.py).
-Usage: PYTHONPATH=src python benchmarks/tune.py [N] [KIND ...]   (only these kinds, e.g. q_bwd_fused)
+Usage: PYTHONPATH=src python benchmarks/tune.py [N] [KIND ...]   (only these kinds, e.g. q_bwd_fused;
+TUNE_SETTINGS=favor: only the settings whose name starts so)
 Launch plans are cached per layout, so the caches are cleared before each candidate.
 """
 
+import os
 import sys
 
 import torch
@@ -48,6 +50,8 @@ def timed(cfg, causal):
 
 
 for name, cfg, causal, kinds in SETTINGS:
+    if not name.startswith(os.environ.get("TUNE_SETTINGS", "")):
+        continue
     kinds = [k for k in kinds if not ONLY or k in ONLY]
     if not kinds:
         continue
