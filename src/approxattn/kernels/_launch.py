@@ -82,10 +82,9 @@ DEFAULTS: dict[str, dict[str, int]] = {
     # H100 sweep of BN 32–128, 4/8 warps, 1/2 stages: best overall for FAVOR+/ReLU m = 256,
     # FAVOR+ m = 128 and ELU (its 64/4/2 is 8% faster on ELU, 16% slower at m = 128)
     "q_bwd_fused": {"BN": 128, "num_warps": 8, "num_stages": 2},
-    # not tuned yet: _q_bwd_fused without the state sums (the earlier dq-only kernel's config) and
-    # the feature-major dS sweep (the key state's)
-    "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 2},
-    "dstate": {"BN": 128, "num_warps": 4, "num_stages": 2},
+    # _q_bwd_fused without the state sums, and the feature-major dS sweep (H100 sweep, FAVOR+ m = 256)
+    "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 1},
+    "dstate": {"BN": 32, "num_warps": 4, "num_stages": 1},
     "kv_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
 }
 

@@ -596,9 +596,13 @@ class _ForwardPlan:
         )
 
 
-# How the backward sums dS, dz: "split" (``_dstate_bwd``, feature-major, beside a dq-only query
-# sweep) or "fused" (``_q_bwd_fused`` sums them in the same sweep as dq, φ(q) computed once).
-QUERY_BACKWARD = os.environ.get("APPROXATTN_QUERY_BACKWARD", "split")
+# How the backward sums dS, dz: "fused" (``_q_bwd_fused`` sums them in the same sweep as dq, φ(q)
+# computed once) or "split" (``_dstate_bwd``, feature-major, beside a dq-only query sweep);
+# "auto": fused for one feature block (the sums stay in registers), split for more (the fused
+# sweep read-modify-writes them in its record). H100, N = 65,536, B = 1, H = 16, d = 64, bf16,
+# fwd+bwd ms (benchmarks/results/h100/run8): FAVOR+ m = 256 fused 3.66, split 3.44; elu+1 fused
+# 1.19, split 1.33.
+QUERY_BACKWARD = os.environ.get("APPROXATTN_QUERY_BACKWARD", "auto")
 
 
 class _BackwardPlan:
@@ -613,7 +617,9 @@ class _BackwardPlan:
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
         rec = record_size(m, dv)
         dq_strides = _contiguous_strides(*q.shape)
-        fused = QUERY_BACKWARD == "fused"
+        if QUERY_BACKWARD not in ("auto", "fused", "split"):
+            raise ValueError(f"APPROXATTN_QUERY_BACKWARD: expected 'auto', 'fused' or 'split', got {QUERY_BACKWARD!r}")
+        fused = QUERY_BACKWARD == "fused" or (QUERY_BACKWARD == "auto" and NMB == 1)
         launch = pick_config("q_bwd_fused" if fused else "q_bwd", m, d, dv)
         # fused: one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
         # each split more costs the combine a record (H100, FAVOR+ m = 256, B·H = 16: 64 splits
