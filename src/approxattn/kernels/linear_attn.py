@@ -20,13 +20,14 @@ Forward, three launches:
    φ(q) is applied at the end through ``Σ_m S_m``); the denominators and row maxima are kept
    for the backward (4 + 4 bytes a row).
 
-Backward, three launches:
+Backward, three or four launches (``QUERY_BACKWARD``):
 
-1. ``_q_bwd_fused`` (grid: query head, query split): dq and the split's partial
-   ``dS = Σ φ(q)dnumᵀ`` and ``dz`` in one sweep, φ(q) of each row block computed once for
-   both (it replaced two launches that each computed φ(q)). The partials of one feature block
-   are summed in registers; of several, in the split's record itself (read, added to and
-   written back every row block, from L2), as that many register tiles spill.
+1. One feature block: ``_q_bwd_fused`` (grid: query head, query split) gives dq and the
+   split's partial ``dS = Σ φ(q)dnumᵀ`` and ``dz`` in one sweep, φ(q) of each row block
+   computed once for both, the partials summed in registers. Several feature blocks: the
+   same kernel gives dq alone, and ``_dstate_bwd`` (grid: query head × feature block, query
+   split) the partials, feature-major like ``_state_fwd`` (the fused sweep would sum them in
+   the split's record, read, added to and written back every row block: slower, measured).
 2. ``_combine_parts``: the partials summed per key/value head.
 3. ``_kv_bwd`` (dk, dv), recomputing the key features.
 
