@@ -198,3 +198,46 @@ def test_kv_cache_decoding_is_exact_or_refused(method):
                                        pad_token_id=0)
             assert generated.shape == (2, 25)
             assert torch.equal(generated[:, 23], model(ids[:, :-1], use_cache=False).logits[:, -1].argmax(-1))
+
+
+def test_sea_cached_decoding_equals_the_full_forward():
+    """Inside cached_decoding a one-token SEA step over transformers' KV cache comes from SEA's
+    decoding state and equals the last row of the whole causal forward; greedy generation with
+    the cache picks the tokens it picks without."""
+    spec = approxattn.get_method("sea")
+    model = hf.patch_model(tiny_llama(), "sea", **spec.example_options(32))
+    ids = torch.randint(1, 97, (2, 24))  # no pad token (0): generate would mask it as padding
+    with torch.no_grad(), hf.cached_decoding(model):
+        full = model(ids, use_cache=False).logits[:, -1]
+        prompt = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True).logits[:, -1]
+        assert rel_err(step, full) < 1e-5
+        cached = model.generate(ids[:, :-1], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        uncached = model.generate(ids[:, :-1], max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_sea_cached_decoding_refuses_a_cache_it_was_not_built_along():
+    spec = approxattn.get_method("sea")
+    model = hf.patch_model(tiny_llama(), "sea", **spec.example_options(32))
+    a, b = torch.randint(0, 97, (2, 2, 20))
+    with torch.no_grad(), hf.cached_decoding(model):
+        first = model(a, use_cache=True)
+        model(b, use_cache=True)  # the decoding state now follows b
+        with pytest.raises(NotImplementedError, match="no longer matches"):
+            model(a[:, -1:], past_key_values=first.past_key_values, use_cache=True)
+        ids, mask = _ids(n=20)
+        padded = model(ids, attention_mask=mask, use_cache=True)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        with pytest.raises(NotImplementedError, match="padding"):
+            model(ids[:, -1:], attention_mask=step_mask, past_key_values=padded.past_key_values, use_cache=True)
+    # outside the block the cached step is refused as before
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="cached_decoding"):
+        model(b[:, -1:], past_key_values=model(b, use_cache=True).past_key_values, use_cache=True)
+
+
+def test_cached_decoding_needs_a_method_with_a_decoding_state():
+    for model in (hf.patch_model(tiny_llama(), "performer", num_features=16), tiny_llama()):
+        with pytest.raises(ValueError, match="decode_step"), hf.cached_decoding(model):
+            pass

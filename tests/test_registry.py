@@ -19,7 +19,7 @@ def test_every_method_is_listed_with_its_metadata(capsys):
     assert listed["sea"]["kv_cache_decoding"] is False and listed["performer"]["kv_cache_decoding"] is True
     assert main(["list", "--width", "160"]) == 0
     table = capsys.readouterr().out
-    assert "flurka-performer" in table and "yes (no KV-cache step)" in table
+    assert "flurka-performer" in table and "yes (KV-cache step: hf.cached_decoding)" in table
 
 
 def test_softmax_cost_formula_by_hand():

@@ -27,7 +27,7 @@ def list_methods(args: argparse.Namespace) -> int:
     for spec in methods.values():
         options = ", ".join(f"{o.name}={o.default!r}" for o in spec.options) or "—"
         limit = f"→ {spec.exact_limit.parent}: {spec.exact_limit.description}"
-        causal = "no" if not spec.supports_causal else "yes" if spec.kv_cache_decoding else "yes (no KV-cache step)"
+        causal = "no" if not spec.supports_causal else "yes" if spec.kv_cache_decoding else "yes (KV-cache step: hf.cached_decoding)"
         table.add_row(spec.name, spec.family, causal, options, limit)
     Console(width=args.width).print(table)
     return 0

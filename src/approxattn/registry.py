@@ -200,6 +200,7 @@ class MethodSpec:
     # one new query over cached keys, unmasked, gives the last row of the causal call, so a KV-cache
     # decoder (transformers' generate) decodes exactly; False where the causal path is its own
     # model (SEA's causal estimator and decoder), which decodes through its own state
+    # (decoding_state/decode_step; in transformers inside approxattn.hf.cached_decoding)
     kv_cache_decoding: bool = True
     # a cheap working configuration for sequences of n tokens (tests, smoke runs, docs)
     example_options: Callable[[int], dict[str, Any]] = field(default=lambda n: {}, repr=False)

@@ -4,6 +4,7 @@
 import approxattn.hf
 approxattn.hf.patch_model(model, "performer", num_features=256)   # same model, patched in place
 with approxattn.hf.capture(model) as records: model(input_ids)       # per-layer q, k, context
+with approxattn.hf.cached_decoding(model): model.generate(ids)   # SEA: cached steps from its state
 approxattn.hf.unpatch(model)
 ```
 See :mod:`approxattn.hf.patch` for how masks, scaling, GQA and causality are handled.
@@ -16,6 +17,7 @@ from .patch import (
     approxattn_attention,
     attached_modules,
     attention_modules,
+    cached_decoding,
     capture,
     exact_attention_with_probabilities,
     head_dim_of,
@@ -35,6 +37,7 @@ __all__ = [
     "approxattn_attention",
     "attached_modules",
     "attention_modules",
+    "cached_decoding",
     "capture",
     "exact_attention_with_probabilities",
     "head_dim_of",

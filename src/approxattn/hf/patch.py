@@ -41,6 +41,7 @@ _RECORDER = "_approxattn_recorder"
 _INDEX = "_approxattn_layer"
 _PREVIOUS = "_approxattn_previous_implementation"
 _METHOD = "_approxattn_method"
+_DECODING = "_approxattn_decoding"  # {"state": decoding state or None, "why": reason it is None}
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -227,20 +228,25 @@ def approxattn_attention(
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     key_padding_mask = key_padding_mask_from_hf(attention_mask, batch=batch, seq_q=seq_q, seq_k=seq_k, causal=causal)
     attached = getattr(module, ATTACHED, None)
-    if causal and seq_q == 1:
-        if seq_k > 1 and attached is not None and not attached.spec.kv_cache_decoding:
+    scale = float(scaling) if scaling is not None else head_dim ** -0.5
+    slot = getattr(module, _DECODING, None)
+    if causal and seq_q == 1 and seq_k > 1 and attached is not None and not attached.spec.kv_cache_decoding:
+        if slot is None:
             raise NotImplementedError(
                 f"approxattn: method {attached.spec.name!r} cannot decode one token over a KV cache exactly (its "
-                "causal rows come from a causal estimator that needs every earlier query); generate with "
-                "use_cache=False, or decode with the module's decoding_state/decode_step"
+                "causal rows come from a causal estimator that needs every earlier query); generate inside "
+                "approxattn.hf.cached_decoding(model), or with use_cache=False, or decode with the module's "
+                "decoding_state/decode_step"
             )
+        context = _decode_from_state(attached, slot, query, key, value, key_padding_mask, scale)
+        return context.to(query.dtype).transpose(1, 2).contiguous(), None
+    if causal and seq_q == 1:
         causal = False  # one new token after a KV cache sees every cached key
     if causal and seq_q != seq_k:
         raise NotImplementedError(
             f"approxattn: causal attention of {seq_q} new queries over {seq_k} cached keys (chunked prefill) is "
             "not supported; run the whole sequence at once, or decode one token at a time"
         )
-    scale = float(scaling) if scaling is not None else head_dim ** -0.5
     recorder = getattr(module, _RECORDER, None)
     details = probabilities = None
     if attached is None:
@@ -255,6 +261,8 @@ def approxattn_attention(
         else:
             context = attached(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
                                scale=method_scale)
+    if slot is not None and causal and seq_q == seq_k and attached is not None:
+        _prefill_state(attached, slot, query, key, value, key_padding_mask, scale)
     if recorder is not None:
         recorder.append(LayerRecord(
             layer=getattr(module, _INDEX, len(recorder)), name=type(module).__name__, q=query, k=key,
@@ -262,6 +270,79 @@ def approxattn_attention(
             probabilities=probabilities, details=details,
         ))
     return context.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _method_scale(attached: nn.Module, scale: float) -> float | None:
+    return scale if attached.spec.uses_scale else None
+
+
+def _prefill_state(attached, slot: dict, query, key, value, key_padding_mask, scale: float) -> None:
+    """The method's decoding state after a causal prompt: every prompt token stepped through
+    ``decode_step`` (the prompt's output comes from the full forward; the steps only build the state)."""
+    slot["state"] = None
+    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+        slot["why"] = "the prompt has padding (decoding states assume none); generate one unpadded sequence at a time"
+        return
+    batch, heads, seq, _ = query.shape
+    state = attached.decoding_state(batch=batch, heads=heads, kv_heads=key.shape[1], value_dim=value.shape[-1],
+                                    device=query.device, dtype=query.dtype)
+    for t in range(seq):
+        attached.decode_step(query[:, :, t:t + 1], key[:, :, t:t + 1], value[:, :, t:t + 1], state,
+                             scale=_method_scale(attached, scale))
+    slot["state"], slot["why"] = state, None
+
+
+def _decode_from_state(attached, slot: dict, query, key, value, key_padding_mask, scale: float) -> torch.Tensor:
+    """One token from the method's decoding state (``(B, Hq, 1, dv)``), after checking that the KV
+    cache transformers passed is the one the state was built along (beam search reorders the
+    cache, which the state cannot follow)."""
+    state = slot.get("state")
+    name = attached.spec.name
+    if state is None:
+        raise NotImplementedError(f"approxattn: no {name!r} decoding state for this KV cache: "
+                                  f"{slot.get('why') or 'no causal prompt went through the model inside cached_decoding'}")
+    past = key.shape[2] - 1
+    matches = (state.position == past and state.batch == query.shape[0] and state.dtype == query.dtype
+               and (key_padding_mask is None or bool(key_padding_mask.all()))
+               and torch.equal(state.keys[:, :, :past], key[:, :, :past])
+               and torch.equal(state.values[:, :, :past], value[:, :, :past]))
+    if not matches:
+        slot["state"], slot["why"] = None, "an earlier step found the KV cache changed"
+        raise NotImplementedError(
+            f"approxattn: the KV cache no longer matches method {name!r}'s decoding state (another sequence, "
+            "padding, or a reordered cache as in beam search); cached generation with this method supports greedy "
+            "or sampled decoding of unpadded prompts only")
+    return attached.decode_step(query, key[:, :, -1:], value[:, :, -1:], state, scale=_method_scale(attached, scale))
+
+
+@contextlib.contextmanager
+def cached_decoding(model: nn.Module) -> Iterator[nn.Module]:
+    """Cached generation with methods whose one-token step needs their own decoding state (SEA).
+
+    Inside the block every causal prompt through a patched attention module also builds that
+    module's decoding state (``decoding_state``, then ``decode_step`` over the prompt's tokens),
+    and each one-token step over transformers' KV cache is answered by ``decode_step`` from it,
+    which equals the last row of the full causal forward. A step whose cache is not the one the
+    state was built along (beam search's reordering, padding, another sequence) raises
+    ``NotImplementedError`` rather than answering otherwise. Methods that decode from the KV
+    cache alone need no block.
+
+    ``with approxattn.hf.cached_decoding(model): model.generate(ids, use_cache=True, ...)``
+    """
+    _check_model(model)
+    modules = [module for _, module in attention_modules(model)
+               if getattr(module, ATTACHED, None) is not None and hasattr(getattr(module, ATTACHED), "decode_step")]
+    if patched_method(model) is None or not modules:
+        raise ValueError("model: expected a model patched (approxattn.hf.patch_model) with a method that has a "
+                         f"decoding state (decode_step), got {patched_method(model)!r}")
+    for module in modules:
+        setattr(module, _DECODING, {"state": None, "why": None})
+    try:
+        yield model
+    finally:
+        for module in modules:
+            if hasattr(module, _DECODING):
+                delattr(module, _DECODING)
 
 
 _registered = False
