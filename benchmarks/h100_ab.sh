@@ -6,7 +6,7 @@
 # AB_NEW (default src) names the other side's source, for a variant that is not in the tree.
 # Knobs: AB_SEQ, AB_S / AB_NEW_S (time limits of the two sides); AB_EXTRA="label:VAR=value ...;label2:..." times
 # the new side again under each entry's environment (e.g. "fusedq:APPROXATTN_QUERY_BACKWARD=fused"), after it. The cases: the fused feature-map kernels with m = 256.
-# AB_TESTS="tests/test_kernels.py ...": first the GPU tests of the new side. AB_TUNE="q_bwd_fused ...": then the
+# AB_TESTS="tests/test_kernels.py ...": first the GPU tests of the new side. AB_TUNE="q_bwd dstate ...": then the
 # launch-config sweep (benchmarks/tune.py) of those kernel kinds on the new side, whose best configs the new side
 # is timed with (APPROXATTN_LAUNCH_OVERRIDES).
 set -u
@@ -62,6 +62,10 @@ run_side new "${AB_NEW:-src}" "${AB_NEW_S:-240}" "${peers[@]}"
 if [ -n "${AB_EXTRA:-}" ]; then
   IFS=';' read -r -a extras <<< "$AB_EXTRA"
   for extra in "${extras[@]}"; do
+    if [[ $extra != *:*=* ]]; then
+      echo "AB_EXTRA: expected 'label:VAR=value ...' entries, got '$extra'" | tee -a "$OUT/session.log" >&2
+      continue
+    fi
     # shellcheck disable=SC2086
     (export ${extra#*:}; run_side "${extra%%:*}" "${AB_NEW:-src}" "${AB_NEW_S:-240}")
   done

@@ -27,8 +27,8 @@ q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 W = torch.randn(256, 64, device=dev, generator=gen)
 SETTINGS = [
     ("favor m=256", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), False,
-     ["state", "out", "q_bwd_fused", "q_bwd", "dstate", "kv_bwd"]),
-    ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd_fused", "q_bwd", "dstate", "kv_bwd"]),
+     ["state", "out", "q_bwd", "dstate", "kv_bwd"]),  # four feature blocks: the split query backward
+    ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd_fused", "kv_bwd"]),  # one: fused
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, ["causal_fwd"]),
 ]
 

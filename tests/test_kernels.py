@@ -164,8 +164,18 @@ def test_noncausal_backward_query_launches(feature, m, query_backward):
 @needs_triton
 @cpu_only
 def test_noncausal_query_backward_320_features(query_backward):
-    """Five feature blocks (the last partial) summed in the split's record."""
+    """Five feature blocks (the last partial): summed by _dstate_bwd (split, auto) or in the
+    one-sweep kernel's record (fused)."""
     check("favor", torch.float32, causal=False, N=37, NK=50, padding=9, m=320)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_noncausal_one_feature_block_either_way(feature, query_backward):
+    """One feature block (ELU; FAVOR+ m = 32) through each query backward: _dstate_bwd is
+    checked numerically here too, not only at several blocks."""
+    check(feature, torch.float32, causal=False, B=1, HQ=4, HKV=2, N=40, NK=33, padding=5)
 
 
 @needs_triton
@@ -225,6 +235,14 @@ def test_causal_favor_prefix_max_fp32_gqa_padding():
 def test_causal_segments_rising_keys(feature):
     """One query head: several segments (scans across them), keys whose logits rise along N."""
     check(feature, torch.float32, causal=True, B=1, HQ=1, HKV=1, N=100, padding=5, key_ramp=(0.3, 2.5))
+
+
+@needs_triton
+@cpu_only
+def test_causal_segments_rising_keys_two_feature_blocks():
+    """Segments scanned with FAVOR's prefix max over two feature blocks (m = 96, the second
+    partial): every segment's offsets per feature, from both blocks, join the running maximum."""
+    check("favor", torch.float32, causal=True, B=1, HQ=1, HKV=1, N=100, m=96, padding=5, key_ramp=(0.3, 2.5))
 
 
 @needs_triton
@@ -312,9 +330,8 @@ def test_gpu_real_sizes(feature, m, dtype, causal):
 @needs_triton
 @pytest.mark.parametrize("feature,m", [("favor", 256), ("relu", 256), ("favor", 512)])
 def test_gpu_headline_shape_noncausal(feature, m):
-    # the benchmark's shape: long key and query splits, many feature blocks, and (fused query
-    # backward) 64 row blocks a split read-modify-writing its dS record, where an ordering bug
-    # between row blocks would show
+    # the benchmark's shape: long key and query splits, several feature blocks (the split query
+    # backward; the one-sweep kernel's record at this shape is the test below)
     check(feature, torch.bfloat16, causal=False, B=1, HQ=16, HKV=16, N=65536, d=64, dv=64, m=m, device="cuda")
 
 
@@ -323,7 +340,8 @@ def test_gpu_headline_shape_noncausal(feature, m):
 @needs_cuda
 @needs_triton
 def test_gpu_headline_shape_fused_query_backward(monkeypatch):
-    """The same with the query backward's state sums fused into the dq sweep."""
+    """The same with the query backward's state sums fused into the dq sweep: 64 row blocks a
+    split read-modify-writing its dS record, where an ordering bug between row blocks would show."""
     from approxattn.kernels import linear_attn
 
     monkeypatch.setattr(linear_attn, "QUERY_BACKWARD", "fused")

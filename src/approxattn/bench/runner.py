@@ -136,7 +136,7 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), *, warmup: int = 25, rep: in
             result[mode] = None
             result.setdefault("notes", []).append(f"{mode}: {type(error).__name__}: {str(error)[:200]}")
         finally:
-            sets = cycle = None
+            sets = cycle = step = None  # the step holds its graphs (and their memory pool)
             torch.cuda.empty_cache()
     if memory and "fwd+bwd" in modes and result.get("fwd+bwd") is not None and not case.graphed:
         result.update(peak_memory(run, make))
@@ -156,10 +156,12 @@ def graphed_step(body, sets: list[tuple]):
             for _ in range(2):
                 body(inputs)
     torch.cuda.current_stream().wait_stream(side)
+    # one memory pool for all: a step keeps nothing past its end, and the graphs replay one at a time
+    pool = torch.cuda.graph_pool_handle()
     graphs = []
     for inputs in sets:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             body(inputs)
         graphs.append(graph)
     cycle = itertools.cycle(graphs)

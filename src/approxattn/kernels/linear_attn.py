@@ -604,6 +604,8 @@ class _ForwardPlan:
 # fwd+bwd ms (benchmarks/results/h100/run8): FAVOR+ m = 256 fused 3.66, split 3.44; elu+1 fused
 # 1.19, split 1.33.
 QUERY_BACKWARD = os.environ.get("APPROXATTN_QUERY_BACKWARD", "auto")
+if QUERY_BACKWARD not in ("auto", "fused", "split"):
+    raise ValueError(f"APPROXATTN_QUERY_BACKWARD: expected 'auto', 'fused' or 'split', got {QUERY_BACKWARD!r}")
 
 
 class _BackwardPlan:
@@ -678,7 +680,7 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
 
 
 def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConfig):
-    key = (forward_key, layout_key(do))
+    key = (forward_key, layout_key(do), QUERY_BACKWARD)
     plan = _BACKWARD_PLANS.get(key) or _BACKWARD_PLANS.add(key, _BackwardPlan(do, q, k, v, valid, cfg))
     whi, wlo = cfg.split_weight(q)
     f32 = dict(device=q.device, dtype=torch.float32)
