@@ -272,6 +272,49 @@ def test_decode_steps_equal_the_full_causal_forward(options, heads, kv_heads, n)
     assert state.position == n
 
 
+@pytest.mark.parametrize(
+    "options, heads, kv_heads, n, block",
+    [
+        ({}, 4, 2, 40, 7),                                                   # GQA, N > T, ragged row blocks
+        ({"num_heads": 4, "k": 6}, 4, 1, 30, 256),                           # heads as CNN channels
+        ({"gates": False, "columns": 4}, 2, 1, 3, 2),                        # fewer rows than the CNN history
+    ],
+)
+def test_prefill_leaves_the_state_of_the_decode_steps(options, heads, kv_heads, n, block):
+    """``prefill`` of a prompt = ``decode_step`` over its tokens: the same running sums, CNN history
+    and cache, so the next steps answer alike (and equal the full causal forward's rows)."""
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads, seq_q=n + 3, value_dim=5)
+    sea = build(**options)
+    stepped = sea.decoding_state(batch=2, heads=heads, kv_heads=kv_heads, value_dim=5, dtype=torch.float64)
+    for t in range(n):
+        sea.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], stepped)
+    state = sea.prefill(q[:, :, :n], k[:, :, :n], v[:, :, :n], rows_per_block=block)
+    assert state.position == n and torch.equal(state.keys[:, :, :n], k[:, :, :n])
+    def close(mine, theirs):  # relative to the reference's norm, or absolute where it is zero (gates off, ReLU)
+        mine, theirs = mine.detach(), theirs.detach()
+        return mine.shape == theirs.shape and float((mine - theirs).norm()) <= 1e-12 * max(float(theirs.norm()), 1.0)
+
+    for name in ("feature_values", "feature_sum", "value_sum"):
+        assert close(getattr(state, name), getattr(stepped, name)), name
+    assert stepped.feature_values.norm() > 0
+    for mine, theirs in zip(state.conv_history, stepped.conv_history):
+        assert close(mine, theirs)
+    full = sea(q, k, v, causal=True)
+    rows = [sea.decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state) for t in range(n, n + 3)]
+    assert rel_err(torch.cat(rows, dim=2), full[:, :, n:]) < 1e-10
+
+
+def test_prefill_checks_its_inputs():
+    sea = build(max_positions=3)
+    q, k, v = qkv(seq_q=4)
+    with pytest.raises(ValueError, match=r"max_positions=3"):
+        sea.prefill(q, k, v)
+    with pytest.raises(ValueError, match="rows_per_block"):
+        sea.prefill(q[:, :, :3], k[:, :, :3], v[:, :, :3], rows_per_block=0)
+    with pytest.raises(ValueError):
+        sea.prefill(q[:, :, :3], k[:, :, :2], v[:, :, :3])
+
+
 def test_decoding_gathers_only_the_selected_keys():
     # with a budget of one cell per row over T columns, a step reads ⌈t/T⌉ keys per head, not t
     n, T = 64, 8

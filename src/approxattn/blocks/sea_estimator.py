@@ -313,6 +313,14 @@ class CausalDecoder(nn.Module):
         like = e_like.new_zeros(1, 1, 1, self.width)
         return [conv.initial_history(like, samples) for conv in (self.conv1, self.conv2)]
 
+    def history_after(self, e: torch.Tensor) -> list[torch.Tensor]:
+        """The history :meth:`step` holds after the rows of e ``(B, H, N, 2d)`` from the initial one,
+        in one pass: each causal convolution's last ``rows_needed`` input rows (zero rows above row 0)."""
+        first = self._head_input(e)
+        inputs = (first, self.conv1(first, relu=True))
+        history = self.initial_history(e, e.shape[0], e.shape[1])
+        return [torch.cat([h, x.to(h.dtype)], dim=2)[:, :, x.shape[2]:] for h, x in zip(history, inputs)]
+
     def step(self, e_row: torch.Tensor, history: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One new row: e_row ``(B, H, 1, 2d)`` → (logits ``(B, H, 1, T)``, new history)."""
         B, H = e_row.shape[:2]

@@ -277,18 +277,13 @@ def _method_scale(attached: nn.Module, scale: float) -> float | None:
 
 
 def _prefill_state(attached, slot: dict, query, key, value, key_padding_mask, scale: float) -> None:
-    """The method's decoding state after a causal prompt: every prompt token stepped through
-    ``decode_step`` (the prompt's output comes from the full forward; the steps only build the state)."""
+    """The method's decoding state after a causal prompt (``prefill``: one pass, what ``decode_step``
+    over every prompt token would leave; the prompt's output comes from the full forward)."""
     slot["state"] = None
     if key_padding_mask is not None and not bool(key_padding_mask.all()):
         slot["why"] = "the prompt has padding (decoding states assume none); generate one unpadded sequence at a time"
         return
-    batch, heads, seq, _ = query.shape
-    state = attached.decoding_state(batch=batch, heads=heads, kv_heads=key.shape[1], value_dim=value.shape[-1],
-                                    device=query.device, dtype=query.dtype)
-    for t in range(seq):
-        attached.decode_step(query[:, :, t:t + 1], key[:, :, t:t + 1], value[:, :, t:t + 1], state,
-                             scale=_method_scale(attached, scale))
+    state = attached.prefill(query, key, value, scale=_method_scale(attached, scale))
     slot["state"], slot["why"] = state, None
 
 
@@ -320,7 +315,7 @@ def cached_decoding(model: nn.Module) -> Iterator[nn.Module]:
     """Cached generation with methods whose one-token step needs their own decoding state (SEA).
 
     Inside the block every causal prompt through a patched attention module also builds that
-    module's decoding state (``decoding_state``, then ``decode_step`` over the prompt's tokens),
+    module's decoding state (``prefill``: what ``decode_step`` over the prompt's tokens would leave),
     and each one-token step over transformers' KV cache is answered by ``decode_step`` from it,
     which equals the last row of the full causal forward. A step whose cache is not the one the
     state was built along (beam search's reordering, padding, another sequence) raises
@@ -331,10 +326,12 @@ def cached_decoding(model: nn.Module) -> Iterator[nn.Module]:
     """
     _check_model(model)
     modules = [module for _, module in attention_modules(model)
-               if getattr(module, ATTACHED, None) is not None and hasattr(getattr(module, ATTACHED), "decode_step")]
+               if getattr(module, ATTACHED, None) is not None and not getattr(module, ATTACHED).spec.kv_cache_decoding
+               and hasattr(getattr(module, ATTACHED), "prefill")]
     if patched_method(model) is None or not modules:
-        raise ValueError("model: expected a model patched (approxattn.hf.patch_model) with a method that has a "
-                         f"decoding state (decode_step), got {patched_method(model)!r}")
+        raise ValueError("model: expected a model patched (approxattn.hf.patch_model) with a method that decodes from "
+                         f"its own decoding state (prefill/decode_step; others decode from the KV cache alone), got "
+                         f"{patched_method(model)!r}")
     for module in modules:
         setattr(module, _DECODING, {"state": None, "why": None})
     try:

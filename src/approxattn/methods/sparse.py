@@ -474,6 +474,52 @@ class SEAAttention(RandomFeatureModule):
             values=zeros(batch, kv_heads, 0, value_dim, dt=dtype),
         )
 
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+        rows_per_block: int = 256,
+    ) -> SEADecodingState:
+        """The decoding state after a causal prompt, q ``(B, H, n, d)``, k ``(B, Hkv, n, d)``, v
+        ``(B, Hkv, n, dv)`` (no padding), in one pass: what n :meth:`decode_step` calls from an
+        empty state leave (up to summation order). The estimator's running sums are one product;
+        the decoder's history needs the estimator rows of every prompt query, taken causally in
+        blocks of ``rows_per_block`` queries (memory O(rows_per_block · n) per head)."""
+        _, scale = check_inputs(q, k, v, scale=scale)
+        B, H, n, d = q.shape
+        if n > self.options["max_positions"]:
+            raise ValueError(f"q: the learned causal probe has max_positions={self.options['max_positions']} rows; "
+                             f"the prompt has {n} tokens (build with a larger max_positions)")
+        if isinstance(rows_per_block, bool) or not isinstance(rows_per_block, int) or rows_per_block < 1:
+            raise ValueError(f"rows_per_block: expected a positive int, got {rows_per_block!r}")
+        state = self.decoding_state(batch=B, heads=H, kv_heads=k.shape[1], value_dim=v.shape[-1], device=q.device,
+                                    dtype=q.dtype)
+        shape = AttentionShape(B, H, k.shape[1], n, n, d, v.shape[-1])
+        dtype = state.compute_dtype
+        v_fit = fit_width(v.to(dtype), d)
+        v_aug = torch.cat([self.causal_probe[:n].to(dtype).expand(B, shape.kv_heads, n, d), v_fit], dim=-1)
+        projection, root_scale = self.projection.to(dtype), scale**0.5
+        key_features = relu_features(k.to(dtype) * root_scale, projection, eps=RELU_EPS)      # (B, Hkv, n, m)
+        state.feature_values += key_features.transpose(-1, -2) @ v_aug
+        state.feature_sum += key_features.sum(dim=2)
+        if self.gate is not None:
+            state.value_sum += v.to(dtype).sum(dim=2)
+        state.keys, state.values, state.position = k.clone(), v.clone(), n
+
+        # the estimator row of every prompt query, causally (decode_step's context, all rows at once)
+        query_features = shape.group_queries(relu_features(q.to(dtype) * root_scale, projection, eps=RELU_EPS))
+        keys = key_features[:, :, None]                                                  # (B, Hkv, 1, n, m)
+        rows = []
+        for start in range(0, n, rows_per_block):
+            stop = min(n, start + rows_per_block)
+            weights = query_features[..., start:stop, :] @ keys[..., :stop, :].transpose(-1, -2)
+            future = torch.ones(stop - start, stop, dtype=torch.bool, device=q.device).triu(start + 1)
+            weights = weights.masked_fill(future, 0.0)
+            rows.append((weights @ v_aug[:, :, None, :stop]) / weights.sum(-1, keepdim=True))
+        context = shape.ungroup_queries(torch.cat(rows, dim=-2))                         # (B, H, n, 2d)
+        e = self._encode(context, v_fit.repeat_interleave(shape.groups, dim=1))
+
+        state.conv_history = self.causal_decoder.history_after(e)
+        return state
+
     def decode_step(
         self, q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: SEADecodingState,
         scale: float | None = None,
