@@ -474,6 +474,22 @@ class SEAAttention(RandomFeatureModule):
             values=zeros(batch, kv_heads, 0, value_dim, dt=dtype),
         )
 
+    def _advance_estimator(self, q, k, v, state: SEADecodingState, scale: float, shape: AttentionShape):
+        """Tokens ``state.position …`` (q ``(B, H, n, d)``, k, v ``(B, Hkv, n, ·)``) into the causal
+        estimator's running ReLU-kernel sums of ``state``; returns (the queries' features grouped
+        ``(B, Hkv, G, n, m)``, the keys' ``(B, Hkv, n, m)``, v fitted to width d, [probe, v]), in the
+        state's compute dtype. The caller moves ``state.position`` on."""
+        dtype, d, n, start = state.compute_dtype, self.head_dim, k.shape[2], state.position
+        v_fit = fit_width(v.to(dtype), d)
+        probe = self.causal_probe[start:start + n].to(dtype).expand(state.batch, state.kv_heads, n, d)
+        v_aug = torch.cat([probe, v_fit], dim=-1)                                        # (B, Hkv, n, 2d)
+        projection, root_scale = self.projection.to(dtype), scale**0.5
+        key_features = relu_features(k.to(dtype) * root_scale, projection, eps=RELU_EPS)
+        state.feature_values += key_features.transpose(-1, -2) @ v_aug
+        state.feature_sum += key_features.sum(dim=2)
+        query_features = shape.group_queries(relu_features(q.to(dtype) * root_scale, projection, eps=RELU_EPS))
+        return query_features, key_features, v_fit, v_aug
+
     def prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
         rows_per_block: int = 256,
@@ -493,19 +509,12 @@ class SEAAttention(RandomFeatureModule):
         state = self.decoding_state(batch=B, heads=H, kv_heads=k.shape[1], value_dim=v.shape[-1], device=q.device,
                                     dtype=q.dtype)
         shape = AttentionShape(B, H, k.shape[1], n, n, d, v.shape[-1])
-        dtype = state.compute_dtype
-        v_fit = fit_width(v.to(dtype), d)
-        v_aug = torch.cat([self.causal_probe[:n].to(dtype).expand(B, shape.kv_heads, n, d), v_fit], dim=-1)
-        projection, root_scale = self.projection.to(dtype), scale**0.5
-        key_features = relu_features(k.to(dtype) * root_scale, projection, eps=RELU_EPS)      # (B, Hkv, n, m)
-        state.feature_values += key_features.transpose(-1, -2) @ v_aug
-        state.feature_sum += key_features.sum(dim=2)
+        query_features, key_features, v_fit, v_aug = self._advance_estimator(q, k, v, state, scale, shape)
         if self.gate is not None:
-            state.value_sum += v.to(dtype).sum(dim=2)
+            state.value_sum += v.to(state.compute_dtype).sum(dim=2)
         state.keys, state.values, state.position = k.clone(), v.clone(), n
 
         # the estimator row of every prompt query, causally (decode_step's context, all rows at once)
-        query_features = shape.group_queries(relu_features(q.to(dtype) * root_scale, projection, eps=RELU_EPS))
         keys = key_features[:, :, None]                                                  # (B, Hkv, 1, n, m)
         rows = []
         for start in range(0, n, rows_per_block):
@@ -552,19 +561,11 @@ class SEAAttention(RandomFeatureModule):
             )
         d, T, dtype = self.head_dim, self.options["columns"], state.compute_dtype
         shape = AttentionShape(state.batch, state.heads, state.kv_heads, 1, position + 1, d, state.value_dim)
-        state.append(k_t, v_t)
-        length = position + 1
 
         # estimator: one more key in the running ReLU-kernel sums, then the new query row
-        v_fit = fit_width(v_t.to(dtype), d)
-        probe = self.causal_probe[position].to(dtype).expand(state.batch, state.kv_heads, 1, d)
-        v_aug = torch.cat([probe, v_fit], dim=-1)                                     # (B, Hkv, 1, 2d)
-        projection = self.projection.to(dtype)
-        root_scale = scale**0.5
-        key_features = relu_features(k_t.to(dtype) * root_scale, projection, eps=RELU_EPS)   # (B, Hkv, 1, m)
-        state.feature_values += key_features.transpose(-1, -2) @ v_aug
-        state.feature_sum += key_features[:, :, 0]
-        query_features = shape.group_queries(relu_features(q_t.to(dtype) * root_scale, projection, eps=RELU_EPS))
+        query_features, _, v_fit, _ = self._advance_estimator(q_t, k_t, v_t, state, scale, shape)
+        state.append(k_t, v_t)
+        length = position + 1
         numerator = torch.einsum("bhgim,bhmd->bhgid", query_features, state.feature_values)
         denominator = torch.einsum("bhgim,bhm->bhgi", query_features, state.feature_sum)
         context = shape.ungroup_queries(numerator / denominator[..., None])          # (B, H, 1, 2d)
