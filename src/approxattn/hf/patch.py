@@ -253,7 +253,7 @@ def approxattn_attention(
         context, probabilities = exact_attention_with_probabilities(
             query, key, value, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     else:
-        method_scale = scale if attached.spec.uses_scale else None
+        method_scale = _method_scale(attached, scale)
         if recorder is not None and hasattr(attached, "forward_with_details"):
             details = attached.forward_with_details(query, key, value, causal=causal,
                                                     key_padding_mask=key_padding_mask, scale=method_scale)
@@ -280,7 +280,7 @@ def _prefill_state(attached, slot: dict, query, key, value, key_padding_mask, sc
     """The method's decoding state after a causal prompt (``prefill``: one pass, what ``decode_step``
     over every prompt token would leave; the prompt's output comes from the full forward)."""
     slot["state"] = None
-    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+    if key_padding_mask is not None:  # key_padding_mask_from_hf gives None when nothing is padded
         slot["why"] = "the prompt has padding (decoding states assume none); generate one unpadded sequence at a time"
         return
     state = attached.prefill(query, key, value, scale=_method_scale(attached, scale))
@@ -298,7 +298,7 @@ def _decode_from_state(attached, slot: dict, query, key, value, key_padding_mask
                                   f"{slot.get('why') or 'no causal prompt went through the model inside cached_decoding'}")
     past = key.shape[2] - 1
     matches = (state.position == past and state.batch == query.shape[0] and state.dtype == query.dtype
-               and (key_padding_mask is None or bool(key_padding_mask.all()))
+               and key_padding_mask is None
                and torch.equal(state.keys[:, :, :past], key[:, :, :past])
                and torch.equal(state.values[:, :, :past], value[:, :, :past]))
     if not matches:
@@ -325,9 +325,10 @@ def cached_decoding(model: nn.Module) -> Iterator[nn.Module]:
     ``with approxattn.hf.cached_decoding(model): model.generate(ids, use_cache=True, ...)``
     """
     _check_model(model)
-    modules = [module for _, module in attention_modules(model)
-               if getattr(module, ATTACHED, None) is not None and not getattr(module, ATTACHED).spec.kv_cache_decoding
-               and hasattr(getattr(module, ATTACHED), "prefill")]
+    def decodes_from_own_state(attached: nn.Module | None) -> bool:
+        return attached is not None and not attached.spec.kv_cache_decoding and hasattr(attached, "prefill")
+
+    modules = [module for _, module in attention_modules(model) if decodes_from_own_state(getattr(module, ATTACHED, None))]
     if patched_method(model) is None or not modules:
         raise ValueError("model: expected a model patched (approxattn.hf.patch_model) with a method that decodes from "
                          f"its own decoding state (prefill/decode_step; others decode from the KV cache alone), got "
