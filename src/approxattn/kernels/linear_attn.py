@@ -347,18 +347,17 @@ def _q_bwd_fused(
             # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
             dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
             dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
-            if not STATE:
-                pass
-            elif NMB == 1:
-                dS_regs += _dot(tl.trans(phi), dnum, LP)
-                dz_regs += tl.sum(phi * dden[:, None], axis=0)
-            else:
+            if STATE:
                 dS_blk = _dot(tl.trans(phi), dnum, LP)
                 dz_blk = tl.sum(phi * dden[:, None], axis=0)
-                dS_ptrs = rec + offs_m[:, None] * dv + offs_v[None, :]
-                tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
-                dz_ptrs = rec + m * dv + offs_m
-                tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
+                if NMB == 1:
+                    dS_regs += dS_blk
+                    dz_regs += dz_blk
+                else:
+                    dS_ptrs = rec + offs_m[:, None] * dv + offs_v[None, :]
+                    tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
+                    dz_ptrs = rec + m * dv + offs_m
+                    tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
         dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
@@ -620,8 +619,6 @@ class _BackwardPlan:
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
         rec = record_size(m, dv)
         dq_strides = _contiguous_strides(*q.shape)
-        if QUERY_BACKWARD not in ("auto", "fused", "split"):
-            raise ValueError(f"APPROXATTN_QUERY_BACKWARD: expected 'auto', 'fused' or 'split', got {QUERY_BACKWARD!r}")
         fused = QUERY_BACKWARD == "fused" or (QUERY_BACKWARD == "auto" and NMB == 1)
         launch = pick_config("q_bwd_fused" if fused else "q_bwd", m, d, dv)
         # fused: one program a multiprocessor: a program holds one alone (8 warps × 255 registers), and
@@ -646,6 +643,7 @@ class _BackwardPlan:
                  HQ, NMB, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
                 dict(**common, **launch), q.device,
             )
+        # P: the query splits of whichever launch writes the partial dS, dz records
         self.parts, self.records = B * HQ * P * rec, B * HKV * rec
         self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
                                       device=q.device)
