@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fast_kernels import fast_kernel
+
 SHARING_MODES = ("headwise", "kv", "none")
 INITS = ("mean-pool", "gaussian")
 
@@ -63,16 +65,33 @@ class SequenceProjection(nn.Module):
             raise ValueError(f"k: sequence length {length} exceeds this projection's max_len={self.max_len}")
         if self.sharing == "none" and heads != self.key_projection.shape[0]:
             raise ValueError(f"k: expected {self.key_projection.shape[0]} key/value heads (num_heads), got {heads}")
-        e = self.key_projection[..., :length].to(k.dtype)
-        f = e if self.value_projection is None else self.value_projection[..., :length].to(k.dtype)
+        e = self.key_projection[..., :length]
+        f = e if self.value_projection is None else self.value_projection[..., :length]
         if key_valid is not None:
             zero = torch.zeros((), dtype=k.dtype, device=k.device)
             k = torch.where(key_valid[:, None, :, None], k, zero)
             v = torch.where(key_valid[:, None, :, None], v, zero)
-        k_reduced = torch.einsum("hrn,bhnd->bhrd", e, k)
-        v_reduced = torch.einsum("hrn,bhnd->bhrd", f, v)
+        k_reduced, v_reduced = project_sequence(e, k), project_sequence(f, v)
         # a projected key whose row of E touches no valid key (padding, or a slice shorter than
         # max_len) holds only zeros and must not take part in the softmax
         valid = k.new_ones(k.shape[0], length) if key_valid is None else key_valid.to(k.dtype)
-        reduced_valid = (torch.einsum("hrn,bn->bhr", e.detach().abs(), valid) > 0).any(dim=1)
+        reduced_valid = (torch.einsum("hrn,bn->bhr", e.detach().to(k.dtype).abs(), valid) > 0).any(dim=1)
         return k_reduced, v_reduced, reduced_valid
+
+
+def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``E[h] @ x[b, h]``: e ``(C, r, N)`` (C = 1: shared by every head), x ``(B, H, N, d)`` →
+    ``(B, H, r, d)`` in x's dtype (E rounded to it, as the products are taken). On CUDA one Triton
+    kernel each way (``kernels.sequence_projection``: the einsum copies x into an ``(N, B·H·d)``
+    layout and its gradient back, ~2× the memory traffic); :func:`project_sequence_reference` otherwise."""
+    fast = fast_kernel("sequence_projection", "fast_sequence_projection")
+    if fast is not None:
+        out = fast(e, x)
+        if out is not None:
+            return out
+    return project_sequence_reference(e, x)
+
+
+def project_sequence_reference(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`project_sequence` in PyTorch: one einsum with E rounded to x's dtype."""
+    return torch.einsum("hrn,bhnd->bhrd", e.to(x.dtype), x)

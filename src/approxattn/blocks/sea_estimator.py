@@ -11,13 +11,14 @@ fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
 
 from __future__ import annotations
 
-import importlib
 import math
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fast_kernels import fast_kernel
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -29,22 +30,13 @@ def layer_norm(x: torch.Tensor, layer: nn.LayerNorm, *, gelu: bool = False) -> t
     """``layer`` over x's last axis, then exact GELU if asked. At inference on CUDA one Triton kernel
     (``kernels.layer_norm``: torch's kernel idles on SEA's 32–128-wide rows, and GELU comes fused)."""
     weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
-    fast = _fast_kernel("layer_norm", "fast_layer_norm")
+    fast = fast_kernel("layer_norm", "fast_layer_norm")
     if fast is not None:
         out = fast(x, weight, bias, layer.eps, gelu=gelu)
         if out is not None:
             return out
     y = F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
     return F.gelu(y) if gelu else y
-
-
-def _fast_kernel(module: str, name: str):
-    """``approxattn.kernels.<module>.<name>`` (a dispatching op that returns None where its kernel
-    does not apply), or None when the kernels package cannot be imported."""
-    try:
-        return getattr(importlib.import_module(f"..kernels.{module}", __package__), name)
-    except ImportError:  # pragma: no cover - the kernels package is optional
-        return None
 
 
 def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] = (0, 0, 0, 0), relu: bool = False,
@@ -56,7 +48,7 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] 
     skips the upsampled and padded copies); ``F.conv2d`` otherwise."""
     weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
     if layer.stride[1] == 1:
-        fast = _fast_kernel("small_conv", "fast_small_conv2d")
+        fast = fast_kernel("small_conv", "fast_small_conv2d")
         if fast is not None:
             out = fast(x, weight, bias, stride_rows=layer.stride[0], dilation=layer.dilation, pad_left=pad[0],
                        pad_right=pad[1], pad_top=pad[2], pad_bottom=pad[3], upsample_rows=upsample_rows,
