@@ -43,6 +43,9 @@ else:  # pragma: no cover - the module still imports, fast_sequence_projection r
 MAX_RANK = 256          # BR · BN fp32 dE accumulators per program: larger r falls back to the reference
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 x stays with torch's GEMMs: the kernels' IEEE fp32 dots made Linformer (which projects in fp32)
+# 4× slower on an H100 (fwd+bwd at N = 65,536: 23.8 → 101.9 ms; benchmarks/results/h100/run9)
+DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check(e: torch.Tensor, x: torch.Tensor) -> None:
@@ -211,12 +214,13 @@ def fast_sequence_projection(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor |
     """:func:`sequence_projection`'s output, or None where the kernels do not apply (the caller then
     runs :func:`sequence_projection_reference`): Triton missing, ``APPROXATTN_DISABLE_KERNELS=1``, x not
     on CUDA (unless ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``), e on another device,
-    r or d over 256, an empty tensor, or a dtype other than fp16/bf16/fp32. Bad shapes raise."""
+    r or d over 256, an empty tensor, x not fp16/bf16 (fp32 keeps torch's GEMMs) or e not fp16/bf16/fp32.
+    Bad shapes raise."""
     _check(e, x)
     if not kernels_enabled(x) or e.device != x.device or x.numel() == 0 or e.shape[1] == 0:
         return None
     if e.shape[1] > MAX_RANK or x.shape[3] > MAX_HEAD_DIM:
         return None
-    if e.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES:
+    if e.dtype not in KERNEL_DTYPES or x.dtype not in DISPATCH_DTYPES:
         return None
     return _SequenceProjection.apply(e, x)
