@@ -10,7 +10,7 @@ copying x into that layout in the forward (and saving the copy), and its backwar
 layout and copies it back: about 0.9 GB moved per tensor at N = 65,536, H = 16, d = 64 in bf16,
 where reading x once in the forward and x, E once / writing dx, dE once in the backward is 0.4 GB.
 
-- forward ``_project_fwd``, grid (split, b·h): each program sums ``E[:, n-tile] @ x[n-tile, :]`` over
+- forward ``_project_fwd``, grid (b·h, split): each program sums ``E[:, n-tile] @ x[n-tile, :]`` over
   its share of the sequence into fp32 registers and writes one ``(r, d)`` partial; the partials are
   summed by torch (a few MB).
 - backward ``_project_bwd``, grid (n-tile, C): one program per tile of N reads its E tile once and,
@@ -69,10 +69,11 @@ if HAS_TRITON:
         s_ec, s_er, s_en, s_xb, s_xh, s_xn, s_xd,
         LP: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ):
-        """Grid (split, b·h): ``part[split, b·h] = Σ_{n in split} E[h, :, n] x[b, h, n, :]`` in fp32
-        (a shared E comes with ``s_ec = 0``)."""
-        split = tl.program_id(0)
-        bh = tl.program_id(1)
+        """Grid (b·h, split): ``part[split, b·h] = Σ_{n in split} E[h, :, n] x[b, h, n, :]`` in fp32
+        (a shared E comes with ``s_ec = 0``). Heads vary fastest in launch order, so the programs of one
+        split run together and read its E columns from L2 (fp32 E is 4× the bytes of a bf16 x tile)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
         b = bh // H
         h = bh % H
         offs_r = tl.arange(0, BR)
@@ -90,7 +91,7 @@ if HAS_TRITON:
             x = tl.load(x_base + n[:, None].to(tl.int64) * s_xn, mask=(n[:, None] < N) & (offs_d[None, :] < D),
                         other=0.0)
             acc += _dot(_cast_out(e, x.dtype), x, LP)
-        out = part_ptr + (split.to(tl.int64) * tl.num_programs(1) + bh) * BR * BD
+        out = part_ptr + (split.to(tl.int64) * tl.num_programs(0) + bh) * BR * BD
         tl.store(out + offs_r[:, None] * BD + offs_d[None, :], acc)
 
     @triton.jit
@@ -153,7 +154,7 @@ def _forward(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     splits = triton.cdiv(tiles, tiles_per_split)
     part = torch.empty(splits, B * H, BR, BD, device=x.device, dtype=torch.float32)
     meta = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
-    _project_fwd[(splits, B * H)](
+    _project_fwd[(B * H, splits)](
         e, x, part, N, R, D, H, tiles_per_split, 0 if e.shape[0] == 1 else e.stride(0), *e.stride()[1:],
         *x.stride(), LP=x.dtype != torch.float32, BR=BR, BN=BN, BD=BD, **meta,
     )
