@@ -79,6 +79,27 @@ def test_strided_inputs_and_one_sided_gradients(forced_kernels):
 
 
 @needs_triton
+def test_expanded_input_no_double_backward_and_empty_batch(forced_kernels):
+    gen = torch.Generator().manual_seed(9)
+    e = torch.randn(1, 10, 30, generator=gen, requires_grad=True)
+    base = torch.randn(1, 1, 30, 16, generator=gen).bfloat16().requires_grad_()
+    x = base.expand(2, 3, 30, 16)                                         # not dense: strides 0 over b, h
+    dy = torch.randn(2, 3, 10, 16, generator=gen).bfloat16()
+    y = sequence_projection(e, x)
+    de, dbase = torch.autograd.grad(y, (e, base), dy)
+    e64, base64 = e.detach().double().requires_grad_(), base.detach().double().requires_grad_()
+    y64 = torch.einsum("hrn,bhnd->bhrd", e64, base64.expand(2, 3, 30, 16))
+    de64, dbase64 = torch.autograd.grad(y64, (e64, base64), dy.double())
+    assert rel_err(y, y64) < 1e-2 and rel_err(dbase, dbase64) < 1e-2 and rel_err(de, de64) < 1e-5
+    # a second derivative through the kernels is refused, not silently zero
+    x2 = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(sequence_projection(e, x2).float().square().sum(), x2, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.float().square().sum().backward()
+    assert sequence_projection(e, torch.randn(0, 3, 30, 16).bfloat16()).shape == (0, 3, 10, 16)
+
+
+@needs_triton
 @pytest.mark.parametrize("variant,options", [
     ("flurka-performer", {"num_features": 32}),
     ("flurka-linear", {}),
@@ -122,6 +143,8 @@ def test_dispatch_and_bad_input(forced_kernels, monkeypatch):
     assert fast_sequence_projection(e, x.float()) is None                      # fp32 keeps torch's GEMMs
     assert fast_sequence_projection(e.double(), x.double()) is None            # no fp64 kernel
     assert fast_sequence_projection(torch.randn(1, 300, 32), x) is None         # r over 256
+    assert fast_sequence_projection(torch.randn(1, 256, 32), torch.randn(1, 2, 32, 128).bfloat16()) is None  # r·d
+    assert fast_sequence_projection(torch.randn(1, 256, 32), torch.randn(1, 2, 32, 64).bfloat16()) is not None
     empty_e, empty_x = torch.randn(1, 8, 0), torch.randn(1, 2, 0, 16).bfloat16()
     assert fast_sequence_projection(empty_e, empty_x) is None                  # nothing to launch
     assert torch.equal(sequence_projection(empty_e, empty_x), torch.zeros(1, 2, 8, 16).bfloat16())
@@ -142,12 +165,17 @@ def test_dispatch_and_bad_input(forced_kernels, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("matrices", [1, 16])
-def test_gpu_headline_shape(forced_kernels, matrices):
-    """N = 65,536, H = 16, d = 64, r = 128, bf16 (FLuRKA's benchmark shape)."""
+@pytest.mark.parametrize("matrices,length,rank,dim", [
+    (1, 65536, 128, 64), (16, 65536, 128, 64),       # FLuRKA's benchmark shape, shared and per-head E
+    (1, 65573, 256, 64), (16, 20011, 100, 48),       # the largest tile dispatched; partial tiles everywhere
+    (1, 8192, 64, 256),
+])
+def test_gpu_real_sizes(forced_kernels, matrices, length, rank, dim):
+    """H = 16, bf16, against fp64 einsum on the GPU (outputs poisoned by the fixture)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    e = (torch.randn(matrices, 128, 65536, device="cuda", generator=gen) / 256).requires_grad_()
-    x = torch.randn(1, 16, 65536, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    e = (torch.randn(matrices, rank, length, device="cuda", generator=gen) / 256).requires_grad_()
+    x = torch.randn(1, 16, length, dim, device="cuda", generator=gen).bfloat16().requires_grad_()
+    assert fast_sequence_projection(e, x) is not None
     y = sequence_projection(e, x)
     dy = torch.randn(y.shape, device="cuda", generator=gen).bfloat16()
     de, dx = torch.autograd.grad(y, (e, x), dy)

@@ -81,9 +81,10 @@ class SequenceProjection(nn.Module):
 
 def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``E[h] @ x[b, h]``: e ``(C, r, N)`` (C = 1: shared by every head), x ``(B, H, N, d)`` →
-    ``(B, H, r, d)`` in x's dtype (E rounded to it, as the products are taken). On CUDA one Triton
-    kernel each way (``kernels.sequence_projection``: the einsum copies x into an ``(N, B·H·d)``
-    layout and its gradient back, ~2× the memory traffic); :func:`project_sequence_reference` otherwise."""
+    ``(B, H, r, d)`` in x's dtype (E rounded to it, as the products are taken). For fp16/bf16 x on CUDA
+    (FLuRKA's fused path) one Triton kernel each way (``kernels.sequence_projection``: the einsum copies x
+    into an ``(N, B·H·d)`` layout and its gradient back, ~2× the memory traffic);
+    :func:`project_sequence_reference` otherwise (Linformer projects in fp32, so always)."""
     fast = fast_kernel("sequence_projection", "fast_sequence_projection")
     if fast is not None:
         out = fast(e, x)

@@ -24,6 +24,8 @@ PyTorch twin; :func:`fast_sequence_projection` dispatches (None where the kernel
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..blocks.projections import (
@@ -40,8 +42,11 @@ if HAS_TRITON:
 else:  # pragma: no cover - the module still imports, fast_sequence_projection returns None
     triton = None
 
-MAX_RANK = 256          # BR · BN fp32 dE accumulators per program: larger r falls back to the reference
+MAX_RANK = 256
 MAX_HEAD_DIM = 256
+# the forward's (r, d) fp32 accumulator and the backward's dy tile grow as BR · BD: beyond 256 × 64 values
+# (e.g. r = 256 with d = 128) the kernels would spill or run out of shared memory, so the einsum serves them
+MAX_TILE = 256 * 64
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # fp32 x stays with torch's GEMMs: the kernels' IEEE fp32 dots made Linformer (which projects in fp32)
 # 4× slower on an H100 (fwd+bwd at N = 65,536: 23.8 → 101.9 ms; benchmarks/results/h100/run9)
@@ -70,8 +75,8 @@ if HAS_TRITON:
         LP: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ):
         """Grid (b·h, split): ``part[split, b·h] = Σ_{n in split} E[h, :, n] x[b, h, n, :]`` in fp32
-        (a shared E comes with ``s_ec = 0``). Heads vary fastest in launch order, so the programs of one
-        split run together and read its E columns from L2 (fp32 E is 4× the bytes of a bf16 x tile)."""
+        (a shared E comes with ``s_ec = 0``). Heads vary fastest in launch order, so (with a shared E)
+        the programs of one split run together and read its E columns from L2 (fp32 E is 4× the bytes of a bf16 x tile)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -79,8 +84,8 @@ if HAS_TRITON:
         offs_r = tl.arange(0, BR)
         offs_n = tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
-        e_base = e_ptr + h.to(tl.int64) * s_ec + offs_r[:, None] * s_er
-        x_base = x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + offs_d[None, :] * s_xd
+        e_base = e_ptr + h.to(tl.int64) * s_ec + offs_r[:, None].to(tl.int64) * s_er
+        x_base = x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + offs_d[None, :].to(tl.int64) * s_xd
         acc = tl.zeros([BR, BD], dtype=tl.float32)
         first = split * tiles_per_split
         last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BN))
@@ -114,25 +119,27 @@ if HAS_TRITON:
         r_ok = offs_r < R
         n_ok = n < N
         d_ok = offs_d < D
-        e = tl.load(e_ptr + c.to(tl.int64) * s_ec + offs_r[:, None] * s_er + n[None, :].to(tl.int64) * s_en,
+        e = tl.load(e_ptr + c.to(tl.int64) * s_ec + offs_r[:, None].to(tl.int64) * s_er
+                    + n[None, :].to(tl.int64) * s_en,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         de = tl.zeros([BR, BN], dtype=tl.float32)
         for i in range(B * heads_per_matrix):
             b = i // heads_per_matrix
             h = i % heads_per_matrix + c
-            dy = tl.load(dy_ptr + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + offs_r[:, None] * s_yr
-                         + offs_d[None, :] * s_yd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            dy = tl.load(dy_ptr + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh
+                         + offs_r[:, None].to(tl.int64) * s_yr + offs_d[None, :].to(tl.int64) * s_yd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             if NEED_DX:
                 dx = _dot(tl.trans(_cast_out(e, dy.dtype)), dy, LP)
                 tl.store(dx_ptr + b.to(tl.int64) * s_dxb + h.to(tl.int64) * s_dxh + n[:, None].to(tl.int64) * s_dxn
-                         + offs_d[None, :] * s_dxd, _cast_out(dx, dx_ptr.dtype.element_ty),
+                         + offs_d[None, :].to(tl.int64) * s_dxd, _cast_out(dx, dx_ptr.dtype.element_ty),
                          mask=n_ok[:, None] & d_ok[None, :])
             if NEED_DE:
                 xt = tl.load(x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + n[None, :].to(tl.int64) * s_xn
-                             + offs_d[:, None] * s_xd, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+                             + offs_d[:, None].to(tl.int64) * s_xd, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
                 de += _dot(dy, xt, LP)
         if NEED_DE:
-            tl.store(de_ptr + c.to(tl.int64) * s_dec + offs_r[:, None] * s_der + n[None, :].to(tl.int64) * s_den,
+            tl.store(de_ptr + c.to(tl.int64) * s_dec + offs_r[:, None].to(tl.int64) * s_der
+                     + n[None, :].to(tl.int64) * s_den,
                      _cast_out(de, de_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
 
 
@@ -146,7 +153,7 @@ def _forward(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     BR, BD = _blocks(R, D)
     BN = 16 if interpreting() else 64
     tiles = triton.cdiv(N, BN)
-    if tiles == 0 or R == 0:
+    if tiles == 0 or R == 0 or B * H == 0:
         return x.new_zeros(B, H, R, D)
     # about two programs per multiprocessor: enough to stream x at full bandwidth, few partials to sum
     splits = max(1, min(tiles, triton.cdiv(num_programs_hint(x.device) // 4, B * H)))
@@ -167,7 +174,7 @@ def _backward(e, x, dy, need_dx: bool, need_de: bool):
     BR, BD = _blocks(R, D)
     # dE's fp32 accumulator holds BR × BN values: 8K per program (64 registers a thread at 4 warps)
     BN = 16 if interpreting() else max(16, min(64, 8192 // BR))
-    dx = torch.empty_like(x) if need_dx else None
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None   # dense even for an expanded x
     de = torch.empty(e.shape, device=e.device, dtype=e.dtype) if need_de else None
     if x.numel() == 0 or R == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(e) if need_de else None)
@@ -187,6 +194,7 @@ class _SequenceProjection(torch.autograd.Function):
         return _forward(e, x)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # no double backward: create_graph raises, never a silent zero
     def backward(ctx, dy):
         e, x = ctx.saved_tensors
         need_de, need_dx = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -208,6 +216,8 @@ def sequence_projection(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                          f"d = {x.shape[3]}")
     if e.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"e, x: expected fp16/bf16/fp32, got {e.dtype} and {x.dtype}")
+    if e.device != x.device:
+        raise ValueError(f"e: expected x's device {x.device}, got {e.device}")
     return _SequenceProjection.apply(e, x)
 
 
@@ -215,12 +225,12 @@ def fast_sequence_projection(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor |
     """:func:`sequence_projection`'s output, or None where the kernels do not apply (the caller then
     runs :func:`sequence_projection_reference`): Triton missing, ``APPROXATTN_DISABLE_KERNELS=1``, x not
     on CUDA (unless ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``), e on another device,
-    r or d over 256, an empty tensor, x not fp16/bf16 (fp32 keeps torch's GEMMs) or e not fp16/bf16/fp32.
-    Bad shapes raise."""
+    r or d over 256 or r · d beyond 256 · 64 (padded to powers of two), an empty tensor, x not fp16/bf16
+    (fp32 keeps torch's GEMMs) or e not fp16/bf16/fp32. Bad shapes raise."""
     _check(e, x)
     if not kernels_enabled(x) or e.device != x.device or x.numel() == 0 or e.shape[1] == 0:
         return None
-    if e.shape[1] > MAX_RANK or x.shape[3] > MAX_HEAD_DIM:
+    if e.shape[1] > MAX_RANK or x.shape[3] > MAX_HEAD_DIM or math.prod(_blocks(e.shape[1], x.shape[3])) > MAX_TILE:
         return None
     if e.dtype not in KERNEL_DTYPES or x.dtype not in DISPATCH_DTYPES:
         return None
