@@ -72,3 +72,21 @@ def test_error_is_at_most_linformer_error_plus_kernel_error(inputs, seed):
     linformer_error = (linformer(q, k, v) - exact).norm()
     assert flurka_error <= linformer_error + kernel_error + 1e-12
     assert flurka_error > 0.5 * max(linformer_error, kernel_error)  # the bound is not vacuous here
+
+
+def test_a_sample_whose_keys_meet_only_zero_columns_of_e_gives_zeros_not_an_error():
+    q, k, v = qkv(batch=2, seq_q=16)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 4:] = False                                            # sample 1 keeps keys 0–3
+    flurka = approxattn.build("flurka-performer", head_dim=8, rank=4, max_len=16, init="gaussian",
+                              num_features=16).double()
+    with torch.no_grad():
+        for matrix in (flurka.projection.key_projection, flurka.projection.value_projection):
+            matrix[..., :4] = 0.0                                  # E, F ignore every key sample 1 keeps
+    out = flurka(q, k, v, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))           # its projected values are all zero
+    reference = approxattn.build("flurka-performer", head_dim=8, rank=4, max_len=16, init="gaussian",
+                                 num_features=16).double()
+    reference.load_state_dict(flurka.state_dict())
+    assert rel_err(out[:1], reference(q[:1], k[:1], v[:1], key_padding_mask=mask[:1])) < 1e-12

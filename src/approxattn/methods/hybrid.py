@@ -13,7 +13,7 @@ import torch
 
 from ..module import AttentionModule
 from ..registry import ExactLimit, MethodSpec, Shape, Cost, get_method, int_option, register
-from ..validation import AttentionShape, compute_dtype
+from ..validation import AttentionShape, check_inputs, compute_dtype
 from .kernel import performer_options
 from .lowrank import add_costs, build_projection, infer_max_len, projection_cost, projection_options
 
@@ -44,9 +44,17 @@ class FlurkaAttention(AttentionModule):
         # on the fused path the r-row reduction stays in the input dtype (fp32 accumulation) and
         # the kernel module below takes its Triton path; elsewhere everything runs in fp32
         dtype = q.dtype if kernels_enabled(q) else compute_dtype(q.dtype)
+        q = q.to(dtype)
         k_reduced, v_reduced, reduced_valid = self.projection(k.to(dtype), v.to(dtype), key_padding_mask)
+        # A sample whose valid keys all meet zero columns of E keeps no projected key: it then keeps them all
+        # (zero rows, so its output is 0) instead of failing. The kernel module's own check_inputs would test the
+        # mask on the host, a GPU sync in the middle of every call, so the inputs (already checked by this
+        # module's forward) go straight to forward_checked.
+        reduced_valid = reduced_valid | ~reduced_valid.any(dim=1, keepdim=True)
         inner_scale = scale if self.kernel.spec.uses_scale else None
-        return self.kernel(q.to(dtype), k_reduced, v_reduced, key_padding_mask=reduced_valid, scale=inner_scale)
+        inner_shape, inner_scale_value = check_inputs(q, k_reduced, v_reduced, causal=causal, scale=inner_scale)
+        return self.kernel.forward_checked(q, k_reduced, v_reduced, inner_shape, inner_scale_value, causal=causal,
+                                           key_padding_mask=reduced_valid, scale_given=inner_scale is not None)
 
 
 class FlurkaPerformer(FlurkaAttention):
