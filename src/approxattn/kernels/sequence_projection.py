@@ -174,10 +174,10 @@ def _backward(e, x, dy, need_dx: bool, need_de: bool):
     BR, BD = _blocks(R, D)
     # dE's fp32 accumulator holds BR × BN values: 8K per program (64 registers a thread at 4 warps)
     BN = 16 if interpreting() else max(16, min(64, 8192 // BR))
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None   # dense even for an expanded x
-    de = torch.empty(e.shape, device=e.device, dtype=e.dtype) if need_de else None
     if x.numel() == 0 or R == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(e) if need_de else None)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None   # dense even for an expanded x
+    de = torch.empty(e.shape, device=e.device, dtype=e.dtype) if need_de else None
     meta = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
     _project_bwd[(triton.cdiv(N, BN), C)](
         e, x, dy, dx if need_dx else x, de if need_de else e, N, R, D, B, H, H if C == 1 else 1,
