@@ -33,19 +33,20 @@ def test_exact_kernel_gives_linformer_with_the_same_projections():
     exact_kernel = softmax_attention(q, k_r, v_r, key_valid=valid, scale=8**-0.5)
     assert rel_err(exact_kernel, linformer(q, k, v)) < 1e-12
     # and with more random features FLuRKA converges to it. The error of one feature draw is heavy-tailed
-    # (with Gaussian E, ‖k_r‖ is large), so each width takes the median over five draws; with one draw
-    # the check below failed on ~15 % of random inputs, with the median on none of 150 (worst ratio 0.36)
+    # (with Gaussian E, ‖k_r‖ is large), so each width takes the median over nine draws: with one draw the
+    # check failed on ~15 % of random inputs; with the median of nine the ratio below stayed under 0.22 in
+    # 200 random inputs (the m^-1/2 law predicts ~1/16 in expectation)
     errors = []
     for m in (16, 256, 4096):
         draws = []
-        for seed in range(5):
+        for seed in range(9):
             flurka_m = approxattn.build("flurka-performer", head_dim=8, rank=8, max_len=32, init="gaussian",
                                         num_features=m, seed=seed).double()
             flurka_m.projection = flurka.projection
             draws.append(rel_err(flurka_m(q, k, v), linformer(q, k, v)))
-        errors.append(sorted(draws)[2])
+        errors.append(sorted(draws)[4])
     assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < errors[0] / 2  # 256× the features: ~16× smaller error at m^-1/2 in expectation
+    assert errors[2] < errors[0] / 3
 
 
 def peaked(seed):
