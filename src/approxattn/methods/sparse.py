@@ -475,10 +475,10 @@ class SEAAttention(RandomFeatureModule):
         )
 
     def _advance_estimator(self, q, k, v, state: SEADecodingState, scale: float, shape: AttentionShape):
-        """Tokens ``state.position …`` (q ``(B, H, n, d)``, k, v ``(B, Hkv, n, ·)``) into the causal
-        estimator's running ReLU-kernel sums of ``state``; returns (the queries' features grouped
-        ``(B, Hkv, G, n, m)``, the keys' ``(B, Hkv, n, m)``, v fitted to width d, [probe, v]), in the
-        state's compute dtype. The caller moves ``state.position`` on."""
+        """Tokens ``state.position …`` (q ``(B, H, n, d)``, k, v ``(B, Hkv, n, ·)``) into the running sums
+        of ``state`` (the causal estimator's ReLU-kernel sums, and the values' sum for the gates' average
+        context); returns (the queries' features grouped ``(B, Hkv, G, n, m)``, the keys' ``(B, Hkv, n, m)``,
+        v fitted to width d, [probe, v]), in the state's compute dtype. The caller moves ``state.position`` on."""
         dtype, d, n, start = state.compute_dtype, self.head_dim, k.shape[2], state.position
         v_fit = fit_width(v.to(dtype), d)
         probe = self.causal_probe[start:start + n].to(dtype).expand(state.batch, state.kv_heads, n, d)
@@ -487,6 +487,8 @@ class SEAAttention(RandomFeatureModule):
         key_features = relu_features(k.to(dtype) * root_scale, projection, eps=RELU_EPS)
         state.feature_values += key_features.transpose(-1, -2) @ v_aug
         state.feature_sum += key_features.sum(dim=2)
+        if self.gate is not None:
+            state.value_sum += v.to(dtype).sum(dim=2)
         query_features = shape.group_queries(relu_features(q.to(dtype) * root_scale, projection, eps=RELU_EPS))
         return query_features, key_features, v_fit, v_aug
 
@@ -499,8 +501,8 @@ class SEAAttention(RandomFeatureModule):
         empty state leave (up to summation order). The estimator's running sums are one product;
         the decoder's history needs the estimator rows of every prompt query, taken causally in
         blocks of ``rows_per_block`` queries (memory O(rows_per_block · n) per head)."""
-        _, scale = check_inputs(q, k, v, scale=scale)
-        B, H, n, d = q.shape
+        shape, scale = check_inputs(q, k, v, scale=scale)
+        B, H, n, _ = q.shape
         if n > self.options["max_positions"]:
             raise ValueError(f"q: the learned causal probe has max_positions={self.options['max_positions']} rows; "
                              f"the prompt has {n} tokens (build with a larger max_positions)")
@@ -508,10 +510,7 @@ class SEAAttention(RandomFeatureModule):
             raise ValueError(f"rows_per_block: expected a positive int, got {rows_per_block!r}")
         state = self.decoding_state(batch=B, heads=H, kv_heads=k.shape[1], value_dim=v.shape[-1], device=q.device,
                                     dtype=q.dtype)
-        shape = AttentionShape(B, H, k.shape[1], n, n, d, v.shape[-1])
         query_features, key_features, v_fit, v_aug = self._advance_estimator(q, k, v, state, scale, shape)
-        if self.gate is not None:
-            state.value_sum += v.to(state.compute_dtype).sum(dim=2)
         state.keys, state.values, state.position = k.clone(), v.clone(), n
 
         # the estimator row of every prompt query, causally (decode_step's context, all rows at once)
@@ -582,7 +581,6 @@ class SEAAttention(RandomFeatureModule):
         if self.gate is None:
             return sparse.to(q_t.dtype)
         gates = torch.sigmoid(linear(e, self.gate))
-        state.value_sum += v_t[:, :, 0].to(dtype)
         average = (state.value_sum / length)[:, :, None, None].expand(-1, -1, shape.groups, -1, -1)
         average = average.reshape(state.batch, state.heads, 1, state.value_dim)
         mix = gates[..., 1:2]
