@@ -330,6 +330,31 @@ def test_per_column_tile_runs_cover_every_masked_pair_of_rows_in_any_order_once(
         assert_runs_cover_each_needed_tile_once(runs, mask, order, BM, BN)
 
 
+@needs_triton
+@pytest.mark.parametrize("causal,padded,T", [(True, False, 7), (True, True, 16), (False, True, 5)])
+def test_triton_column_length_runs_match_the_tensor_ops(forced_kernels, causal, padded, T):
+    """The one-launch per-column ranges (rows read through an order) give the runs of
+    tile_runs_by_column_lengths on the gathered rows, for a random order and the first-key order."""
+    from approxattn.kernels.sparse_attention import (
+        column_length_runs_triton,
+        rows_by_first_keys,
+        tile_runs_by_column_lengths,
+    )
+
+    gen = torch.Generator().manual_seed(40 + T)
+    B, H, N = 2, 3, 45
+    layout = column_layout(B, N, N, T, causal=causal, key_padding_mask=random_padding(B, N, gen) if padded else None)
+    selected = torch.rand(B, H, N, T, generator=gen) < 0.3
+    selected[0, 1] = False                                             # a head with no cell
+    random_order = torch.stack([torch.stack([torch.randperm(N, generator=gen) for _ in range(H)]) for _ in range(B)])
+    for order in (random_order, rows_by_first_keys(selected, layout).long()):
+        ordered = selected.gather(2, order[..., None].expand(B, H, N, T))
+        length = layout.row_length[:, None, :].expand(B, H, N).gather(2, order)
+        start, count, runs = tile_runs_by_column_lengths(ordered, length, layout, 8, 4)
+        start_t, count_t, runs_t = column_length_runs_triton(selected, layout, 8, 4, order)
+        assert torch.equal(runs, runs_t) and torch.equal(start, start_t) and torch.equal(count, count_t)
+
+
 def test_rows_by_first_keys_sorts_rows_by_where_their_first_column_starts():
     from approxattn.blocks.sparse_attention import column_rank_range
     from approxattn.kernels.sparse_attention import rows_by_first_keys
@@ -381,6 +406,49 @@ def test_kernel_matches_reference(forced_kernels, monkeypatch, dtype, causal, pa
     ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
     assert rel_err(out, ref) < KERNEL_TOL[dtype]
     assert torch.all(out[0, 1, 5] == 0)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 5, 16, 130])
+def test_first_two_selected_columns_triton_matches_tensor_ops(forced_kernels, monkeypatch, T):
+    """The one-pass kernel and the tensor ops agree on each row's first and second selected column
+    (T where none), with rows of none, one and many cells, on a non-contiguous view."""
+    import approxattn.kernels.sparse_attention as ks
+
+    gen = torch.Generator().manual_seed(T)
+    selected = torch.rand(2, 3, 37, T, generator=gen) < 0.15
+    selected[0, 0, :3] = False
+    selected[0, 0, 1, T - 1] = True                              # one cell, the last column
+    selected[1, 2, 4] = True                                     # every cell
+    view = selected.transpose(1, 2).contiguous().transpose(1, 2)   # same values, other strides
+    got = ks.first_two_selected(view)
+    monkeypatch.setattr(ks, "_interpreting", lambda: False)      # CPU tensors: the tensor ops
+    expected = ks.first_two_selected(selected)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.int64 and torch.equal(g, e)
+    first, second = expected
+    column = torch.where(selected, torch.arange(T), T)
+    assert torch.equal(first, column.min(-1).values)
+    assert torch.equal(second, torch.where(column > first[..., None], column, T).min(-1).values)
+
+
+@needs_triton
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_tile_runs_read_rows_through_an_order(forced_kernels, padded):
+    """Runs of blocks cut from a row order, read in place, equal those of the gathered rows."""
+    from approxattn.kernels.sparse_attention import rows_by_columns, tile_runs, tile_runs_triton
+
+    gen = torch.Generator().manual_seed(31 + padded)
+    B, H, N, T = 2, 3, 53, 9
+    layout = column_layout(B, N, N, T, causal=False, key_padding_mask=random_padding(B, N, gen) if padded else None)
+    selected = torch.rand(B, H, N, T, generator=gen) < 0.2
+    order = rows_by_columns(selected)
+    ordered = selected.gather(2, order.long()[..., None].expand(B, H, N, T))
+    start, count, runs = tile_runs(ordered, layout, 16, 8)
+    start_t, count_t, runs_t = tile_runs_triton(selected, layout, 16, 8, order=order)
+    assert torch.equal(runs, runs_t)
+    live = torch.arange(T) < runs[..., None]
+    assert torch.equal(start[live], start_t[live]) and torch.equal(count[live], count_t[live])
 
 
 def test_rows_by_columns_is_a_per_head_permutation_grouped_by_first_column():

@@ -47,12 +47,16 @@ class ColumnLayout:
     columns: ``T``.
     equal_lengths: every row of a batch element has the same ``L`` (non-causal layouts), so a
     column means the same keys for every row (kernels may then group rows by their columns).
+    host_row_length: ``(Nq,)`` int64 on the CPU, the rows' lengths shared by every batch element,
+    when they are known without reading the device (no padding mask); None otherwise. Lets
+    callers size work on the host without a GPU sync.
     """
 
     key_rank: torch.Tensor
     row_length: torch.Tensor
     columns: int
     equal_lengths: bool = False
+    host_row_length: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -97,10 +101,13 @@ def column_layout(
     if key_padding_mask is None:
         key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
         if causal:
-            row_length = torch.arange(1, seq_q + 1, device=device).expand(batch, seq_q)
+            host = torch.arange(1, seq_q + 1)
         else:
-            row_length = torch.full((batch, seq_q), seq_k, dtype=torch.int64, device=device)
-        return ColumnLayout(key_rank.contiguous(), row_length.contiguous(), columns, equal_lengths=not causal)
+            host = torch.full((seq_q,), seq_k, dtype=torch.int64)
+        row_length = torch.arange(1, seq_q + 1, device=device) if causal else torch.full(
+            (seq_q,), seq_k, dtype=torch.int64, device=device)
+        return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
+                            equal_lengths=not causal, host_row_length=host)
     if not isinstance(key_padding_mask, torch.Tensor):
         raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
     if key_padding_mask.dtype != torch.bool:
