@@ -134,6 +134,43 @@ def test_each_group_keeps_exactly_its_budget_of_cells(grouping):
     assert selected.any(dim=-1).all()
 
 
+@pytest.mark.parametrize("grouping", ["batch", "head", "query", "causal_batch"])
+@pytest.mark.parametrize("n", [12, 300])
+def test_no_candidate_mask_means_every_cell(grouping, n):
+    """``candidates=None`` (every cell holds keys) selects what an all-True mask selects, with
+    one-cell (n = 300) and two-cell (n = 12) budgets, and leaves the estimate it was given unchanged."""
+    B, H, T = 2, 3, 8
+    probs = torch.rand(B, H, n, T, dtype=torch.float64).softmax(-1)
+    probs[0, 0, :4] = probs[0, 0, 4]                                   # ties across rows
+    before = probs.clone()
+    layout = column_layout(B, n, n, T, causal=False)
+    assert nonempty_columns(layout).all()
+    expected = select_cells(probs, nonempty_columns(layout), layout.row_length, k=3, grouping=grouping)
+    got = select_cells(probs, None, layout.row_length, k=3, grouping=grouping)
+    assert torch.equal(got, expected)
+    assert torch.equal(probs, before)
+
+
+@pytest.mark.parametrize("grouping", ["batch", "head", "query", "causal_batch"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_host_row_lengths_select_the_same_cells(grouping, causal):
+    """With the layout's host-side row lengths (unpadded inputs: no GPU sync to size the work) the
+    selection is the one computed from the device's lengths alone, for one-cell and larger budgets."""
+    if causal and grouping in ("batch", "head"):
+        pytest.skip("shared budgets are not causal")
+    B, H, T = 2, 3, 8
+    for n, k in ((40, 3), (40, 12), (300, 3)):
+        layout = column_layout(B, n, n, T, causal=causal)
+        assert torch.equal(layout.host_row_length.expand(B, n), layout.row_length)
+        probs = torch.rand(B, H, n, T, dtype=torch.float64).softmax(-1)
+        candidates = None if not causal else nonempty_columns(layout)
+        expected = select_cells(probs, candidates, layout.row_length, k=k, grouping=grouping)
+        got = select_cells(probs, candidates, layout.row_length, k=k, grouping=grouping,
+                           host_row_length=layout.host_row_length)
+        assert torch.equal(got, expected), (n, k)
+    assert column_layout(B, 9, 9, T, causal=causal, key_padding_mask=padding_mask(9)).host_row_length is None
+
+
 @pytest.mark.parametrize("grouping", ["query", "causal_batch"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_per_row_groupings_match_one_top_k_over_every_row(grouping, padded):
@@ -619,6 +656,55 @@ def test_resize_width_is_linear_interpolation(source, width):
     got = resize_width(x, width)
     assert got.shape == (2, 3, 4, width)
     assert ((got.reshape(-1, 1, width) - expected).norm() / expected.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 2, None])
+def test_encoder_is_one_linear_over_context_and_own_value(groups):
+    """The split encoder (W_c c + W_v v_i + b, no concatenation) is SEA's Linear over [c, v_i],
+    with v_i shared by a key/value head's query heads, and zeros without an own token."""
+    d = 8
+    module = approxattn.build("sea", head_dim=d).double()
+    B, Hkv, N = 2, 2, 5
+    heads = Hkv * (groups or 1)
+    context = torch.randn(B, heads, N, 2 * d, dtype=torch.float64)
+    own = torch.randn(B, Hkv, N, d, dtype=torch.float64)
+    repeated = own.repeat_interleave(groups, dim=1) if groups else torch.zeros(B, heads, N, d, dtype=torch.float64)
+    hidden = torch.nn.functional.linear(torch.cat([context, repeated], dim=-1), module.encoder.weight,
+                                        module.encoder.bias)
+    expected = torch.nn.functional.gelu(module.encoder_norm(hidden))
+    got = module._encode(context, own if groups else None, groups or 1)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_resize_width_adds_inside_the_gemm():
+    from approxattn.blocks.sea_estimator import resize_width
+
+    x, plus = torch.randn(2, 3, 5, 64, dtype=torch.float64), torch.randn(2, 3, 5, 128, dtype=torch.float64)
+    assert torch.allclose(resize_width(x, 128, plus=plus), resize_width(x, 128) + plus, rtol=0, atol=1e-12)
+    same = torch.randn(2, 3, 5, 128, dtype=torch.float64)
+    assert torch.equal(resize_width(same, 128, plus=plus), same + plus)
+
+
+@pytest.mark.parametrize("n_valid,columns", [([1], 5), ([2], 128), ([7, 300], 3), ([5000, 64], 128), ([64], 64)])
+def test_probe_histogram_logits_reads_the_bins_linearly(n_valid, columns):
+    """The matmul resampling equals reading each column's centre bin ``rank·(d−1)/(n−1)`` by
+    linear interpolation between its two neighbouring bins (the definition), clamped and logged."""
+    from approxattn.blocks.sea_estimator import probe_histogram_logits
+
+    d = 16
+    histogram = torch.rand(len(n_valid), 2, 9, d, dtype=torch.float64)
+    histogram[0, 0, 0] = 0.0                                     # the floor
+    expected = torch.empty(len(n_valid), 2, 9, columns, dtype=torch.float64)
+    for b, n in enumerate(n_valid):
+        for c in range(columns):
+            rank = (c + 0.5) * n / columns - 0.5
+            position = min(max(rank / max(n - 1, 1) * (d - 1), 0.0), d - 1)
+            lower = min(int(position), d - 1)
+            upper, frac = min(lower + 1, d - 1), position - lower
+            value = histogram[b, ..., lower] * (1 - frac) + histogram[b, ..., upper] * frac
+            expected[b, ..., c] = value.clamp(min=1e-6).log()
+    got = probe_histogram_logits(histogram, torch.tensor(n_valid), columns)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -39,21 +39,26 @@ def row_budgets(row_length: torch.Tensor, k: int, columns: int) -> torch.Tensor:
 
 def select_cells(
     probs: torch.Tensor,
-    candidates: torch.Tensor,
+    candidates: torch.Tensor | None,
     row_length: torch.Tensor,
     *,
     k: int,
     grouping: str,
     query_valid: torch.Tensor | None = None,
+    host_row_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped top-k of the estimate → ``selected (B, H, Nq, T)`` bool.
 
     probs ``(B, H, Nq, T)``: the estimated compressed attention (no gradient needed).
-    candidates ``(B, Nq, T)`` bool: cells that hold an eligible key (``nonempty_columns``).
+    candidates ``(B, Nq, T)`` bool: cells that hold an eligible key (``nonempty_columns``); None
+    when every cell does (unpadded non-causal rows of at least T keys: no mask pass over the estimate).
     row_length ``(B, Nq)``: ``L_i``. query_valid ``(B, Nq)`` bool or None: rows of padded tokens
     (self-attention with a padding mask) are False; in ``batch``/``head`` grouping they do not
     take part in the shared budget (they rank after every valid row's cells and add nothing to
-    the budget). Per-row groupings ignore it: a row's budget is its own.
+    the budget). Per-row groupings ignore it: a row's budget is its own. host_row_length ``(Nq,)``
+    on the CPU: ``row_length`` of every sample, when the caller knows it without the device
+    (``ColumnLayout.host_row_length``); the host's decisions (how many cells at most, which rows
+    compete) then need no GPU sync.
 
     Algorithm: as SEA's reference, keep the cells of each group whose rank in the sorted scores is
     below the group's budget, with ties broken by the lower flat index (see :func:`_top_cells`). Deviation: each
@@ -65,7 +70,6 @@ def select_cells(
         raise ValueError(f"grouping: expected one of {GROUPINGS}, got {grouping!r}")
     B, H, Nq, T = probs.shape
     probs = probs.detach()
-    cand = candidates[:, None].expand(B, H, Nq, T)
     shared = grouping in ("batch", "head")
     competing = (
         query_valid if (shared and query_valid is not None)
@@ -75,18 +79,27 @@ def select_cells(
 
     # few full passes over the estimate (it is 0.5 GB at N = 65,536 in fp32): the score is built in
     # place and the best cell's bonus is scattered, not added as a dense mask
-    score = probs.masked_fill(~cand, float("-inf"))
+    if candidates is None:
+        score = probs                      # copied below before anything writes to it
+        has_candidate = torch.ones(B, H, Nq, 1, dtype=torch.bool, device=probs.device)
+    else:
+        score = probs.masked_fill(~candidates[:, None], float("-inf"))
+        has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     best_index = score.argmax(dim=-1, keepdim=True)                                  # (B, H, Nq, 1)
-    has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
-    best = torch.zeros_like(cand).scatter_(-1, best_index, has_candidate)
+    best = torch.zeros(B, H, Nq, T, dtype=torch.bool, device=probs.device).scatter_(-1, best_index, has_candidate)
     per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
-    if int(per_row.max()) <= 1:
+    host_budget = None
+    if host_row_length is not None and (not shared or query_valid is None):
+        host_budget = row_budgets(host_row_length, k, T)                   # (Nq,), every sample's
+    if (int(per_row.max()) if host_budget is None else (int(host_budget.max()) if host_budget.numel() else 0)) <= 1:
         # one cell per row (k·T/L_i < 1.5: N ≥ 16,384 at the defaults): every group's budget is its
         # number of rows with a best cell, whose bonus ranks them first, so the best cells are the answer
         return best
-    if not bool(competing.all()):
+    if shared and query_valid is not None and not bool(competing.all()):
         score = torch.where(competing_cells, score, score - _NONCOMPETING_PENALTY)
     bonus = (has_candidate & competing_cells).to(score.dtype) * _BEST_CELL_BONUS
+    if score is probs:
+        score = score.clone()
     score.scatter_add_(-1, best_index, bonus)
     if grouping in ("batch", "head"):
         if grouping == "batch":
@@ -95,20 +108,25 @@ def select_cells(
         else:
             rows = score.reshape(B * H, Nq, T)
             budget = per_row.sum(dim=1)[:, None].expand(B, H).reshape(-1)
-        chosen = _top_cells_of_rows(rows, budget).reshape(B, H, Nq, T)
-        return (chosen | best) & cand
+        chosen = _top_cells_of_rows(rows, budget).reshape(B, H, Nq, T) | best
+        return chosen if candidates is None else chosen & candidates[:, None]
     # per-row groupings: a row whose budget is one cell per head keeps its best cells (as above), so
     # only the rows with more compete: at N = 65,536 causal, the first 5,461 of 65,536 (k·T/L ≥ 1.5)
-    batch_index, row_index = (per_row > 1).nonzero(as_tuple=True)                     # one host sync
+    batch_index, row_index, largest = _competing_rows(per_row, host_budget)
     rows = score[batch_index, :, row_index]                                          # (R, H, T)
     budget = per_row[batch_index, row_index]                                         # (R,)
     if grouping == "query":
-        chosen = _top_cells(rows.reshape(-1, T), budget.repeat_interleave(H)).view(rows.shape)
+        largest = None if largest is None else min(largest, T)
+        chosen = _top_cells(rows.reshape(-1, T), budget.repeat_interleave(H), largest=largest).view(rows.shape)
     else:  # causal_batch: heads of one row share the budget
-        chosen = _top_cells(rows.reshape(-1, H * T), H * budget).view(rows.shape)
+        largest = None if largest is None else min(H * largest, H * T)
+        chosen = _top_cells(rows.reshape(-1, H * T), H * budget, largest=largest).view(rows.shape)
+    if candidates is not None:
+        # cells past the candidates (budget larger than what a group holds) are dropped here, on the
+        # competing rows only: a best cell is a candidate already (a row with none keeps none)
+        chosen &= candidates[batch_index, None, row_index]
     best[batch_index, :, row_index] |= chosen
-    # cells past the candidates (budget larger than what a group holds) are dropped here
-    return best & cand
+    return best
 
 
 # Groups at least this large find their threshold by bisection instead of ``topk``: for a few
@@ -122,7 +140,23 @@ BISECTION_DEVICES = ("cuda",)
 CANDIDATE_MIN_CELLS = 1 << 16
 
 
-def _top_cells(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+def _competing_rows(per_row: torch.Tensor, host_budget: torch.Tensor | None):
+    """``(batch_index, row_index, largest)`` of the rows whose budget is above one cell, and the largest
+    budget (None if unknown on the host). From ``host_budget (Nq,)`` (every sample's budgets) when
+    they form one run of rows, as in unpadded layouts (budgets fall with the length, which grows or
+    stays): indices built on the device, no sync; else ``nonzero`` on the device (one host sync)."""
+    if host_budget is not None:
+        rows = (host_budget > 1).nonzero().flatten()
+        if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():
+            B, device = per_row.shape[0], per_row.device
+            row_index = torch.arange(int(rows[0]), int(rows[-1]) + 1, device=device)
+            batch_index = torch.arange(B, device=device).repeat_interleave(row_index.numel())
+            return batch_index, row_index.repeat(B), int(host_budget.max())
+    batch_index, row_index = (per_row > 1).nonzero(as_tuple=True)
+    return batch_index, row_index, None
+
+
+def _top_cells(flat: torch.Tensor, budget: torch.Tensor, *, largest: int | None = None) -> torch.Tensor:
     """``(G, M)`` scores, ``(G,)`` budgets → bool ``(G, M)``: the ``budget[g]`` best cells of row g,
     equal scores taken lowest index first (what a stable descending sort would keep).
 
@@ -137,7 +171,8 @@ def _top_cells(flat: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """
     groups, cells = flat.shape
     budget = budget.clamp(max=cells)
-    largest = int(budget.max()) if budget.numel() else 0
+    if largest is None or not budget.numel():   # ``largest``: the caller's bound on the budgets (no sync)
+        largest = int(budget.max()) if budget.numel() else 0
     if largest == 0:
         return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     if cells >= BISECTION_MIN_CELLS and flat.dtype != torch.float64 and flat.device.type in BISECTION_DEVICES:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.feature_maps import (
@@ -312,7 +311,11 @@ class SEAAttention(RandomFeatureModule):
             probe = learned_probe_rows(self.causal_probe.to(dtype), layout.key_rank, n_valid)
         else:
             probe = relative_position_probe(layout.key_rank, n_valid, d, dtype)
-        v_aug = torch.cat([probe[:, None].expand(-1, shape.kv_heads, -1, -1), v_fit], dim=-1)
+        # built in the estimator's operand dtype: half for half inputs on the fused path (an fp32
+        # copy would be cast to half there), else the compute dtype
+        operand_dtype = q.dtype if _half_operands(q) else dtype
+        v_operand = v_fit if operand_dtype == dtype else zero_padded(fit_width(v, d), key_valid)
+        v_aug = torch.cat([probe.to(operand_dtype)[:, None].expand(-1, shape.kv_heads, -1, -1), v_operand], dim=-1)
 
         # 2. estimator (Performer) and 3. encoder, decoder
         stage = _stage("sea.estimator", stage)
@@ -323,38 +326,40 @@ class SEAAttention(RandomFeatureModule):
             # causal kernel returns 0/0 there)
             sees_a_key = (layout.row_length > 0)[:, None, :, None]
             context = torch.where(sees_a_key, context, torch.zeros((), dtype=dtype, device=q.device))
-        if shape.seq_q == shape.seq_k:
-            own_value = v_fit.repeat_interleave(shape.groups, dim=1)
-        else:
-            own_value = v_fit.new_zeros(shape.batch, shape.heads, shape.seq_q, d)
+        own_value = v_fit if shape.seq_q == shape.seq_k else None     # cross-attention: no own token
         stage = _stage("sea.decoder", stage)
         # half inputs: the estimator's fp32 GEMMs may round their operands to TF32 (the estimate only
         # ranks cells, and its input already passed through bf16 dots); measured on an H100 the
         # decoder's fp32 FFMA GEMMs took ~6.5 ms of the 28 ms module at N = 65,536
         with _tf32_matmuls(q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-            e = self._encode(context, own_value)
+            e = self._encode(context, own_value, shape.groups)
             if causal:
                 logits = self.causal_decoder(e)
             else:
-                logits = self.decoder(e)
+                residual = None
                 if self.options["decoder_residual"]:
-                    logits = logits + probe_histogram_logits(context[..., :d], n_valid, T)
+                    residual = probe_histogram_logits(context[..., :d], n_valid, T)
+                logits = self.decoder(e, plus=residual)
         probs = torch.softmax(logits, dim=-1)
 
         # 4. grouped top-k
         stage = _stage("sea.select", stage)
         query_valid = key_padding_mask if (key_padding_mask is not None and shape.seq_q == shape.seq_k) else None
-        selected = select_cells(probs, nonempty_columns(layout), layout.row_length, k=self.options["k"],
-                                grouping=grouping, query_valid=query_valid)
+        # unpadded non-causal rows of at least T keys: every column holds keys (no candidate mask needed)
+        every_column = not causal and key_padding_mask is None and shape.seq_k >= T
+        candidates = None if every_column else nonempty_columns(layout)
+        selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
+                                grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length)
 
         # 5. sparse exact attention, gates, average context
         stage = _stage("sea.sparse", stage)
-        sparse = self._sparse_attention(q, k, v, selected, layout, scale).to(dtype)
+        # in the input dtype from the kernel: the mix below reads it as is (a cast would be a pass more)
+        sparse = self._sparse_attention(q, k, v, selected, layout, scale)
         stage = _stage("sea.gates", stage)
         average_weights = None
         if self.gate is None:
             gates = torch.ones(*sparse.shape[:3], 2, dtype=dtype, device=q.device)
-            out = sparse
+            out = sparse.to(dtype)
         else:
             gates = torch.sigmoid(linear(e, self.gate))
             if causal:
@@ -364,27 +369,46 @@ class SEAAttention(RandomFeatureModule):
                 grouped = shape.group_queries(average_weights)                             # (B, Hkv, G, Nk)
                 average = shape.ungroup_queries(torch.einsum("bhgn,bhnd->bhgd", grouped, v.to(dtype)))[:, :, None]
             mix = gates[..., 1:2]
-            out = mix * gates[..., 0:1] * sparse + (1 - mix) * average
+            out = torch.addcmul((1 - mix) * average, mix * gates[..., 0:1], sparse)   # σ(g1)σ(g0)·sparse + (1 − σ(g1))·a
         _stage(None, stage)
         return SEAResult(out, logits, selected, layout, gates, q, k, scale, average_weights)
 
-    def _encode(self, context: torch.Tensor, own_value: torch.Tensor) -> torch.Tensor:
-        """``GELU(LayerNorm(Linear([c, v_i])))`` → ``(B, H, Nq, 2d)``."""
-        hidden = linear(torch.cat([context, own_value], dim=-1), self.encoder)
+    def _encode(self, context: torch.Tensor, own_value: torch.Tensor | None, groups: int) -> torch.Tensor:
+        """``GELU(LayerNorm(Linear([c, v_i])))`` → ``(B, H, Nq, 2d)``: context ``(B, H, Nq, 2d)``,
+        own_value ``(B, Hkv, Nq, d)`` (each query's own value, read by its ``groups`` query heads;
+        None: zeros). The linear is split by input block (``W_c c + W_v v_i + b``) so that neither
+        the concatenation nor the value repeated per query head is written: at N = 65,536 they
+        were ~0.7 ms of SEA's forward on an H100."""
+        dtype = context.dtype
+        weight, bias = self.encoder.weight.to(dtype), self.encoder.bias.to(dtype)
+        width = context.shape[-1]
+        on_context, on_value = weight[:, :width], weight[:, width:]
+        if own_value is None:
+            hidden = torch.nn.functional.linear(context, on_context, bias)
+        elif groups == 1:   # one GEMM adds the value term: addmm(W_v v_i + b, c, W_cᵀ)
+            value_term = torch.nn.functional.linear(own_value, on_value, bias)
+            hidden = torch.addmm(value_term.reshape(-1, value_term.shape[-1]), context.reshape(-1, width),
+                                 on_context.t()).view(value_term.shape)
+        else:
+            B, H, N, _ = context.shape
+            hidden = torch.nn.functional.linear(context, on_context, bias)
+            value_term = torch.nn.functional.linear(own_value, on_value)               # (B, Hkv, N, 2d)
+            hidden = (hidden.view(B, H // groups, groups, N, -1) + value_term[:, :, None]).view(B, H, N, -1)
         return layer_norm(hidden, self.encoder_norm, gelu=True)
 
     def _estimator_attention(self, q, k, v_aug, *, causal, key_padding_mask, scale, shape) -> torch.Tensor:
-        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in v_aug's (compute) dtype: softmax kernel
+        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in the compute dtype of v_aug's: softmax kernel
         (non-causal) or ReLU kernel (causal). q, k come in the input dtype. Fused Triton kernels on
         CUDA, fed half-precision operands when the input is half (the estimate only ranks cells;
         fp32 operands would run the kernels' exact-fp32 dots, ~8× slower: 87 ms against ~1.4 ms
         for FAVOR+ m=256 at N = 65,536 on an H100); the blocks' PyTorch reference otherwise."""
-        dtype = v_aug.dtype
+        dtype = compute_dtype(v_aug.dtype)
         projection = self.projection.to(dtype)
         root_scale = scale**0.5
         fast = _fast_estimator(q, k, v_aug, projection, root_scale, causal=causal, key_padding_mask=key_padding_mask)
         if fast is not None:
             return fast.to(dtype)
+        v_aug = v_aug.to(dtype)
         x, y = q.to(dtype) * root_scale, k.to(dtype) * root_scale
         key_valid = None if key_padding_mask is None else key_padding_mask[:, None, :]
         if causal:
@@ -523,7 +547,7 @@ class SEAAttention(RandomFeatureModule):
             weights = weights.masked_fill(future, 0.0)
             rows.append((weights @ v_aug[:, :, None, :stop]) / weights.sum(-1, keepdim=True))
         context = shape.ungroup_queries(torch.cat(rows, dim=-2))                         # (B, H, n, 2d)
-        e = self._encode(context, v_fit.repeat_interleave(shape.groups, dim=1))
+        e = self._encode(context, v_fit, shape.groups)
 
         state.conv_history = self.causal_decoder.history_after(e)
         return state
@@ -569,7 +593,7 @@ class SEAAttention(RandomFeatureModule):
         denominator = torch.einsum("bhgim,bhm->bhgi", query_features, state.feature_sum)
         context = shape.ungroup_queries(numerator / denominator[..., None])          # (B, H, 1, 2d)
 
-        e = self._encode(context, v_fit.repeat_interleave(shape.groups, dim=1))
+        e = self._encode(context, v_fit, shape.groups)
         logits, state.conv_history = self.causal_decoder.step(e, state.conv_history)
         probs = torch.softmax(logits, dim=-1)
         row_length = torch.full((state.batch, 1), length, dtype=torch.int64, device=q_t.device)
@@ -644,6 +668,13 @@ def _stage(name: str | None, previous: torch.profiler.record_function | None = N
     stage = torch.profiler.record_function(name)
     stage.__enter__()
     return stage
+
+
+def _half_operands(q: torch.Tensor) -> bool:
+    """Whether the estimator takes half-precision operands: half inputs on the fused path."""
+    from ..kernels.dispatch import kernels_enabled
+
+    return q.dtype in (torch.float16, torch.bfloat16) and kernels_enabled(q)
 
 
 def _fast_estimator(q, k, v_aug, projection, root_scale, *, causal, key_padding_mask) -> torch.Tensor | None:
