@@ -1,7 +1,7 @@
 """Where a ``sea`` forward spends its time, stage by stage (probe, estimator, decoder, select,
 sparse, gates), from a torch.profiler trace of the named ranges the module opens.
 
-    PYTHONPATH=src python3 benchmarks/sea_stages.py --seq 16384,65536 [--out DIR] [--device cuda]
+    PYTHONPATH=src python3 benchmarks/sea_stages.py --seq 16384,65536 [--out DIR] [--device cuda] [--ops]
 
 B=1, H=16, d=64, bf16 on CUDA (fp32 on CPU), eval mode, no grad, default options. Prints, per
 (N, causal): the wall-clock median of whole forwards (CUDA-synchronised) beside SDPA's (same
@@ -53,7 +53,24 @@ def wall_and_peak(fn, device: str, repeats: int) -> tuple[float, float | None]:
     return statistics.median(walls), peak
 
 
-def stage_times(seq: int, causal: bool, device: str, options: dict, repeats: int = 5) -> dict:
+def op_table(prof, use_device: bool, limit: int = 25) -> dict[str, list]:
+    """Per stage, the ops called directly inside it (their kernels included), summed by (name, input
+    shapes), most expensive first: ``{stage: [(ms, count, name, shapes), ...]}``."""
+    table: dict[str, dict] = {}
+    for event in prof.events():
+        parent = event.cpu_parent
+        if parent is None or not parent.name.startswith(STAGE_PREFIX) or event.name.startswith(STAGE_PREFIX):
+            continue
+        total = event.device_time_total if use_device else event.cpu_time_total
+        shapes = str([s for s in (event.input_shapes or []) if s])[:100]
+        entry = table.setdefault(parent.name, {}).setdefault((event.name, shapes), [0.0, 0])
+        entry[0] += total / 1e3
+        entry[1] += 1
+    return {stage: sorted(([ms, n, name, shapes] for (name, shapes), (ms, n) in ops.items()), reverse=True)[:limit]
+            for stage, ops in table.items()}
+
+
+def stage_times(seq: int, causal: bool, device: str, options: dict, repeats: int = 5, ops: bool = False) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     module = approxattn.build("sea", head_dim=64, **options).to(device).eval()
     q, k, v = (torch.randn(1, 16, seq, 64, device=device, dtype=dtype) for _ in range(3))
@@ -62,7 +79,7 @@ def stage_times(seq: int, causal: bool, device: str, options: dict, repeats: int
         sdpa_wall, sdpa_peak = wall_and_peak(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), device, repeats)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=ops) as prof:
             module(q, k, v, causal=causal)
             _sync(device)
     events = prof.key_averages()
@@ -82,7 +99,8 @@ def stage_times(seq: int, causal: bool, device: str, options: dict, repeats: int
     top = [(e.key, (e.self_device_time_total if use_device else e.self_cpu_time_total) / 1e3, e.count)
            for e in ops[:15]]
     return {"seq": seq, "causal": causal, "wall_ms": wall, "peak_mib": peak, "sdpa_wall_ms": sdpa_wall,
-            "sdpa_peak_mib": sdpa_peak, "stages_ms": stages, "top_ops": top}
+            "sdpa_peak_mib": sdpa_peak, "stages_ms": stages, "top_ops": top,
+            "stage_ops": op_table(prof, use_device) if ops else None}
 
 
 def fused_agreement(seq: int, device: str) -> dict:
@@ -130,6 +148,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--option", action="append", default=[], help="NAME=VALUE (int) for the sea module")
     parser.add_argument("--check", type=int, default=0, help="N for a fused-vs-reference agreement check first")
+    parser.add_argument("--ops", action="store_true", help="also list each stage's ops with their input shapes")
+    parser.add_argument("--repeats", type=int, default=5, help="synchronised forwards per wall-clock median")
     args = parser.parse_args()
     options = {name: int(value) for name, value in (o.split("=", 1) for o in args.option)}
     results = []
@@ -140,7 +160,7 @@ def main() -> None:
     for seq in (int(s) for s in args.seq.split(",")):
         for causal in (False, True):
             try:
-                r = stage_times(seq, causal, args.device, options)
+                r = stage_times(seq, causal, args.device, options, repeats=args.repeats, ops=args.ops)
             except Exception as error:  # noqa: BLE001  (report and go on to the next shape)
                 print(f"N={seq} causal={causal}: failed: {type(error).__name__}: {error}", flush=True)
                 results.append({"seq": seq, "causal": causal, "error": f"{type(error).__name__}: {error}"})
@@ -152,6 +172,10 @@ def main() -> None:
                   flush=True)
             for name, t, count in r["top_ops"]:
                 print(f"    {t:9.3f} ms  x{count:<4d} {name[:90]}", flush=True)
+            for stage, rows in (r["stage_ops"] or {}).items():
+                print(f"  {stage}:", flush=True)
+                for ms, count, name, shapes in rows:
+                    print(f"    {ms:9.3f} ms  x{count:<3d} {name[:40]:40s} {shapes}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
