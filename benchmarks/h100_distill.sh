@@ -11,7 +11,9 @@
 # skipped, the unfinished one resumes from its checkpoint).
 # The machine goes back after 30 minutes held, and /tmp with it: size a run to finish in three calls (session 9
 # lost two SEA students at step 800 of 1,000; steps per second: benchmarks/results/h100/distill/NOTES.md). Knobs: DISTILL_S, STEPS, BATCH, SEQ, METHODS
-# (comma-separated), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
+# (comma-separated), CHECKPOINT_EVERY (steps between checkpoints, default 10: each writes the student and its
+# optimizer state, ~3 s for SmolLM2, which made session 12's SEA run 0.98 s a step of wall time against 0.67 s of
+# steps; use 100+ for runs that fit one hold), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
 # tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
 # VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
 # own extra `distill run` arguments, folders /tmp/distill_<name>; "name:methods=ARGS" names its own methods).
@@ -52,7 +54,7 @@ distill() {  # $1: comma-separated methods, $2: run folder, $3: log file, $4: ex
   # shellcheck disable=SC2086
   timeout "${DISTILL_S:-540}" python -m approxattn.distill.cli run --teacher smollm2 --methods "$1" $opts \
     --steps "${STEPS:-150}" --batch-size "${BATCH:-4}" --seq-len "${SEQ:-1024}" --eval-windows 32 \
-    --checkpoint-every 10 --no-progress --out "$2" >> "$3" 2>&1
+    --checkpoint-every "${CHECKPOINT_EVERY:-10}" --no-progress --out "$2" >> "$3" 2>&1
   echo "distill $1 rc=$? $(date -u +%H:%M)" >> "$OUT/session.log"
 }
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 20 > "$OUT/gpu_memory.csv" 2>&1 &
