@@ -486,6 +486,62 @@ def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, causal, 
     assert torch.all(outs["1"][1, 3, 40] == 0)
 
 
+def _uniform_tile_share(layout, block_m, block_n):
+    """Share of (row block, full key tile) pairs, rows in index order, where the tile's ranks run
+    r0 … r0 + block_n − 1 and each row of the block sees the tile in one column or not at all: the
+    pairs the kernel masks by one bit a row (its condition, mirrored), among those with a key to see."""
+    rank, length, T = layout.key_rank, layout.row_length, layout.columns
+    uniform = total = 0
+    for b in range(rank.shape[0]):
+        for i0 in range(0, length.shape[1], block_m):
+            L = length[b, i0:i0 + block_m]
+            den = 2 * L.clamp(min=1)
+            for t in range(rank.shape[1] // block_n):
+                r0, r1 = int(rank[b, t * block_n]), int(rank[b, t * block_n + block_n - 1])
+                if r0 >= int(L.max()):
+                    continue          # no row of the block reaches this tile
+                total += 1
+                if r0 < 0 or r1 - r0 != block_n - 1:
+                    continue
+                col0 = ((2 * r0 + 1) * T // den).clamp(max=T - 1)
+                col1 = ((2 * r1 + 1) * T // den).clamp(max=T - 1)
+                uniform += bool(torch.all(((col0 == col1) & (r1 < L)) | (r0 >= L)))
+    return uniform / max(total, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal,padded", [(False, False), (False, True), (True, False)])
+def test_kernel_masks_whole_tiles_by_row_bits(forced_kernels, monkeypatch, causal, padded):
+    """Columns of many keys (T = 4 over 160 keys): most tiles lie in one column for every row, and
+    the kernel masks them by one bit a row (rows of one length: non-causal). Same output as the
+    per-element mask and the reference, with padded keys (tiles holding any take the per-element
+    path) and empty rows; causal layouts keep the per-element mask (the flag changes nothing)."""
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention, launch_config
+
+    n = 160
+    q, k, v, selected, _, _ = _case(2, 2, 1, n, n, 4, causal, False, 0.5, 41 + 2 * causal + padded,
+                                    dtype=torch.float32)
+    mask = None
+    if padded:   # sample 0 right-padded (whole tiles of real keys), sample 1 padded at random positions
+        mask = torch.ones(2, n, dtype=torch.bool)
+        mask[0, 131:] = False
+        mask[1] = random_padding(1, n, torch.Generator().manual_seed(5), min_valid=n // 2)[0]
+    layout = column_layout(2, n, n, 4, causal=causal, key_padding_mask=mask)
+    selected[0, 1, 17] = False
+    cfg = launch_config(q.shape[-1], v.shape[-1])
+    if not causal:
+        share = _uniform_tile_share(layout, cfg["BM"], cfg["BN"])
+        assert share > 0.2                        # the case exercises the row-bit path (0.25–0.8 here)
+    ref = column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("APPROXATTN_SPARSE_UNIFORM_TILES", flag)
+        outs[flag] = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4)
+        assert rel_err(outs[flag], ref) < 1e-4
+    assert rel_err(outs["0"], outs["1"]) < 1e-5
+    assert torch.all(outs["1"][0, 1, 17] == 0)
+
+
 @needs_triton
 def test_causal_kernel_on_rows_sorted_by_first_key(forced_kernels):
     """One scattered column per row: index order would visit the whole causal triangle, so the
