@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import compute_dtype
 from .fast_kernels import fast_kernel
 
 
@@ -160,8 +161,9 @@ def probe_histogram_logits(
     weights a column): gathering the two bins and blending them took five passes over the
     ``(B, H, Nq, T)`` map, 3.5 ms of SEA's forward at N = 65,536 on an H100.
     """
-    weights = histogram_resampling(n_valid, histogram.shape[-1], columns, histogram.dtype)   # (B, d, T)
-    return torch.log(torch.clamp_min(histogram @ weights[:, None], floor))
+    # weights from fp32 (or fp64) positions, then in the histogram's dtype for the matmul
+    weights = histogram_resampling(n_valid, histogram.shape[-1], columns, compute_dtype(histogram.dtype))
+    return torch.log(torch.clamp_min(histogram @ weights.to(histogram.dtype)[:, None], floor))
 
 
 def histogram_resampling(n_valid: torch.Tensor, dim: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
@@ -258,13 +260,45 @@ class NonCausalDecoder(nn.Module):
     def forward(self, e: torch.Tensor, *, plus: torch.Tensor | None = None) -> torch.Tensor:
         """e ``(B, H, N, 2d)`` → logits ``(B, H, N, T)`` (+ ``plus`` of that shape, e.g. a residual)."""
         B, H, N, _ = e.shape
-        _check_heads(self.num_heads, H)
+        y = self._middle(e)
+        y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
+        return resize_width(y.reshape(B, H, N, self.width), self.columns, plus=plus)
+
+    def logits_and_probs(self, e: torch.Tensor, *, histogram: torch.Tensor | None = None,
+                         n_valid: torch.Tensor | None = None, probs_dtype: torch.dtype = torch.float32,
+                         floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """e ``(B, H, N, 2d)`` → (logits ``(B, H, N, T)``, their softmax over T in ``probs_dtype``),
+        with ``log(histogram resized to T)`` added to the logits when a histogram ``(B, H, N, d)``
+        and n_valid ``(B,)`` are given (:func:`probe_histogram_logits`). At inference on CUDA with
+        one CNN per head, the output conv, resize, residual and softmax run as one Triton kernel
+        (``kernels.sea_decoder_head``: unfused they were seven passes over ``(B, H, N, T)`` maps)."""
+        B, H, N, _ = e.shape
+        y = self._middle(e)
+        T = self.columns
+        fast = None
+        if self.num_heads is None and probs_dtype == torch.float32:
+            fast = fast_kernel("sea_decoder_head", "fast_decoder_head")
+        if fast is not None:
+            weights = None
+            if histogram is not None:
+                weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
+            out = fast(y, self.out.weight, self.out.bias, interpolation_matrix(self.width, T, dtype=y.dtype, device=y.device),
+                       rows=N, histogram=None if histogram is None else histogram.reshape(B * H, N, -1),
+                       hist_weights=weights, heads=H, floor=floor)
+            if out is not None:
+                return out[0].view(B, H, N, T), out[1].view(B, H, N, T)
+        residual = None if histogram is None else probe_histogram_logits(histogram, n_valid, T, floor=floor)
+        y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
+        logits = resize_width(y.reshape(B, H, N, self.width), T, plus=residual)
+        return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype)
+
+    def _middle(self, e: torch.Tensor) -> torch.Tensor:
+        """The CNN up to its output conv: ``(B·H, 4, ⌈N/2⌉, W)`` (or ``(B, 4H, ⌈N/2⌉, W)`` with heads as channels)."""
+        _check_heads(self.num_heads, e.shape[1])
         x = _split_channels(linear(e, self.row), self.splits, self.num_heads is not None)
         same = (1, 1, 1, 1)     # the 3×3 convs' padding
         y = conv2d(x, self.down, pad=same, relu=True)
-        y = conv2d(y, self.middle, pad=same, relu=True)
-        y = conv2d(y, self.out, pad=same, upsample_rows=2, rows=N)
-        return resize_width(y.reshape(B, H, N, self.width), self.columns, plus=plus)
+        return conv2d(y, self.middle, pad=same, relu=True)
 
 
 class CausalDecoder(nn.Module):

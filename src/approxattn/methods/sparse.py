@@ -33,7 +33,6 @@ from ..blocks.sea_estimator import (
     layer_norm,
     learned_probe_rows,
     linear,
-    probe_histogram_logits,
     relative_position_probe,
 )
 from ..blocks.sea_mask import CAUSAL_GROUPINGS, GROUPINGS, select_cells
@@ -118,7 +117,8 @@ class SEAResult:
         eligible = torch.isfinite(logits)
         has_key = eligible.any(dim=-1, keepdim=True)
         # rows without a key would be NaN; softmax a zero row there and mask it
-        probs = torch.softmax(torch.where(has_key, logits, torch.zeros_like(logits)), dim=-1)
+        probs = torch.softmax(torch.where(has_key, logits, torch.zeros_like(logits)), dim=-1,
+                              dtype=compute_dtype(logits.dtype))
         return probs * eligible.to(probs.dtype)
 
     def sparse_probabilities(self, head: int | None = None) -> torch.Tensor:
@@ -304,18 +304,24 @@ class SEAAttention(RandomFeatureModule):
         key_valid = None if key_padding_mask is None else key_padding_mask[:, None, :]      # (B, 1, Nk)
         n_valid = layout.key_rank.amax(dim=1) + 1                                          # (B,)
 
+        # At inference with half inputs on the fused path, the estimate (context, encoder, decoder
+        # maps, logits) is stored in the input dtype: the estimator's kernel already rounds its
+        # output to it, every kernel and GEMM after it accumulates in fp32, and the maps are read
+        # and written several times (fp32 copies doubled those bytes: the decoder took 8.6 ms of the
+        # 17.5-ms module at N = 65,536 on an H100). The softmax over the compressed width, and all
+        # that follows, is fp32. Under autograd (distillation), or with half_estimate=False, the
+        # estimate stays fp32.
+        half_estimate = self.options["half_estimate"] and _half_operands(q) and not torch.is_grad_enabled()
+        estimate_dtype = q.dtype if half_estimate else dtype
+
         # 1. probe and augmented values (padded keys zero)
         stage = _stage("sea.probe")
-        v_fit = zero_padded(fit_width(v.to(dtype), d), key_valid)                        # (B, Hkv, Nk, d)
+        v_fit = zero_padded(fit_width(v.to(estimate_dtype), d), key_valid)               # (B, Hkv, Nk, d)
         if causal:
             probe = learned_probe_rows(self.causal_probe.to(dtype), layout.key_rank, n_valid)
         else:
             probe = relative_position_probe(layout.key_rank, n_valid, d, dtype)
-        # built in the estimator's operand dtype: half for half inputs on the fused path (an fp32
-        # copy would be cast to half there), else the compute dtype
-        operand_dtype = q.dtype if _half_operands(q) else dtype
-        v_operand = v_fit if operand_dtype == dtype else zero_padded(fit_width(v, d), key_valid)
-        v_aug = torch.cat([probe.to(operand_dtype)[:, None].expand(-1, shape.kv_heads, -1, -1), v_operand], dim=-1)
+        v_aug = torch.cat([probe.to(estimate_dtype)[:, None].expand(-1, shape.kv_heads, -1, -1), v_fit], dim=-1)
 
         # 2. estimator (Performer) and 3. encoder, decoder
         stage = _stage("sea.estimator", stage)
@@ -325,7 +331,7 @@ class SEAAttention(RandomFeatureModule):
             # rows before the first real key see nothing: 0, as the reference path gives (the fused
             # causal kernel returns 0/0 there)
             sees_a_key = (layout.row_length > 0)[:, None, :, None]
-            context = torch.where(sees_a_key, context, torch.zeros((), dtype=dtype, device=q.device))
+            context = torch.where(sees_a_key, context, torch.zeros((), dtype=context.dtype, device=q.device))
         own_value = v_fit if shape.seq_q == shape.seq_k else None     # cross-attention: no own token
         stage = _stage("sea.decoder", stage)
         # half inputs: the estimator's fp32 GEMMs may round their operands to TF32 (the estimate only
@@ -335,12 +341,10 @@ class SEAAttention(RandomFeatureModule):
             e = self._encode(context, own_value, shape.groups)
             if causal:
                 logits = self.causal_decoder(e)
+                probs = torch.softmax(logits, dim=-1, dtype=dtype)
             else:
-                residual = None
-                if self.options["decoder_residual"]:
-                    residual = probe_histogram_logits(context[..., :d], n_valid, T)
-                logits = self.decoder(e, plus=residual)
-        probs = torch.softmax(logits, dim=-1)
+                histogram = context[..., :d] if self.options["decoder_residual"] else None
+                logits, probs = self.decoder.logits_and_probs(e, histogram=histogram, n_valid=n_valid, probs_dtype=dtype)
 
         # 4. grouped top-k
         stage = _stage("sea.select", stage)
@@ -397,7 +401,7 @@ class SEAAttention(RandomFeatureModule):
         return layer_norm(hidden, self.encoder_norm, gelu=True)
 
     def _estimator_attention(self, q, k, v_aug, *, causal, key_padding_mask, scale, shape) -> torch.Tensor:
-        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in the compute dtype of v_aug's: softmax kernel
+        """FAVOR of (q, k, v_aug) → ``(B, H, Nq, 2d)`` in v_aug's dtype (math in its compute dtype): softmax kernel
         (non-causal) or ReLU kernel (causal). q, k come in the input dtype. Fused Triton kernels on
         CUDA, fed half-precision operands when the input is half (the estimate only ranks cells;
         fp32 operands would run the kernels' exact-fp32 dots, ~8× slower: 87 ms against ~1.4 ms
@@ -407,8 +411,8 @@ class SEAAttention(RandomFeatureModule):
         root_scale = scale**0.5
         fast = _fast_estimator(q, k, v_aug, projection, root_scale, causal=causal, key_padding_mask=key_padding_mask)
         if fast is not None:
-            return fast.to(dtype)
-        v_aug = v_aug.to(dtype)
+            return fast.to(v_aug.dtype)
+        out_dtype, v_aug = v_aug.dtype, v_aug.to(dtype)
         x, y = q.to(dtype) * root_scale, k.to(dtype) * root_scale
         key_valid = None if key_padding_mask is None else key_padding_mask[:, None, :]
         if causal:
@@ -416,14 +420,14 @@ class SEAAttention(RandomFeatureModule):
             key_features = zero_padded(relu_features(y, projection, eps=RELU_EPS), key_valid)
             out = causal_kernel_attention(shape.group_queries(query_features), key_features, v_aug,
                                           chunk_size=CHUNK_SIZE, key_valid=key_valid)
-            return shape.ungroup_queries(out)
+            return shape.ungroup_queries(out).to(out_dtype)
         ratio = favor_ratio(self.num_features, hyperbolic=False)
         query_features = favor_query_features(favor_log_features(x, projection, hyperbolic=False),
                                               ratio=ratio, eps=SOFTMAX_EPS, stabilize=True)
         key_features = favor_key_features(favor_log_features(y, projection, hyperbolic=False), key_valid,
                                           ratio=ratio, eps=SOFTMAX_EPS, stabilize=True)
         out = noncausal_kernel_attention(shape.group_queries(query_features), key_features, v_aug)
-        return shape.ungroup_queries(out)
+        return shape.ungroup_queries(out).to(out_dtype)
 
     @staticmethod
     def _sparse_attention(q, k, v, selected, layout, scale) -> torch.Tensor:
@@ -779,6 +783,10 @@ register(MethodSpec(
         int_option("num_heads", None, "None: one CNN shared by all heads (heads in the batch); an int: the "
                    "paper's decoder with heads as CNN channels (then q must have exactly that many heads)",
                    allow_none=True),
+        bool_option("half_estimate", True, "at inference (no autograd) with fp16/bf16 inputs on the fused GPU path, "
+                    "store the estimator's maps (context, encoder, decoder CNN, logits) in the input dtype, every "
+                    "sum in fp32; False: fp32 maps (TF32 GEMMs), slower and with fewer near-tie flips of the "
+                    "selected cells against an fp32 run"),
         int_option("max_positions", 2048, "rows of the learned causal positional probe (longer causal inputs "
                    "stretch it by nearest interpolation)"),
         redraw_option(1000),

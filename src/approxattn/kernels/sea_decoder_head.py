@@ -1,0 +1,252 @@
+"""Triton forward kernel for the head of SEA's non-causal decoder, in one pass over the rows.
+
+The unfused head (``blocks.sea_estimator.NonCausalDecoder``) runs, on maps such as
+``(16, 65536, ·)``: the last 3×3 convolution (C channels → 1, over the rows upsampled ×2), the
+linear resize of the width W → T (a GEMM), the log-histogram residual (a GEMM, clamp, log), the
+sum, and the softmax over T: seven passes over ``(S, N, T)``-sized maps. Here each program takes
+``BR`` rows of one sample: the convolution in fp32 registers (as :mod:`.small_conv`), the resize
+and the histogram as two small ``tl.dot`` s against ``(W, T)`` and ``(d, T)`` matrices, then the
+softmax; it writes the logits and the probabilities once. Inference only (no backward).
+
+One op, :func:`decoder_head`, with its PyTorch twin :func:`decoder_head_reference`::
+
+    c = conv3×3(repeat_rows(y, 2)[:, :, :rows], weight, bias, padding=1)      # (S, 1, rows, W), fp32
+    logits = round(c) @ interp                                               # (S, rows, T)
+    logits += log(max(histogram @ hist_weights[s // heads], floor))          # if a histogram is given
+    logits = round(logits);  probs = softmax(logits, -1) in fp32
+
+``round`` is the cast to y's dtype (where the unfused path stores the map); all sums are fp32.
+:func:`fast_decoder_head` is the dispatching form: None where the kernel does not apply.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import HAS_TRITON, kernels_enabled
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._feature_map import _cast_out, _dot
+else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
+    triton = None
+
+MAX_CHANNELS = 8
+MAX_WIDTH = 128        # W, the decoder's width before the resize
+MAX_COLUMNS = 256      # T
+MAX_HISTOGRAM = 128    # d
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
+    for name, t in (("y", y), ("weight", weight), ("bias", bias), ("interp", interp)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if y.dim() != 4 or min(y.shape[1:]) < 1:
+        raise ValueError(f"y: expected a non-empty (S, C, R, W) tensor, got shape {tuple(y.shape)}")
+    S, C, R, W = y.shape
+    if tuple(weight.shape) != (1, C, 3, 3):
+        raise ValueError(f"weight: expected shape (1, {C}, 3, 3) (one output channel over y's {C}), "
+                         f"got {tuple(weight.shape)}")
+    if tuple(bias.shape) != (1,):
+        raise ValueError(f"bias: expected shape (1,), got {tuple(bias.shape)}")
+    if interp.dim() != 2 or interp.shape[0] != W or interp.shape[1] < 1:
+        raise ValueError(f"interp: expected shape ({W}, T) (y's width first), got {tuple(interp.shape)}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 2 * R:
+        raise ValueError(f"rows: expected an int in [1, {2 * R}] (y's {R} rows upsampled ×2), got {rows!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or S % heads:
+        raise ValueError(f"heads: expected a positive int dividing the {S} samples, got {heads!r}")
+    if (histogram is None) != (hist_weights is None):
+        raise ValueError("histogram, hist_weights: expected both or neither")
+    if histogram is not None:
+        T = interp.shape[1]
+        if not isinstance(histogram, torch.Tensor) or histogram.dim() != 3 or histogram.shape[:2] != (S, rows):
+            raise ValueError(f"histogram: expected a ({S}, {rows}, d) tensor, got "
+                             f"{tuple(histogram.shape) if isinstance(histogram, torch.Tensor) else type(histogram).__name__}")
+        d = histogram.shape[2]
+        if not isinstance(hist_weights, torch.Tensor) or tuple(hist_weights.shape) != (S // heads, d, T):
+            raise ValueError(f"hist_weights: expected shape ({S // heads}, {d}, {T}) (batch, d, T), got "
+                             f"{tuple(hist_weights.shape) if isinstance(hist_weights, torch.Tensor) else hist_weights}")
+        if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and floor > 0):
+            raise ValueError(f"floor: expected a number > 0, got {floor!r}")
+
+
+def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
+                           floor=1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of :func:`decoder_head`: ``(logits (S, rows, T) in y's dtype, probs fp32)``
+    (fp64 throughout for fp64 inputs)."""
+    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+    v = y.to(compute).repeat_interleave(2, dim=2)[:, :, :rows]
+    conv = F.conv2d(v, weight.to(compute), bias.to(compute), padding=1)[:, 0]          # (S, rows, W)
+    logits = conv.to(y.dtype).to(compute) @ interp.to(y.dtype).to(compute)
+    if histogram is not None:
+        weights = hist_weights.to(y.dtype).to(compute).repeat_interleave(heads, dim=0)   # (S, d, T)
+        counts = histogram.to(y.dtype).to(compute) @ weights
+        logits = logits + torch.log(torch.clamp_min(counts, floor))
+    logits = logits.to(y.dtype)
+    return logits, torch.softmax(logits.to(compute), dim=-1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decoder_head_fwd(
+        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr,
+        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
+        R, W, N, T, D, HEADS, floor,
+        C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr, LP: tl.constexpr,
+    ):
+        """Grid (row block, sample): BR output rows × all T columns of one sample."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1).to(tl.int64)
+        offs_u = pid * BR + tl.arange(0, BR)          # output rows = virtual rows of the ×2 map
+        offs_w = tl.arange(0, BW)
+        offs_t = tl.arange(0, BT)
+        u_ok = offs_u < N
+        w_ok = offs_w < W
+        t_ok = offs_t < T
+        # 1. the 3×3 convolution (padding 1) over the rows upsampled ×2, fp32 registers
+        conv = tl.zeros([BR, BW], dtype=tl.float32)
+        y_ci = y_ptr + s * stride_ys
+        for ci in tl.static_range(C):
+            for kr in tl.static_range(3):
+                u = offs_u - 1 + kr
+                row_ok = u_ok & (u >= 0) & (u < N)
+                row_ptr = y_ci + (tl.maximum(u, 0) // 2).to(tl.int64) * stride_yr
+                for kc in tl.static_range(3):
+                    col = offs_w - 1 + kc
+                    col_ok = w_ok & (col >= 0) & (col < W)
+                    tile = tl.load(row_ptr[:, None] + col[None, :] * stride_yw,
+                                   mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                    conv += tl.load(w_ptr + (ci * 3 + kr) * 3 + kc).to(tl.float32) * tile
+            y_ci += stride_yc
+        conv += tl.load(b_ptr).to(tl.float32)
+        # 2. the width resize: the map rounded to y's dtype (as the unfused path stores it) @ (W, T)
+        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
+        logits = _dot(_cast_out(conv, y_ptr.dtype.element_ty), interp, LP)             # (BR, BT) fp32
+        # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element
+        if HAS_HISTOGRAM:
+            offs_d = tl.arange(0, BD)
+            d_ok = offs_d < D
+            hist = tl.load(h_ptr + s * stride_hs + offs_u[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd,
+                           mask=u_ok[:, None] & d_ok[None, :], other=0.0)
+            hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
+                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+            logits += tl.log(tl.maximum(_dot(hist, hw, LP), floor))
+        # 4. logits stored in y's dtype; the softmax over T of those stored values, fp32
+        stored = _cast_out(logits, logit_ptr.dtype.element_ty)
+        x = tl.where(t_ok[None, :], stored.to(tl.float32), float("-inf"))
+        x = tl.exp(x - tl.max(x, 1)[:, None])
+        probs = x / tl.sum(x, 1)[:, None]
+        out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
+        keep = u_ok[:, None] & t_ok[None, :]
+        tl.store(logit_ptr + out, stored, mask=keep)
+        tl.store(prob_ptr + out, probs, mask=keep)
+
+
+def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
+    """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a program at 8 warps
+    on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with 64 rows;
+    benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
+    blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
+              "BD": max(16, triton.next_power_of_2(dim))}
+    if _interpreting():
+        return {**blocks, "BR": 16}
+    return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
+
+
+def _kernel_limit(y, interp, histogram) -> Exception | None:
+    """Why the kernel does not cover these (valid) inputs, or None."""
+    if y.dtype not in KERNEL_DTYPES:
+        return TypeError(f"y: expected dtype float16, bfloat16 or float32, got {y.dtype}")
+    if y.shape[1] > MAX_CHANNELS:
+        return ValueError(f"y: expected at most {MAX_CHANNELS} channels, got {y.shape[1]}")
+    if y.shape[3] > MAX_WIDTH:
+        return ValueError(f"y: expected a width of at most {MAX_WIDTH}, got {y.shape[3]}")
+    if interp.shape[1] > MAX_COLUMNS:
+        return ValueError(f"interp: expected at most {MAX_COLUMNS} columns, got {interp.shape[1]}")
+    if histogram is not None and histogram.shape[2] > MAX_HISTOGRAM:
+        return ValueError(f"histogram: expected at most {MAX_HISTOGRAM} bins, got {histogram.shape[2]}")
+    return None
+
+
+def decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
+                 floor=1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernel's head (inference only; see the module docstring for the op).
+
+    y ``(S, C, R, W)`` the decoder's last map before its output conv (any strides), C ≤ 8, W ≤ 128;
+    weight ``(1, C, 3, 3)``, bias ``(1,)``; interp ``(W, T)``, T ≤ 256; rows: output rows (≤ 2R);
+    histogram ``(S, rows, d)`` (any strides, d ≤ 128) with hist_weights ``(S // heads, d, T)`` (sample
+    s reads batch element ``s // heads``), or neither; floor: the clamp before the log.
+
+    Returns ``(logits (S, rows, T) in y's dtype, probs (S, rows, T) fp32)``, contiguous. Raises
+    ValueError/TypeError on bad or unsupported inputs and RuntimeError where Triton cannot run.
+    """
+    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+    error = _kernel_limit(y, interp, histogram)
+    if error is not None:
+        raise error
+    return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+
+
+def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor):
+    if not HAS_TRITON:
+        raise RuntimeError("decoder_head needs triton (pip install triton); use decoder_head_reference")
+    if not (y.is_cuda or _interpreting()):
+        raise RuntimeError(f"y: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {y.device}")
+    S, C, R, W = y.shape
+    T = interp.shape[1]
+    logits = torch.empty(S, rows, T, dtype=y.dtype, device=y.device)
+    probs = torch.empty(S, rows, T, dtype=torch.float32, device=y.device)
+    if S == 0:
+        return logits, probs
+    # small operands in y's dtype (as the unfused path casts them), contiguous
+    weight, bias, interp = (t.to(y.dtype).contiguous() for t in (weight, bias, interp))
+    has_histogram = histogram is not None
+    if has_histogram:
+        hist_weights = hist_weights.to(y.dtype).contiguous()
+        h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
+    else:
+        h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
+    cfg = launch_config(W, T, D)
+    _decoder_head_fwd[(triton.cdiv(rows, cfg["BR"]), S)](
+        y, weight, bias, interp, h, hw, logits, probs, *y.stride(), *strides,
+        R, W, rows, T, D, heads, float(floor),
+        C=C, HAS_HISTOGRAM=has_histogram, LP=y.dtype != torch.float32, **cfg,
+    )
+    return logits, probs
+
+
+def fast_decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
+                      floor=1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`decoder_head`'s output, or None where the kernel does not apply (then the caller runs
+    the unfused layers).
+
+    None when: Triton is missing, ``APPROXATTN_DISABLE_KERNELS=1``, y is not CUDA (unless
+    ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``), a gradient is required, or the sizes
+    or dtype are past the kernel's limits. Bad inputs raise.
+    """
+    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+    if not kernels_enabled(y) or _kernel_limit(y, interp, histogram) is not None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (y, weight, bias, interp, histogram, hist_weights)):
+        return None
+    return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+
+
+__all__ = ["decoder_head", "decoder_head_reference", "fast_decoder_head"]
