@@ -39,9 +39,12 @@ MAX_CHANNELS = 8
 MAX_WIDTH = 256
 KERNEL_SIZES = (1, 3)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# fp32 accumulators per program on a GPU: (BCO, BR, BW) ≤ this (16K = 128 registers a thread at 4 warps)
-ACC_BUDGET = 8192
+# fp32 accumulators per program on a GPU: (BCO, BR, BW) ≤ this (16 registers a thread at 4 warps). Measured on
+# an H100 at SEA's 64K maps (benchmarks/sea_decoder_tune.py): 8192 (BR = 32 rows of 4 × 64) took 1.51 / 1.37 ms
+# for the down / middle conv, 2048 (BR = 8) 0.75 / 0.72 ms; smaller blocks leave room for more warps in flight.
+ACC_BUDGET = 2048
 MAX_BLOCK_ROWS = 64
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
 
 
 def _interpreting() -> bool:
@@ -237,7 +240,7 @@ def launch_config(out_channels: int, width_out: int, rows_out: int) -> dict[str,
     if _interpreting():
         return {"BCO": BCO, "BW": BW, "BR": 8}
     BR = max(1, min(MAX_BLOCK_ROWS, ACC_BUDGET // (BCO * BW), triton.next_power_of_2(rows_out)))
-    return {"BCO": BCO, "BW": BW, "BR": BR, "num_warps": 4}
+    return {"BCO": BCO, "BW": BW, "BR": BR, "num_warps": 4, **OVERRIDE}
 
 
 def small_conv2d(x, weight, bias=None, *, stride_rows=1, dilation=1, pad_top=0, pad_bottom=0, pad_left=0,
