@@ -163,6 +163,36 @@ def test_lr_factor_warms_up_peaks_once_and_ends_at_the_floor(schedule, steps, wa
         assert after[-1] == pytest.approx(min_ratio) and min(after) >= min_ratio - 1e-12
 
 
+def test_sigterm_saves_the_steps_done_and_the_run_resumes(tmp_path):
+    """A SIGTERM (``timeout``, a reclaimed machine) between checkpoints: under the CLI's handler it
+    interrupts like Ctrl-C, the checkpoint holds every step done (4, with checkpoints every 100), the
+    resume gives the uninterrupted result, and the previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    from approxattn.distill.cli import sigterm_as_interrupt
+
+    teacher, tokens = tiny_teacher(), stream()
+    config = DistillConfig(method="performer", options={"num_features": 16}, steps=6, seq_len=16, lr=1e-3,
+                           precision="fp32", checkpoint_every=100)
+    whole = distill(teacher, tokens, config)
+
+    def terminate_at_four(row):
+        terminate_at_four.calls += 1
+        if terminate_at_four.calls == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    terminate_at_four.calls = 0
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        distill(teacher, tokens, config, out_dir=tmp_path, on_step=terminate_at_four)
+    assert signal.getsignal(signal.SIGTERM) is before
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    resumed = distill(teacher, tokens, config, out_dir=tmp_path)
+    assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+
+
 def test_the_optimizer_runs_the_schedule_and_a_resume_follows_it(tmp_path):
     teacher = tiny_teacher()
     tokens = stream()

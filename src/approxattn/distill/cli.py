@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,26 @@ def parse_weights(items: list[str]) -> dict[str, float]:
     return changes
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (``timeout``, a batch scheduler, a machine being reclaimed) raises KeyboardInterrupt inside
+    the block, as Ctrl-C does, so that the training loop's ``finally`` writes its checkpoint: without
+    it a terminated run loses every step since the last periodic checkpoint. The previous handler
+    comes back on the way out; outside the main thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
     from .losses import recipe_for
@@ -86,16 +109,21 @@ def run_command(args: argparse.Namespace) -> int:
             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
             checkpoint_every=args.checkpoint_every, weights=weights, hidden_loss=args.hidden_loss,
         )
-        results = run_experiment(
-            teacher=args.teacher, methods=[(m, options[m]) for m in methods], config=config, out_dir=args.out,
-            eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
-            device=args.device, progress=not args.no_progress,
-            command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
-            train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher,
-        )
+        with sigterm_as_interrupt():
+            results = run_experiment(
+                teacher=args.teacher, methods=[(m, options[m]) for m in methods], config=config, out_dir=args.out,
+                eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
+                device=args.device, progress=not args.no_progress,
+                command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
+                train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher,
+            )
     except (ValueError, TypeError, NotImplementedError) as error:
         print(f"approxattn distill: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"approxattn distill: interrupted; the checkpoints in {args.out} hold every step done: run the "
+              "same command to resume", file=sys.stderr)
+        return 130
     from .experiment import markdown_table
 
     print(markdown_table(results))
