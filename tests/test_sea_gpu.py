@@ -42,7 +42,8 @@ def test_fused_module_agrees_with_the_reference_path(monkeypatch, causal, dtype,
             mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
             ref = sea.forward_with_details(q, k, v, causal=causal, key_padding_mask=mask)
         fused = sea.forward_with_details(q, k, v, causal=causal, key_padding_mask=mask)
-    assert fused.estimated_logits.dtype == dtype
+    # half maps; the causal decoder's head (before its LayerNorm over T) is fp32
+    assert fused.estimated_logits.dtype == (torch.float32 if causal else dtype)
     assert torch.isfinite(fused.output).all()
     probs = lambda r: torch.softmax(r.estimated_logits.float(), dim=-1)  # noqa: E731
     assert rel_err(probs(fused), probs(ref)) < (1e-1 if causal else 2e-2)

@@ -41,10 +41,11 @@ def layer_norm(x: torch.Tensor, layer: nn.LayerNorm, *, gelu: bool = False) -> t
 
 
 def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] = (0, 0, 0, 0), relu: bool = False,
-           upsample_rows: int = 1, rows: int | None = None) -> torch.Tensor:
+           upsample_rows: int = 1, rows: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``layer`` (stride and dilation its own) over x ``(S, C, R, W)`` after a nearest upsample of the
     rows ×``upsample_rows`` cropped to ``rows`` rows and zero padding ``pad`` = (left, right, top,
-    bottom), then ReLU if asked. At inference on CUDA with few channels, one Triton kernel
+    bottom), then ReLU if asked; the output in ``out_dtype`` (default x's). At inference on CUDA
+    with few channels, one Triton kernel
     (``kernels.small_conv``: cuDNN is far off the memory floor with 4 channels, and the kernel also
     skips the upsampled and padded copies); ``F.conv2d`` otherwise."""
     weight, bias = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
@@ -53,9 +54,11 @@ def conv2d(x: torch.Tensor, layer: nn.Conv2d, *, pad: tuple[int, int, int, int] 
         if fast is not None:
             out = fast(x, weight, bias, stride_rows=layer.stride[0], dilation=layer.dilation, pad_left=pad[0],
                        pad_right=pad[1], pad_top=pad[2], pad_bottom=pad[3], upsample_rows=upsample_rows,
-                       virtual_rows=rows, relu=relu)
+                       virtual_rows=rows, relu=relu, out_dtype=out_dtype)
             if out is not None:
                 return out
+    if out_dtype is not None and out_dtype != x.dtype:   # the torch path computes in the output dtype
+        x, weight, bias = x.to(out_dtype), weight.to(out_dtype), bias.to(out_dtype)
     if upsample_rows > 1:
         x = x.repeat_interleave(upsample_rows, dim=2)[:, :, :rows]
     left, right, top, bottom = pad
@@ -334,8 +337,10 @@ class CausalDecoder(nn.Module):
 
     def _head_output(self, y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
         # the 1×1 conv before the width upsample: repetition commutes with it (same numbers), and
-        # it then runs on a quarter of the cells
-        y = conv2d(y, self.out).repeat_interleave(self.upsample, dim=-1)
+        # it then runs on a quarter of the cells. It writes fp32 for half maps: the final LayerNorm
+        # rescales each row's deviations from its mean to unit size, and rows of an undistilled
+        # decoder are nearly constant, so half-precision rounding before it would be amplified.
+        y = conv2d(y, self.out, out_dtype=compute_dtype(y.dtype)).repeat_interleave(self.upsample, dim=-1)
         y = resize_width(y.reshape(*shape, self.width * self.upsample), self.columns)
         return layer_norm(y, self.output_norm)
 

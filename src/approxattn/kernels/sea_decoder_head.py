@@ -10,12 +10,14 @@ softmax; it writes the logits and the probabilities once. Inference only (no bac
 
 One op, :func:`decoder_head`, with its PyTorch twin :func:`decoder_head_reference`::
 
-    c = conv3×3(repeat_rows(y, 2)[:, :, :rows], weight, bias, padding=1)      # (S, 1, rows, W), fp32
-    logits = round(c) @ interp                                               # (S, rows, T)
+    c = conv3×3(repeat_rows(y, 2)[:, :, :rows], weight, bias, padding=1)      # (S, 1, rows, W)
+    logits = c @ interp                                                      # (S, rows, T)
     logits += log(max(histogram @ hist_weights[s // heads], floor))          # if a histogram is given
-    logits = round(logits);  probs = softmax(logits, -1) in fp32
+    probs = softmax(logits, -1)
 
-``round`` is the cast to y's dtype (where the unfused path stores the map); all sums are fp32.
+all in fp32 (the small matrices too: the unfused path's half-precision GEMMs rounded the map and the
+residual to bf16 before the softmax, which flips near-tied cells); the logits are returned in y's
+dtype (for inspection), the probabilities in fp32 from the unrounded logits.
 :func:`fast_decoder_head` is the dispatching form: None where the kernel does not apply.
 """
 
@@ -90,14 +92,13 @@ def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, his
     _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
     compute = torch.float64 if y.dtype == torch.float64 else torch.float32
     v = y.to(compute).repeat_interleave(2, dim=2)[:, :, :rows]
-    conv = F.conv2d(v, weight.to(compute), bias.to(compute), padding=1)[:, 0]          # (S, rows, W)
-    logits = conv.to(y.dtype).to(compute) @ interp.to(y.dtype).to(compute)
+    conv = F.conv2d(v, weight.to(y.dtype).to(compute), bias.to(y.dtype).to(compute), padding=1)[:, 0]   # (S, rows, W)
+    logits = conv @ interp.to(compute)
     if histogram is not None:
-        weights = hist_weights.to(y.dtype).to(compute).repeat_interleave(heads, dim=0)   # (S, d, T)
+        weights = hist_weights.to(compute).repeat_interleave(heads, dim=0)               # (S, d, T)
         counts = histogram.to(y.dtype).to(compute) @ weights
         logits = logits + torch.log(torch.clamp_min(counts, floor))
-    logits = logits.to(y.dtype)
-    return logits, torch.softmax(logits.to(compute), dim=-1)
+    return logits.to(y.dtype), torch.softmax(logits, dim=-1)
 
 
 if HAS_TRITON:
@@ -108,7 +109,7 @@ if HAS_TRITON:
         stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
         R, W, N, T, D, HEADS, floor,
         C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, LP: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr,
     ):
         """Grid (row block, sample): BR output rows × all T columns of one sample."""
         pid = tl.program_id(0)
@@ -135,9 +136,9 @@ if HAS_TRITON:
                     conv += tl.load(w_ptr + (ci * 3 + kr) * 3 + kc).to(tl.float32) * tile
             y_ci += stride_yc
         conv += tl.load(b_ptr).to(tl.float32)
-        # 2. the width resize: the map rounded to y's dtype (as the unfused path stores it) @ (W, T)
+        # 2. the width resize, (BR, W) @ (W, T) in fp32 (small: BR·W·T FMAs a program)
         interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        logits = _dot(_cast_out(conv, y_ptr.dtype.element_ty), interp, LP)             # (BR, BT) fp32
+        logits = _dot(conv, interp.to(tl.float32), False)                            # (BR, BT) fp32
         # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element
         if HAS_HISTOGRAM:
             offs_d = tl.arange(0, BD)
@@ -146,10 +147,10 @@ if HAS_TRITON:
                            mask=u_ok[:, None] & d_ok[None, :], other=0.0)
             hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
                          mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            logits += tl.log(tl.maximum(_dot(hist, hw, LP), floor))
-        # 4. logits stored in y's dtype; the softmax over T of those stored values, fp32
+            logits += tl.log(tl.maximum(_dot(hist.to(tl.float32), hw.to(tl.float32), False), floor))
+        # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
         stored = _cast_out(logits, logit_ptr.dtype.element_ty)
-        x = tl.where(t_ok[None, :], stored.to(tl.float32), float("-inf"))
+        x = tl.where(t_ok[None, :], logits, float("-inf"))
         x = tl.exp(x - tl.max(x, 1)[:, None])
         probs = x / tl.sum(x, 1)[:, None]
         out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
@@ -214,11 +215,12 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
     probs = torch.empty(S, rows, T, dtype=torch.float32, device=y.device)
     if S == 0:
         return logits, probs
-    # small operands in y's dtype (as the unfused path casts them), contiguous
-    weight, bias, interp = (t.to(y.dtype).contiguous() for t in (weight, bias, interp))
+    # the conv's weights in y's dtype (as the unfused path casts them); the small matrices in fp32
+    weight, bias = (t.to(y.dtype).contiguous() for t in (weight, bias))
+    interp = interp.to(torch.float32).contiguous()
     has_histogram = histogram is not None
     if has_histogram:
-        hist_weights = hist_weights.to(y.dtype).contiguous()
+        hist_weights = hist_weights.to(torch.float32).contiguous()
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
@@ -226,7 +228,7 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
     _decoder_head_fwd[(triton.cdiv(rows, cfg["BR"]), S)](
         y, weight, bias, interp, h, hw, logits, probs, *y.stride(), *strides,
         R, W, rows, T, D, heads, float(floor),
-        C=C, HAS_HISTOGRAM=has_histogram, LP=y.dtype != torch.float32, **cfg,
+        C=C, HAS_HISTOGRAM=has_histogram, **cfg,
     )
     return logits, probs
 
