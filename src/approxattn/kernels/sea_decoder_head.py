@@ -15,9 +15,10 @@ One op, :func:`decoder_head`, with its PyTorch twin :func:`decoder_head_referenc
     logits += log(max(histogram @ hist_weights[s // heads], floor))          # if a histogram is given
     probs = softmax(logits, -1)
 
-all in fp32 (the small matrices too: the unfused path's half-precision GEMMs rounded the map and the
-residual to bf16 before the softmax, which flips near-tied cells); the logits are returned in y's
-dtype (for inspection), the probabilities in fp32 from the unrounded logits.
+all in fp32, the two small matmuls on TF32 tensor cores for half maps (the unfused path's half-precision GEMMs
+rounded the map and the residual to bf16 before the softmax, which flips near-tied cells); the
+logits are returned in y's dtype (for inspection), the probabilities in fp32 from the unrounded
+logits.
 :func:`fast_decoder_head` is the dispatching form: None where the kernel does not apply.
 """
 
@@ -34,7 +35,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _cast_out, _dot
+    from ._feature_map import _INTERPRET, _cast_out
 else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
     triton = None
 
@@ -104,12 +105,21 @@ def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, his
 if HAS_TRITON:
 
     @triton.jit
+    def _tf32_dot(a, b, EXACT: tl.constexpr):
+        """fp32 ``a @ b`` on TF32 tensor cores; exact fp32 products with EXACT (fp32 inputs, as the
+        unfused path's fp32 GEMMs) and under the interpreter."""
+        if _INTERPRET or EXACT:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32")
+
+    @triton.jit
     def _decoder_head_fwd(
         y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr,
         stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
         R, W, N, T, D, HEADS, floor,
         C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr,
     ):
         """Grid (row block, sample): BR output rows × all T columns of one sample."""
         pid = tl.program_id(0)
@@ -136,9 +146,10 @@ if HAS_TRITON:
                     conv += tl.load(w_ptr + (ci * 3 + kr) * 3 + kc).to(tl.float32) * tile
             y_ci += stride_yc
         conv += tl.load(b_ptr).to(tl.float32)
-        # 2. the width resize, (BR, W) @ (W, T) in fp32 (small: BR·W·T FMAs a program)
+        # 2. the width resize, (BR, W) @ (W, T): fp32 operands on TF32 tensor cores (10-bit mantissas,
+        # against bf16's 7; exact fp32 dots would be ~17 G FMAs on the CUDA cores at N = 65,536)
         interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        logits = _dot(conv, interp.to(tl.float32), False)                            # (BR, BT) fp32
+        logits = _tf32_dot(conv, interp, EXACT)                                      # (BR, BT) fp32
         # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element
         if HAS_HISTOGRAM:
             offs_d = tl.arange(0, BD)
@@ -147,7 +158,7 @@ if HAS_TRITON:
                            mask=u_ok[:, None] & d_ok[None, :], other=0.0)
             hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
                          mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            logits += tl.log(tl.maximum(_dot(hist.to(tl.float32), hw.to(tl.float32), False), floor))
+            logits += tl.log(tl.maximum(_tf32_dot(hist.to(tl.float32), hw, EXACT), floor))
         # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
         stored = _cast_out(logits, logit_ptr.dtype.element_ty)
         x = tl.where(t_ok[None, :], logits, float("-inf"))
@@ -228,7 +239,7 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
     _decoder_head_fwd[(triton.cdiv(rows, cfg["BR"]), S)](
         y, weight, bias, interp, h, hw, logits, probs, *y.stride(), *strides,
         R, W, rows, T, D, heads, float(floor),
-        C=C, HAS_HISTOGRAM=has_histogram, **cfg,
+        C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, **cfg,
     )
     return logits, probs
 
