@@ -486,6 +486,37 @@ def test_kernel_with_and_without_row_order(forced_kernels, monkeypatch, causal, 
     assert torch.all(outs["1"][1, 3, 40] == 0)
 
 
+@needs_triton
+@pytest.mark.parametrize("causal,per_row", [(False, False), (True, True), (False, True)])
+def test_kernel_row_mix_equals_the_reference_then_the_mix(forced_kernels, causal, per_row):
+    """The kernel's epilogue (scale·out + shift_scale·shift per row, SEA's gates) against the reference
+    followed by apply_row_mix, with rows reordered (more rows than a block), GQA and an empty row;
+    the shift one vector a head or one a row. Bad mixes raise."""
+    from approxattn.blocks.sparse_attention import apply_row_mix
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention
+
+    n = 40
+    q, k, v, selected, layout, _ = _case(2, 4, 2, n, n if causal else 33, 6, causal, True, 0.3, 51 + causal,
+                                         dtype=torch.float32)
+    selected[1, 2, 7] = False
+    gen = torch.Generator().manual_seed(3)
+    scale, shift_scale = torch.rand(2, 4, n, generator=gen), torch.rand(2, 4, n, generator=gen)
+    shift = torch.randn(2, 4, n if per_row else 1, v.shape[-1], generator=gen)
+    mix = (scale, shift_scale, shift)
+    out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.4, mix=mix)
+    ref = apply_row_mix(column_mask_attention(q.double(), k.double(), v.double(), selected, layout, scale=0.4),
+                        tuple(t.double() for t in mix))
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+    assert torch.allclose(out[1, 2, 7].double(), shift_scale[1, 2, 7].double() * shift[1, 2, 7 if per_row else 0].double(),
+                          atol=1e-6)                                    # an empty row: the shift alone
+    with pytest.raises(ValueError, match="mix scale"):
+        fast_column_mask_attention(q, k, v, selected, layout, scale=0.4, mix=(scale[:, :, :3], shift_scale, shift))
+    with pytest.raises(ValueError, match="mix shift"):
+        fast_column_mask_attention(q, k, v, selected, layout, scale=0.4, mix=(scale, shift_scale, shift[..., :2]))
+    with pytest.raises(TypeError, match="mix"):
+        fast_column_mask_attention(q, k, v, selected, layout, scale=0.4, mix=[scale, shift_scale, shift])
+
+
 def _uniform_tile_share(layout, block_m, block_n):
     """Share of (row block, full key tile) pairs, rows in index order, where the tile's ranks run
     r0 … r0 + block_n − 1 and each row of the block sees the tile in one column or not at all: the

@@ -326,6 +326,29 @@ def column_mask_attention(
     return fn(qc, kc, vc, selected, layout, float(scale)).to(q.dtype)
 
 
+def check_row_mix(mix, out_shape: tuple[int, ...]) -> None:
+    """``mix = (scale, shift_scale, shift)`` for an output ``(B, H, Nq, dv)``: scale and shift_scale
+    ``(B, H, Nq)``, shift ``(B, H, 1 or Nq, dv)`` (one vector a head, or one a row)."""
+    if not (isinstance(mix, tuple) and len(mix) == 3 and all(isinstance(t, torch.Tensor) for t in mix)):
+        raise TypeError(f"mix: expected a tuple (scale, shift_scale, shift) of tensors, got {type(mix).__name__}")
+    B, H, Nq, dv = out_shape
+    scale, shift_scale, shift = mix
+    for name, t in (("mix scale", scale), ("mix shift_scale", shift_scale)):
+        if tuple(t.shape) != (B, H, Nq):
+            raise ValueError(f"{name}: expected shape {(B, H, Nq)}, got {tuple(t.shape)}")
+    if shift.dim() != 4 or tuple(shift.shape[:2]) != (B, H) or shift.shape[2] not in (1, Nq) or shift.shape[3] != dv:
+        raise ValueError(f"mix shift: expected shape ({B}, {H}, 1 or {Nq}, {dv}), got {tuple(shift.shape)}")
+
+
+def apply_row_mix(out: torch.Tensor, mix) -> torch.Tensor:
+    """``scale·out + shift_scale·shift`` per row (SEA's gates: σ(g0)σ(g1)·sparse + (1 − σ(g1))·average),
+    in fp32 (fp64 for fp64 inputs); see :func:`check_row_mix` for the shapes."""
+    check_row_mix(mix, tuple(out.shape))
+    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    scale, shift_scale, shift = (t.to(compute) for t in mix)
+    return torch.addcmul(shift_scale[..., None] * shift, scale[..., None], out.to(compute))
+
+
 def column_mask_probabilities(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -36,7 +36,13 @@ import os
 
 import torch
 
-from ..blocks.sparse_attention import ColumnLayout, _check_attention, _positions_by_rank, column_rank_range
+from ..blocks.sparse_attention import (
+    ColumnLayout,
+    _check_attention,
+    _positions_by_rank,
+    check_row_mix,
+    column_rank_range,
+)
 from .dispatch import HAS_TRITON, kernels_enabled
 
 if HAS_TRITON:
@@ -281,6 +287,7 @@ if HAS_TRITON:
     @triton.jit
     def _column_mask_fwd(
         q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, rank_ptr, len_ptr, start_ptr, count_ptr, runs_ptr, order_ptr,
+        a_ptr, c_ptr, z_ptr, stride_zb, stride_zh, stride_zn, stride_zd,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -289,7 +296,7 @@ if HAS_TRITON:
         stride_rb, stride_lb,
         H, G, Nq, Nk, d, dv, T, NMB, qk_scale,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
-        ORDERED: tl.constexpr, UNIFORM_TILES: tl.constexpr,
+        ORDERED: tl.constexpr, UNIFORM_TILES: tl.constexpr, MIX: tl.constexpr,
     ):
         """Grid (query block, batch·head): one block of BM query rows of one head; with ORDERED, the
         block's rows are entries ``[pid·BM, (pid+1)·BM)`` of the head's row order."""
@@ -366,6 +373,13 @@ if HAS_TRITON:
                 acc = acc * alpha[:, None] + _mma(p, v, PREC)
                 m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if MIX:   # out·a + c·z per row (a, c contiguous (B, H, Nq) fp32; z one vector a head or a row)
+            a = tl.load(a_ptr + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
+            c = tl.load(c_ptr + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
+            z = tl.load(z_ptr + b.to(tl.int64) * stride_zb + h.to(tl.int64) * stride_zh
+                        + offs_m[:, None].to(tl.int64) * stride_zn + offs_v[None, :] * stride_zd,
+                        mask=row_ok[:, None] & (offs_v[None, :] < dv), other=0.0).to(tl.float32)
+            out = out * a[:, None] + c[:, None] * z
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                  + offs_m[:, None].to(tl.int64) * stride_on + offs_v[None, :] * stride_od,
                  _cast_out(out, o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < dv))
@@ -548,8 +562,9 @@ def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: in
     return order, start, count, runs
 
 
-def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, scale: float) -> torch.Tensor:
-    """The kernel's output (no checks beyond :func:`supported`; call through the fast path)."""
+def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, scale: float, mix=None) -> torch.Tensor:
+    """The kernel's output (no checks beyond :func:`supported`; call through the fast path). mix: see
+    :func:`fast_column_mask_attention`."""
     B, H, Nq, d = q.shape
     Hkv, Nk, dv = k.shape[1], k.shape[2], v.shape[3]
     T = layout.columns
@@ -575,19 +590,34 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
         length = length.contiguous()
     BD = max(16, triton.next_power_of_2(d))
     BDV = max(16, triton.next_power_of_2(dv))
+    if mix is not None:
+        a, c, z = mix
+        a, c = (t.to(torch.float32).contiguous() for t in (a, c))
+        z_strides = (z.stride(0), z.stride(1), 0 if z.shape[2] == 1 else z.stride(2), z.stride(3))
+    else:
+        a = c = z = out       # never read
+        z_strides = (0, 0, 0, 0)
     _column_mask_fwd[(nmb, B * H)](
         q, k, v, out, sel, rank, length, start, count, runs, runs if order is None else order,
+        a, c, z, *z_strides,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         sel.stride(0), sel.stride(1), sel.stride(2), rank.stride(0), length.stride(0),
         H, H // Hkv, Nq, Nk, d, dv, T, nmb, float(scale) * LOG2E,
         BM=BM, BN=BN, BD=BD, BDV=BDV, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        ORDERED=order is not None, UNIFORM_TILES=uniform_tiles() and layout.equal_lengths, **cfg,
+        ORDERED=order is not None, UNIFORM_TILES=uniform_tiles() and layout.equal_lengths, MIX=mix is not None,
+        **cfg,
     )
     return out
 
 
-def fast_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale: float) -> torch.Tensor | None:
+def fast_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale: float,
+                               mix=None) -> torch.Tensor | None:
     """The Triton kernel's output, or None where it does not apply (then use the reference).
+
+    mix: None, or ``(scale, shift_scale, shift)`` applied to each row before the store (SEA's gates):
+    ``scale·out + shift_scale·shift`` with scale, shift_scale ``(B, H, Nq)`` and shift ``(B, H, 1 or
+    Nq, dv)``: :func:`approxattn.blocks.sparse_attention.apply_row_mix` after the reference, in one
+    pass less over the output.
 
     None when: not CUDA (unless ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``),
     Triton missing, ``APPROXATTN_DISABLE_KERNELS=1``, a gradient is required, the dtype is not
@@ -595,9 +625,13 @@ def fast_column_mask_attention(q, k, v, selected, layout: ColumnLayout, *, scale
     Bad inputs raise like the reference.
     """
     _check_attention(q, k, v, selected, layout, scale)
+    if mix is not None:
+        check_row_mix(mix, (*q.shape[:3], v.shape[-1]))
     if not kernels_enabled(q) or not supported(q, k, v, selected):
         return None
-    return column_mask_attention_triton(q, k, v, selected, layout, scale=scale)
+    if mix is not None and torch.is_grad_enabled() and any(t.requires_grad for t in mix):
+        return None
+    return column_mask_attention_triton(q, k, v, selected, layout, scale=scale, mix=mix)
 
 
 def flex_block_mask(selected: torch.Tensor, layout: ColumnLayout, block: int = 128):

@@ -38,6 +38,7 @@ from ..blocks.sea_estimator import (
 from ..blocks.sea_mask import CAUSAL_GROUPINGS, GROUPINGS, select_cells
 from ..blocks.sparse_attention import (
     ColumnLayout,
+    apply_row_mix,
     column_layout,
     column_mask_attention,
     column_mask_probabilities,
@@ -355,25 +356,26 @@ class SEAAttention(RandomFeatureModule):
         selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
                                 grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length)
 
-        # 5. sparse exact attention, gates, average context
-        stage = _stage("sea.sparse", stage)
-        # in the input dtype from the kernel: the mix below reads it as is (a cast would be a pass more)
-        sparse = self._sparse_attention(q, k, v, selected, layout, scale)
+        # 5. gates and average context, then the sparse exact attention mixed with them per row
         stage = _stage("sea.gates", stage)
-        average_weights = None
+        average_weights = mix = None
         if self.gate is None:
-            gates = torch.ones(*sparse.shape[:3], 2, dtype=dtype, device=q.device)
-            out = sparse.to(dtype)
+            gates = torch.ones(*q.shape[:3], 2, dtype=dtype, device=q.device)
         else:
             gates = torch.sigmoid(linear(e, self.gate))
             if causal:
-                average = self._causal_average(v.to(dtype), layout, key_valid, shape)
+                average = self._causal_average(v.to(dtype), layout, key_valid, shape)      # (B, H, Nq, dv)
             else:
                 average_weights = self._average_weights(probs, layout, query_valid, shape)
                 grouped = shape.group_queries(average_weights)                             # (B, Hkv, G, Nk)
                 average = shape.ungroup_queries(torch.einsum("bhgn,bhnd->bhgd", grouped, v.to(dtype)))[:, :, None]
-            mix = gates[..., 1:2]
-            out = torch.addcmul((1 - mix) * average, mix * gates[..., 0:1], sparse)   # σ(g1)σ(g0)·sparse + (1 − σ(g1))·a
+            # σ(g0)σ(g1)·sparse + (1 − σ(g1))·average, applied by the sparse kernel before its store
+            open_gate = gates[..., 1].to(dtype)
+            mix = (open_gate * gates[..., 0].to(dtype), 1 - open_gate, average)
+        stage = _stage("sea.sparse", stage)
+        out = self._sparse_attention(q, k, v, selected, layout, scale, mix=mix)
+        if self.gate is None:
+            out = out.to(dtype)
         _stage(None, stage)
         return SEAResult(out, logits, selected, layout, gates, q, k, scale, average_weights)
 
@@ -430,16 +432,19 @@ class SEAAttention(RandomFeatureModule):
         return shape.ungroup_queries(out).to(out_dtype)
 
     @staticmethod
-    def _sparse_attention(q, k, v, selected, layout, scale) -> torch.Tensor:
+    def _sparse_attention(q, k, v, selected, layout, scale, *, mix=None) -> torch.Tensor:
+        """Exact attention on the selected cells, then ``mix`` per row (see apply_row_mix): the Triton
+        kernel's output in q's dtype (mixed before its store), else the reference's, mixed in fp32."""
         try:
             from ..kernels.sparse_attention import fast_column_mask_attention
         except ImportError:  # pragma: no cover - the kernel module is optional
             fast_column_mask_attention = None
         if fast_column_mask_attention is not None:
-            fast = fast_column_mask_attention(q, k, v, selected, layout, scale=scale)
+            fast = fast_column_mask_attention(q, k, v, selected, layout, scale=scale, mix=mix)
             if fast is not None:
                 return fast
-        return column_mask_attention(q, k, v, selected, layout, scale=scale)
+        out = column_mask_attention(q, k, v, selected, layout, scale=scale)
+        return out if mix is None else apply_row_mix(out, mix)
 
     def _average_weights(self, probs, layout: ColumnLayout, query_valid, shape: AttentionShape) -> torch.Tensor:
         """Non-causal average-context weights ``(B, H, Nk)`` (sum 1 over the valid keys): the
