@@ -168,6 +168,10 @@ def test_host_row_lengths_select_the_same_cells(grouping, causal):
         got = select_cells(probs, candidates, layout.row_length, k=k, grouping=grouping,
                            host_row_length=layout.host_row_length)
         assert torch.equal(got, expected), (n, k)
+        # the rows' argmax handed in (as SEA's fused decoder head does) changes nothing
+        with_best = select_cells(probs, candidates, layout.row_length, k=k, grouping=grouping,
+                                 row_best=probs.argmax(-1))
+        assert torch.equal(with_best, expected), (n, k)
     assert column_layout(B, 9, 9, T, causal=causal, key_padding_mask=padding_mask(9)).host_row_length is None
 
 

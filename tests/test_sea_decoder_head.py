@@ -53,14 +53,16 @@ def _case(S, C, R, W, T, d, heads, dtype, gen, *, rows=None, histogram=True):
 def test_kernel_matches_its_twin(forced_kernels, dtype, S, C, R, W, T, d, heads, histogram):
     gen = torch.Generator().manual_seed(S * 100 + T)
     y, weight, bias, interp, rows, hist, weights = _case(S, C, R, W, T, d, heads, dtype, gen, histogram=histogram)
-    logits, probs = decoder_head(y, weight, bias, interp, rows=rows, histogram=hist, hist_weights=weights, heads=heads)
-    ref_logits, ref_probs = decoder_head_reference(y.double() if dtype == torch.float32 else y, weight, bias, interp,
+    logits, probs, best = decoder_head(y, weight, bias, interp, rows=rows, histogram=hist, hist_weights=weights,
+                                       heads=heads)
+    ref_logits, ref_probs, _ = decoder_head_reference(y.double() if dtype == torch.float32 else y, weight, bias, interp,
                                                    rows=rows, histogram=hist, hist_weights=weights, heads=heads)
     assert logits.shape == probs.shape == (S, rows, T)
     assert logits.dtype == dtype and probs.dtype == torch.float32
     assert rel_err(logits, ref_logits) < TOL[dtype]
     assert rel_err(probs, ref_probs) < TOL[dtype]
     assert torch.allclose(probs.sum(-1), torch.ones(S, rows), atol=1e-5)
+    assert best.dtype == torch.int64 and torch.equal(best, probs.argmax(-1))      # of the kernel's own probs
 
 
 @needs_triton
@@ -79,10 +81,11 @@ def test_twin_equals_the_unfused_decoder_layers():
     weights = histogram_resampling(n_valid, d, T, torch.float64)
     residual = probe_histogram_logits(hist.reshape(2, heads, rows, d), n_valid, T).reshape(S, rows, T)
     expected = resize_width(conv, T, plus=residual)
-    logits, probs = decoder_head_reference(y, weight, bias, interp, rows=rows, histogram=hist, hist_weights=weights,
-                                           heads=heads)
+    logits, probs, best = decoder_head_reference(y, weight, bias, interp, rows=rows, histogram=hist,
+                                                 hist_weights=weights, heads=heads)
     assert rel_err(logits, expected) < 1e-12
     assert rel_err(probs, torch.softmax(expected, -1)) < 1e-12
+    assert torch.equal(best, expected.argmax(-1))
 
 
 @needs_triton
@@ -99,10 +102,11 @@ def test_decoder_logits_and_probs_fused_and_unfused(forced_kernels, monkeypatch,
     hist = torch.rand(2, 3, 21, 16)[..., :8] if residual else None
     n_valid = torch.tensor([21, 9])
     with torch.no_grad():
-        logits, probs = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
+        logits, probs, best = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
         monkeypatch.setenv("APPROXATTN_DISABLE_KERNELS", "1")
-        ref_logits, ref_probs = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
+        ref_logits, ref_probs, ref_best = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
     assert rel_err(logits, ref_logits) < 1e-5 and rel_err(probs, ref_probs) < 1e-5
+    assert ref_best is None and torch.equal(best, probs.argmax(-1))
     plus = probe_histogram_logits(hist, n_valid, 12) if residual else None
     assert rel_err(decoder(e, plus=plus), ref_logits) < 1e-6
 

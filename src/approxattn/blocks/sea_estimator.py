@@ -269,8 +269,9 @@ class NonCausalDecoder(nn.Module):
 
     def logits_and_probs(self, e: torch.Tensor, *, histogram: torch.Tensor | None = None,
                          n_valid: torch.Tensor | None = None, probs_dtype: torch.dtype = torch.float32,
-                         floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        """e ``(B, H, N, 2d)`` → (logits ``(B, H, N, T)``, their softmax over T in ``probs_dtype``),
+                         floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """e ``(B, H, N, 2d)`` → (logits ``(B, H, N, T)``, their softmax over T in ``probs_dtype``, each
+        row's argmax of it ``(B, H, N)`` from the fused kernel or None),
         with ``log(histogram resized to T)`` added to the logits when a histogram ``(B, H, N, d)``
         and n_valid ``(B,)`` are given (:func:`probe_histogram_logits`). At inference on CUDA with
         one CNN per head, the output conv, resize, residual and softmax run as one Triton kernel
@@ -289,11 +290,11 @@ class NonCausalDecoder(nn.Module):
                        rows=N, histogram=None if histogram is None else histogram.reshape(B * H, N, -1),
                        hist_weights=weights, heads=H, floor=floor)
             if out is not None:
-                return out[0].view(B, H, N, T), out[1].view(B, H, N, T)
+                return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
         residual = None if histogram is None else probe_histogram_logits(histogram, n_valid, T, floor=floor)
         y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
         logits = resize_width(y.reshape(B, H, N, self.width), T, plus=residual)
-        return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype)
+        return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype), None
 
     def _middle(self, e: torch.Tensor) -> torch.Tensor:
         """The CNN up to its output conv: ``(B·H, 4, ⌈N/2⌉, W)`` (or ``(B, 4H, ⌈N/2⌉, W)`` with heads as channels)."""

@@ -46,6 +46,7 @@ def select_cells(
     grouping: str,
     query_valid: torch.Tensor | None = None,
     host_row_length: torch.Tensor | None = None,
+    row_best: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped top-k of the estimate → ``selected (B, H, Nq, T)`` bool.
 
@@ -58,7 +59,8 @@ def select_cells(
     the budget). Per-row groupings ignore it: a row's budget is its own. host_row_length ``(Nq,)``
     on the CPU: ``row_length`` of every sample, when the caller knows it without the device
     (``ColumnLayout.host_row_length``); the host's decisions (how many cells at most, which rows
-    compete) then need no GPU sync.
+    compete) then need no GPU sync. row_best ``(B, H, Nq)`` int64 or None: ``probs.argmax(-1)``
+    when the caller has it (SEA's fused decoder head); read only where candidates is None.
 
     Algorithm: as SEA's reference, keep the cells of each group whose rank in the sorted scores is
     below the group's budget, with ties broken by the lower flat index (see :func:`_top_cells`). Deviation: each
@@ -85,7 +87,10 @@ def select_cells(
     else:
         score = probs.masked_fill(~candidates[:, None], float("-inf"))
         has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
-    best_index = score.argmax(dim=-1, keepdim=True)                                  # (B, H, Nq, 1)
+    if candidates is None and row_best is not None:
+        best_index = row_best[..., None]                                                # (B, H, Nq, 1)
+    else:
+        best_index = score.argmax(dim=-1, keepdim=True)
     best = torch.zeros(B, H, Nq, T, dtype=torch.bool, device=probs.device).scatter_(-1, best_index, has_candidate)
     per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
     host_budget = None

@@ -13,7 +13,7 @@ One op, :func:`decoder_head`, with its PyTorch twin :func:`decoder_head_referenc
     c = conv3×3(repeat_rows(y, 2)[:, :, :rows], weight, bias, padding=1)      # (S, 1, rows, W)
     logits = c @ interp                                                      # (S, rows, T)
     logits += log(max(histogram @ hist_weights[s // heads], floor))          # if a histogram is given
-    probs = softmax(logits, -1)
+    probs = softmax(logits, -1);  best = argmax(probs, -1)     # the first of equal maxima
 
 all in fp32, the two small matmuls on TF32 tensor cores for half maps (the unfused path's half-precision GEMMs
 rounded the map and the residual to bf16 before the softmax, which flips near-tied cells); the
@@ -87,9 +87,9 @@ def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
 
 
 def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
-                           floor=1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch twin of :func:`decoder_head`: ``(logits (S, rows, T) in y's dtype, probs fp32)``
-    (fp64 throughout for fp64 inputs)."""
+                           floor=1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of :func:`decoder_head`: ``(logits (S, rows, T) in y's dtype, probs fp32,
+    best (S, rows) int64)`` (fp64 throughout for fp64 inputs)."""
     _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
     compute = torch.float64 if y.dtype == torch.float64 else torch.float32
     v = y.to(compute).repeat_interleave(2, dim=2)[:, :, :rows]
@@ -99,7 +99,8 @@ def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, his
         weights = hist_weights.to(compute).repeat_interleave(heads, dim=0)               # (S, d, T)
         counts = histogram.to(y.dtype).to(compute) @ weights
         logits = logits + torch.log(torch.clamp_min(counts, floor))
-    return logits.to(y.dtype), torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return logits.to(y.dtype), probs, probs.argmax(dim=-1)
 
 
 if HAS_TRITON:
@@ -115,7 +116,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decoder_head_fwd(
-        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr,
+        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
         stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
         R, W, N, T, D, HEADS, floor,
         C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
@@ -168,6 +169,10 @@ if HAS_TRITON:
         keep = u_ok[:, None] & t_ok[None, :]
         tl.store(logit_ptr + out, stored, mask=keep)
         tl.store(prob_ptr + out, probs, mask=keep)
+        # each row's most probable column (the first of equal maxima, as torch.argmax): the selection's
+        # one-cell-a-row case reads it instead of another pass over the probabilities
+        best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
+        tl.store(best_ptr + s * N + offs_u, best.to(tl.int64), mask=u_ok)
 
 
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
@@ -197,7 +202,7 @@ def _kernel_limit(y, interp, histogram) -> Exception | None:
 
 
 def decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
-                 floor=1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 floor=1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton kernel's head (inference only; see the module docstring for the op).
 
     y ``(S, C, R, W)`` the decoder's last map before its output conv (any strides), C ≤ 8, W ≤ 128;
@@ -205,7 +210,8 @@ def decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=
     histogram ``(S, rows, d)`` (any strides, d ≤ 128) with hist_weights ``(S // heads, d, T)`` (sample
     s reads batch element ``s // heads``), or neither; floor: the clamp before the log.
 
-    Returns ``(logits (S, rows, T) in y's dtype, probs (S, rows, T) fp32)``, contiguous. Raises
+    Returns ``(logits (S, rows, T) in y's dtype, probs (S, rows, T) fp32, best (S, rows) int64: each
+    row's argmax of probs)``, contiguous. Raises
     ValueError/TypeError on bad or unsupported inputs and RuntimeError where Triton cannot run.
     """
     _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
@@ -224,8 +230,9 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
     T = interp.shape[1]
     logits = torch.empty(S, rows, T, dtype=y.dtype, device=y.device)
     probs = torch.empty(S, rows, T, dtype=torch.float32, device=y.device)
+    best = torch.empty(S, rows, dtype=torch.int64, device=y.device)
     if S == 0:
-        return logits, probs
+        return logits, probs, best
     # the conv's weights in y's dtype (as the unfused path casts them); the small matrices in fp32
     weight, bias = (t.to(y.dtype).contiguous() for t in (weight, bias))
     interp = interp.to(torch.float32).contiguous()
@@ -237,15 +244,15 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
     cfg = launch_config(W, T, D)
     _decoder_head_fwd[(triton.cdiv(rows, cfg["BR"]), S)](
-        y, weight, bias, interp, h, hw, logits, probs, *y.stride(), *strides,
+        y, weight, bias, interp, h, hw, logits, probs, best, *y.stride(), *strides,
         R, W, rows, T, D, heads, float(floor),
         C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, **cfg,
     )
-    return logits, probs
+    return logits, probs, best
 
 
 def fast_decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
-                      floor=1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      floor=1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """:func:`decoder_head`'s output, or None where the kernel does not apply (then the caller runs
     the unfused layers).
 

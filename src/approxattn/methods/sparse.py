@@ -341,11 +341,12 @@ class SEAAttention(RandomFeatureModule):
         with _tf32_matmuls(q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
             e = self._encode(context, own_value, shape.groups)
             if causal:
-                logits = self.causal_decoder(e)
+                logits, best = self.causal_decoder(e), None
                 probs = torch.softmax(logits, dim=-1, dtype=dtype)
             else:
                 histogram = context[..., :d] if self.options["decoder_residual"] else None
-                logits, probs = self.decoder.logits_and_probs(e, histogram=histogram, n_valid=n_valid, probs_dtype=dtype)
+                logits, probs, best = self.decoder.logits_and_probs(e, histogram=histogram, n_valid=n_valid,
+                                                                    probs_dtype=dtype)
 
         # 4. grouped top-k
         stage = _stage("sea.select", stage)
@@ -354,7 +355,8 @@ class SEAAttention(RandomFeatureModule):
         every_column = not causal and key_padding_mask is None and shape.seq_k >= T
         candidates = None if every_column else nonempty_columns(layout)
         selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
-                                grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length)
+                                grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length,
+                                row_best=best)
 
         # 5. gates and average context, then the sparse exact attention mixed with them per row
         stage = _stage("sea.gates", stage)
