@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .fast_kernels import fast_kernel
+
 GROUPINGS = ("batch", "head", "query", "causal_batch")
 CAUSAL_GROUPINGS = ("query", "causal_batch")
 
@@ -81,14 +83,23 @@ def select_cells(
 
     # few full passes over the estimate (it is 0.5 GB at N = 65,536 in fp32): the score is built in
     # place and the best cell's bonus is scattered, not added as a dense mask
+    # per-row groupings mask only the rows that compete (gathered below); every row's best candidate
+    # comes from one pass (a Triton kernel on CUDA): the masked copy of the whole map and its argmax
+    # took 0.85 + 0.56 ms at N = 65,536 causal on an H100
+    lazy_mask = candidates is not None and not shared
     if candidates is None:
         score = probs                      # copied below before anything writes to it
         has_candidate = torch.ones(B, H, Nq, 1, dtype=torch.bool, device=probs.device)
+    elif lazy_mask:
+        score = None
+        has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     else:
         score = probs.masked_fill(~candidates[:, None], float("-inf"))
         has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     if candidates is None and row_best is not None:
         best_index = row_best[..., None]                                                # (B, H, Nq, 1)
+    elif score is None:
+        best_index = _best_candidates(probs, candidates)[..., None]
     else:
         best_index = score.argmax(dim=-1, keepdim=True)
     best = torch.zeros(B, H, Nq, T, dtype=torch.bool, device=probs.device).scatter_(-1, best_index, has_candidate)
@@ -102,10 +113,11 @@ def select_cells(
         return best
     if shared and query_valid is not None and not bool(competing.all()):
         score = torch.where(competing_cells, score, score - _NONCOMPETING_PENALTY)
-    bonus = (has_candidate & competing_cells).to(score.dtype) * _BEST_CELL_BONUS
-    if score is probs:
-        score = score.clone()
-    score.scatter_add_(-1, best_index, bonus)
+    if not lazy_mask:
+        bonus = (has_candidate & competing_cells).to(score.dtype) * _BEST_CELL_BONUS
+        if score is probs:
+            score = score.clone()
+        score.scatter_add_(-1, best_index, bonus)
     if grouping in ("batch", "head"):
         if grouping == "batch":
             rows = score.reshape(B, H * Nq, T)
@@ -118,7 +130,12 @@ def select_cells(
     # per-row groupings: a row whose budget is one cell per head keeps its best cells (as above), so
     # only the rows with more compete: at N = 65,536 causal, the first 5,461 of 65,536 (k·T/L ≥ 1.5)
     batch_index, row_index, largest = _competing_rows(per_row, host_budget)
-    rows = score[batch_index, :, row_index]                                          # (R, H, T)
+    if lazy_mask:   # the competing rows' scores: masked and their best cells raised here
+        rows = probs[batch_index, :, row_index].masked_fill(~candidates[batch_index, None, row_index], float("-inf"))
+        bonus = has_candidate[batch_index, :, row_index].to(rows.dtype) * _BEST_CELL_BONUS        # (R, H, 1)
+        rows.scatter_add_(-1, best_index[batch_index, :, row_index], bonus)
+    else:
+        rows = score[batch_index, :, row_index]                                      # (R, H, T)
     budget = per_row[batch_index, row_index]                                         # (R,)
     if grouping == "query":
         largest = None if largest is None else min(largest, T)
@@ -143,6 +160,16 @@ BISECTION_MIN_CELLS = 1 << 22
 BISECTION_DEVICES = ("cuda",)
 # Shared-budget groups at least this large try the per-row candidate shortcut first.
 CANDIDATE_MIN_CELLS = 1 << 16
+
+
+def _best_candidates(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``(B, H, Nq)``: each row's argmax of probs over its candidate columns (0 where none), by the
+    Triton kernel where it applies, else a masked copy and argmax."""
+    fast = fast_kernel("sea_select", "fast_masked_row_argmax")
+    found = fast(probs, candidates) if fast is not None else None
+    if found is not None:
+        return found
+    return probs.masked_fill(~candidates[:, None], float("-inf")).argmax(dim=-1)
 
 
 def _competing_rows(per_row: torch.Tensor, host_budget: torch.Tensor | None):
