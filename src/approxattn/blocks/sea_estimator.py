@@ -262,10 +262,7 @@ class NonCausalDecoder(nn.Module):
 
     def forward(self, e: torch.Tensor, *, plus: torch.Tensor | None = None) -> torch.Tensor:
         """e ``(B, H, N, 2d)`` → logits ``(B, H, N, T)`` (+ ``plus`` of that shape, e.g. a residual)."""
-        B, H, N, _ = e.shape
-        y = self._middle(e)
-        y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
-        return resize_width(y.reshape(B, H, N, self.width), self.columns, plus=plus)
+        return self._head(self._middle(e), e.shape[:3], plus)
 
     def logits_and_probs(self, e: torch.Tensor, *, histogram: torch.Tensor | None = None,
                          n_valid: torch.Tensor | None = None, probs_dtype: torch.dtype = torch.float32,
@@ -292,9 +289,15 @@ class NonCausalDecoder(nn.Module):
             if out is not None:
                 return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
         residual = None if histogram is None else probe_histogram_logits(histogram, n_valid, T, floor=floor)
-        y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
-        logits = resize_width(y.reshape(B, H, N, self.width), T, plus=residual)
+        logits = self._head(y, (B, H, N), residual)
         return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype), None
+
+    def _head(self, y: torch.Tensor, shape, plus: torch.Tensor | None) -> torch.Tensor:
+        """The output conv over the rows ×2 and the width resize (+ ``plus``): ``_middle``'s map →
+        logits ``(B, H, N, T)`` for ``shape = (B, H, N)``; what the fused head kernel replaces."""
+        B, H, N = shape
+        y = conv2d(y, self.out, pad=(1, 1, 1, 1), upsample_rows=2, rows=N)
+        return resize_width(y.reshape(B, H, N, self.width), self.columns, plus=plus)
 
     def _middle(self, e: torch.Tensor) -> torch.Tensor:
         """The CNN up to its output conv: ``(B·H, 4, ⌈N/2⌉, W)`` (or ``(B, 4H, ⌈N/2⌉, W)`` with heads as channels)."""

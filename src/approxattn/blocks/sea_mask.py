@@ -90,11 +90,8 @@ def select_cells(
     if candidates is None:
         score = probs                      # copied below before anything writes to it
         has_candidate = torch.ones(B, H, Nq, 1, dtype=torch.bool, device=probs.device)
-    elif lazy_mask:
-        score = None
-        has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     else:
-        score = probs.masked_fill(~candidates[:, None], float("-inf"))
+        score = None if lazy_mask else probs.masked_fill(~candidates[:, None], float("-inf"))
         has_candidate = candidates.any(dim=-1)[:, None, :, None].expand(B, H, Nq, 1)
     if candidates is None and row_best is not None:
         best_index = row_best[..., None]                                                # (B, H, Nq, 1)

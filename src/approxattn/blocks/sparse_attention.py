@@ -100,12 +100,13 @@ def column_layout(
         raise ValueError(f"causal: expected self-attention (seq_q == seq_k), got seq_q={seq_q}, seq_k={seq_k}")
     if key_padding_mask is None:
         key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
+        # built on each side: copying the host's lengths to the device would wait for the GPU
         if causal:
             host = torch.arange(1, seq_q + 1)
+            row_length = torch.arange(1, seq_q + 1, device=device)
         else:
             host = torch.full((seq_q,), seq_k, dtype=torch.int64)
-        row_length = torch.arange(1, seq_q + 1, device=device) if causal else torch.full(
-            (seq_q,), seq_k, dtype=torch.int64, device=device)
+            row_length = torch.full((seq_q,), seq_k, dtype=torch.int64, device=device)
         return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
                             equal_lengths=not causal, host_row_length=host)
     if not isinstance(key_padding_mask, torch.Tensor):

@@ -6,7 +6,8 @@ linear resize of the width W → T (a GEMM), the log-histogram residual (a GEMM,
 sum, and the softmax over T: seven passes over ``(S, N, T)``-sized maps. Here each program takes
 ``BR`` rows of one sample: the convolution in fp32 registers (as :mod:`.small_conv`), the resize
 and the histogram as two small ``tl.dot`` s against ``(W, T)`` and ``(d, T)`` matrices, then the
-softmax; it writes the logits and the probabilities once. Inference only (no backward).
+softmax and the row argmax; it writes the logits, the probabilities and the argmax once.
+Inference only (no backward).
 
 One op, :func:`decoder_head`, with its PyTorch twin :func:`decoder_head_reference`::
 

@@ -209,10 +209,7 @@ def column_length_runs_triton(selected: torch.Tensor, layout: ColumnLayout, bloc
     B, H, Nq, T = selected.shape
     Nk = layout.seq_k
     nmb = -(-Nq // block_m)
-    sel = selected.view(torch.uint8)
-    if sel.stride(3) != 1:
-        sel = sel.contiguous()
-    length = layout.row_length if layout.row_length.stride(1) == 1 else layout.row_length.contiguous()
+    sel, length = _unit_stride_tables(selected, layout)
     positions = _positions_by_rank(layout)
     order = order.to(torch.int32).contiguous()
     first = torch.empty(B, H, nmb, T, dtype=torch.int64, device=selected.device)
@@ -225,6 +222,16 @@ def column_length_runs_triton(selected: torch.Tensor, layout: ColumnLayout, bloc
     )
     first, by_first = first.sort(dim=-1, stable=True)
     return _disjoint_runs(first, end.gather(-1, by_first))
+
+
+def _unit_stride_tables(selected: torch.Tensor, layout: ColumnLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``selected`` as uint8 and the layout's row lengths, each with a unit last stride (the kernels
+    index their last axis without a stride); copied only where they are not."""
+    sel = selected.view(torch.uint8)
+    if sel.stride(3) != 1:
+        sel = sel.contiguous()
+    length = layout.row_length if layout.row_length.stride(1) == 1 else layout.row_length.contiguous()
+    return sel, length
 
 
 def _disjoint_runs(first: torch.Tensor, end: torch.Tensor):
@@ -500,10 +507,7 @@ def tile_runs_triton(selected: torch.Tensor, layout: ColumnLayout, block_m: int,
     rows, read through it (the gather of ``selected`` in that order costs a pass over it)."""
     B, H, Nq, T = selected.shape
     nmb = -(-Nq // block_m)
-    sel = selected.view(torch.uint8)
-    if sel.stride(3) != 1:
-        sel = sel.contiguous()
-    length = layout.row_length if layout.row_length.stride(1) == 1 else layout.row_length.contiguous()
+    sel, length = _unit_stride_tables(selected, layout)
     positions = _positions_by_rank(layout)
     start = torch.empty(B, H, nmb, T, dtype=torch.int32, device=selected.device)
     count = torch.empty_like(start)
@@ -580,14 +584,8 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
         order, start, count, runs = _cheaper_row_order(selected, layout, BM, BN)
     nmb = start.shape[2]
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=q.device)
-    sel = selected.view(torch.uint8)
-    if sel.stride(3) != 1:
-        sel = sel.contiguous()
-    rank, length = layout.key_rank, layout.row_length
-    if rank.stride(1) != 1:
-        rank = rank.contiguous()
-    if length.stride(1) != 1:
-        length = length.contiguous()
+    sel, length = _unit_stride_tables(selected, layout)
+    rank = layout.key_rank if layout.key_rank.stride(1) == 1 else layout.key_rank.contiguous()
     BD = max(16, triton.next_power_of_2(d))
     BDV = max(16, triton.next_power_of_2(dv))
     if mix is not None:
