@@ -54,10 +54,11 @@ PY
   echo "new side overrides: ${APPROXATTN_LAUNCH_OVERRIDES:-none}" >> "$OUT/session.log"
 fi
 APPROXATTN_LAUNCH_OVERRIDES= run_side old "${AB_OLD:-.ab_old/src}" "${AB_S:-150}"
-# the new side also times the peers the issue's targets name (AB_PEERS=0: not), so their ratios come
+# the new side also times the peers the issue's targets name (AB_PEERS=0: not; AB_PEER_LIST: these), so their ratios come
 # from this run; fla's first K=256 call spends ~150 s in its autotuner (measured), so it goes last
 peers=("SDPA flash" "performer-pytorch" "fla chunk_linear_attn K=256")
 [ "${AB_PEERS:-1}" = 0 ] && peers=()
+[ -n "${AB_PEER_LIST:-}" ] && IFS=';' read -r -a peers <<< "$AB_PEER_LIST"  # e.g. "SDPA flash causal;fla chunk_linear_attn K=256"
 run_side new "${AB_NEW:-src}" "${AB_NEW_S:-240}" "${peers[@]}"
 if [ -n "${AB_EXTRA:-}" ]; then
   IFS=';' read -r -a extras <<< "$AB_EXTRA"

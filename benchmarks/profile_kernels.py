@@ -19,6 +19,8 @@ CASES = [
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 4096),
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, 65536),
     ("relu m=256 causal", FeatureConfig("relu", W, x_scale=64**-0.25, eps=1e-3), True, 65536),
+    ("favor m=256 causal unstabilised", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6,
+                                                      stabilize=False), True, 65536),
     ("favor m=256 causal prefix-max", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6),
      True, 65536),
 ]

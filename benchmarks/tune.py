@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 from approxattn.kernels import FeatureConfig, feature_attention
-from approxattn.kernels import _launch, causal_linear_attn, linear_attn
+from approxattn.kernels import _launch, causal_chunked, causal_linear_attn, linear_attn
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 ONLY = set(sys.argv[2:])
@@ -30,6 +30,10 @@ SETTINGS = [
      ["state", "out", "q_bwd", "dstate", "kv_bwd"]),  # four feature blocks: the split query backward
     ("elu", FeatureConfig("elu", den_eps=1e-6), False, ["state", "out", "q_bwd_fused", "kv_bwd"]),  # one: fused
     ("elu causal", FeatureConfig("elu", den_eps=1e-6), True, ["causal_fwd"]),
+    # the chunk-parallel causal kernels (causal_chunked): "chunk" sets the chunk length all of them share
+    ("favor causal m=256 unstabilised", FeatureConfig("favor", W, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6,
+                                                       stabilize=False), True,
+     ["chunk", "chunk_states", "chunk_out", "chunk_dq", "chunk_dstates", "chunk_dkv"]),
 ]
 
 
@@ -38,7 +42,8 @@ def override(kind=None, config=None):
     _launch.OVERRIDES.clear()
     if kind is not None:
         _launch.OVERRIDES[kind] = config
-    for plans in (linear_attn._FORWARD_PLANS, linear_attn._BACKWARD_PLANS, causal_linear_attn._PLANS):
+    for plans in (linear_attn._FORWARD_PLANS, linear_attn._BACKWARD_PLANS, causal_linear_attn._PLANS,
+                  causal_chunked._PLANS):
         plans.clear()
 
 

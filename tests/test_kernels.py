@@ -251,6 +251,58 @@ def test_causal_bf16_elu():
     check("elu", torch.bfloat16, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32)
 
 
+@pytest.fixture
+def chunked_causal(monkeypatch):
+    """Causal calls go to the chunk-parallel kernels; yields their plan cache (to see them used)."""
+    from approxattn.kernels import causal_chunked
+
+    monkeypatch.setattr(causal_chunked, "CAUSAL_KERNEL", "chunk")
+    monkeypatch.setattr(causal_chunked, "_PLANS", causal_chunked.PlanCache())
+    yield causal_chunked._PLANS
+    assert causal_chunked._PLANS, "the chunk-parallel kernels were not used"
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["elu", "relu", "favor"])
+def test_causal_chunked_fp32_gqa_padding(feature, chunked_causal):
+    check(feature, torch.float32, causal=True, N=45, padding=7, stabilize=False)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("feature", ["relu", "favor"])
+def test_causal_chunked_segments_two_feature_blocks(feature, chunked_causal):
+    """One head, several segments (scans across them) and chunks, m = 96: a full feature block and a
+    partial one; keys rising along N."""
+    check(feature, torch.float32, causal=True, B=1, HQ=1, HKV=1, N=100, m=96, padding=5, key_ramp=(0.3, 2.5),
+          stabilize=False)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_causal_chunked_half(dtype, chunked_causal):
+    """Half inputs: the per-chunk states stored in bf16 (both dtypes), GQA over two segments."""
+    check("relu", dtype, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32, m=80)
+
+
+def test_causal_chunked_takes_maps_without_prefix_max(monkeypatch):
+    from approxattn.kernels import causal_chunked
+
+    wide = make_cfg("relu", 64, 256)
+    monkeypatch.setattr(causal_chunked, "CAUSAL_KERNEL", "auto")
+    assert causal_chunked.takes(wide, 64)
+    assert not causal_chunked.takes(make_cfg("elu", 64, 64), 64)  # one feature block: the scan holds it
+    assert not causal_chunked.takes(make_cfg("favor", 64, 256), 64)  # prefix-max stabiliser
+    assert causal_chunked.takes(make_cfg("favor", 64, 256, stabilize=False), 64)
+    monkeypatch.setattr(causal_chunked, "CAUSAL_KERNEL", "scan")
+    assert not causal_chunked.takes(wide, 64)
+    with pytest.raises(ValueError, match="stabilize=False"):
+        q = torch.zeros(1, 1, 4, 64)
+        causal_chunked.chunked_causal_feature_attention(q, q, q, make_cfg("favor", 64, 256))
+
+
 @needs_triton
 @cpu_only
 def test_modules_dispatch_to_kernels(monkeypatch):
@@ -355,6 +407,18 @@ def test_gpu_headline_shape_fused_query_backward(monkeypatch):
 def test_gpu_causal_favor_unstabilised():
     check("favor", torch.bfloat16, causal=True, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=256, padding=300,
           device="cuda", stabilize=False)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("feature,m", [("elu", 64), ("favor", 256), ("relu", 200)])
+def test_gpu_causal_chunked(feature, m, dtype, chunked_causal):
+    """The chunk-parallel causal kernels at real sizes (forced, so elu+1 too): GQA, padding, several
+    segments; m = 200 leaves the last feature block partial."""
+    check(feature, dtype, causal=True, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=m, padding=300, device="cuda",
+          stabilize=False)
 
 
 @gpu

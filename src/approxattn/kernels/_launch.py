@@ -87,6 +87,14 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 1},
     "dstate": {"BN": 32, "num_warps": 4, "num_stages": 1},
     "kv_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
+    # causal_chunked: "chunk" gives the chunk length BT that every one of its kernels shares (the
+    # stored states' layout); the others only their num_warps / num_stages (their BN is ignored)
+    "chunk": {"BN": 64, "num_warps": 4, "num_stages": 2},
+    "chunk_states": {"BN": 64, "num_warps": 4, "num_stages": 2},
+    "chunk_out": {"BN": 64, "num_warps": 4, "num_stages": 2},
+    "chunk_dq": {"BN": 64, "num_warps": 8, "num_stages": 1},
+    "chunk_dstates": {"BN": 64, "num_warps": 4, "num_stages": 2},
+    "chunk_dkv": {"BN": 64, "num_warps": 8, "num_stages": 1},
 }
 
 

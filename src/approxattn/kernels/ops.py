@@ -19,13 +19,18 @@ def feature_attention(
             read their key/value head; nothing is repeated).
         v (torch.Tensor): ``[B, Hkv, Nk, dv]``.
         cfg (FeatureConfig): the feature map and its constants.
-        causal (bool): chunked causal scan (Nq == Nk). Default: False.
+        causal (bool): causal (Nq == Nk): chunk-parallel kernels (``causal_chunked``) or the
+            segment scan (``causal_linear_attn``), see :func:`causal_chunked.takes`. Default: False.
         key_padding_mask (torch.Tensor, Optional): ``[B, Nk]`` bool, True = keep.
 
     Returns:
         ``[B, Hq, Nq, dv]`` in q's dtype; differentiable in q, k, v.
     """
     if causal:
+        from .causal_chunked import chunked_causal_feature_attention, takes
+
+        if takes(cfg, q.shape[-1]):
+            return chunked_causal_feature_attention(q, k, v, cfg, key_padding_mask)
         from .causal_linear_attn import causal_feature_attention
 
         return causal_feature_attention(q, k, v, cfg, key_padding_mask)
