@@ -35,21 +35,12 @@ if [ -n "${AB_TESTS:-}" ]; then
   echo "gpu heavy tests rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
 fi
 if [ -n "${AB_TUNE:-}" ]; then
+  tune_seq=${AB_SEQ:-65536}
   # shellcheck disable=SC2086
-  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TUNE_S:-180}" python benchmarks/tune.py "${AB_SEQ:-65536}" \
+  PYTHONPATH="${AB_NEW:-src}:/tmp/site" timeout "${AB_TUNE_S:-180}" python benchmarks/tune.py "${tune_seq%%,*}" \
     $AB_TUNE > "$OUT/tune.log" 2>&1
   echo "tune rc=$? $(date -u +%H:%M:%S)" >> "$OUT/session.log"
-  APPROXATTN_LAUNCH_OVERRIDES=$(python - "$OUT/tune.log" <<'PY'
-import ast, json, re, sys
-best = {}
-for line in open(sys.argv[1]):
-    found = re.match(r" best (.+) (\w+): (\(.*\))$", line.rstrip())
-    if found and found.group(1).startswith("favor"):  # the headline cases' feature map
-        _, bn, warps, stages = ast.literal_eval(found.group(3))
-        best[found.group(2)] = {"BN": bn, "num_warps": warps, "num_stages": stages}
-print(json.dumps(best) if best else "")
-PY
-  )
+  APPROXATTN_LAUNCH_OVERRIDES=$(python benchmarks/tuned_overrides.py "$OUT/tune.log")
   export APPROXATTN_LAUNCH_OVERRIDES
   echo "new side overrides: ${APPROXATTN_LAUNCH_OVERRIDES:-none}" >> "$OUT/session.log"
 fi

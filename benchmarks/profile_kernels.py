@@ -1,8 +1,9 @@
 """Per-kernel CUDA times and host time per call of the fused ops (torch.profiler).
 
-Usage: PYTHONPATH=src python benchmarks/profile_kernels.py
+Usage: PYTHONPATH=src python benchmarks/profile_kernels.py   (PROFILE_MATCH=causal: only cases so named)
 """
 
+import os
 import time
 
 import torch
@@ -25,6 +26,8 @@ CASES = [
      True, 65536),
 ]
 for name, cfg, causal, n in CASES:
+    if os.environ.get("PROFILE_MATCH", "") not in name:
+        continue
     if causal and cfg.use_key_max:
         from approxattn.kernels import causal_linear_attn
 

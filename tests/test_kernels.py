@@ -49,13 +49,13 @@ def rel_err(out, ref):
     return float((out - ref).norm() / ref.norm())
 
 
-def make_cfg(feature, d, m, *, stabilize=True, generator=None):
+def make_cfg(feature, d, m, *, stabilize=True, generator=None, eps=1e-6):
     if feature == "elu":
         return FeatureConfig("elu", den_eps=1e-6)
     projection = torch.randn(m, d, generator=generator)
     if feature == "relu":
         return FeatureConfig("relu", projection, x_scale=d**-0.25, eps=1e-3)
-    return FeatureConfig("favor", projection, x_scale=d**-0.25, ratio=m**-0.5, eps=1e-6, stabilize=stabilize)
+    return FeatureConfig("favor", projection, x_scale=d**-0.25, ratio=m**-0.5, eps=eps, stabilize=stabilize)
 
 
 def inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed):
@@ -68,12 +68,12 @@ def inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed):
 
 
 def check(feature, dtype, *, causal, B=2, HQ=4, HKV=2, N=48, NK=None, d=16, dv=16, m=32, padding=None,
-          stabilize=True, device="cpu", seed=0, tol=None, key_ramp=None):
+          stabilize=True, device="cpu", seed=0, tol=None, key_ramp=None, eps=1e-6):
     NK = N if NK is None else NK
     (q, k, v, do), gen = inputs(B, HQ, HKV, N, NK, d, dv, dtype, device, seed)
     if key_ramp is not None:  # keys growing along the sequence: the causal prefix max keeps rising
         k = (k.float() * torch.linspace(*key_ramp, NK, device=device)[:, None]).to(dtype)
-    cfg = make_cfg(feature, d, m, stabilize=stabilize, generator=gen)
+    cfg = make_cfg(feature, d, m, stabilize=stabilize, generator=gen, eps=eps)
     if cfg.projection is not None:
         cfg = FeatureConfig(**{**cfg.__dict__, "projection": cfg.projection.to(device)})
     mask = None
@@ -281,26 +281,53 @@ def test_causal_chunked_segments_two_feature_blocks(feature, chunked_causal):
 
 @needs_triton
 @cpu_only
+def test_causal_chunked_prefix_max_fp32_gqa_padding(chunked_causal):
+    """FAVOR+ with the no-look-ahead stabiliser, chunk-parallel."""
+    check("favor", torch.float32, causal=True, N=45, padding=7)
+
+
+@needs_triton
+@cpu_only
+@pytest.mark.parametrize("m", [32, 96])
+def test_causal_chunked_prefix_max_segments_rising_keys(m, chunked_causal):
+    """Keys rising along N, so the prefix max moves within and across chunks and segments; m = 96:
+    each query row's max over two feature blocks taken as a running max."""
+    check("favor", torch.float32, causal=True, B=1, HQ=1, HKV=1, N=100, m=m, padding=5, key_ramp=(0.3, 2.5))
+
+
+@needs_triton
+@cpu_only
+def test_causal_chunked_prefix_max_large_eps(chunked_causal):
+    """FAVOR's ε = 0.05 (1e-6 elsewhere hides the ε parts, carried apart from the offset states)."""
+    check("favor", torch.float32, causal=True, B=1, HQ=2, HKV=1, N=100, m=40, padding=5, key_ramp=(0.3, 2.5), eps=0.05)
+
+
+@needs_triton
+@cpu_only
+def test_causal_chunked_prefix_max_bf16_gqa(chunked_causal):
+    check("favor", torch.bfloat16, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32, m=80, key_ramp=(0.5, 1.5))
+
+
+@needs_triton
+@cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_causal_chunked_half(dtype, chunked_causal):
     """Half inputs: the per-chunk states stored in bf16 (both dtypes), GQA over two segments."""
     check("relu", dtype, causal=True, B=1, HQ=2, HKV=1, N=70, d=32, dv=32, m=80)
 
 
-def test_causal_chunked_takes_maps_without_prefix_max(monkeypatch):
+def test_causal_chunked_takes_wide_maps(monkeypatch):
     from approxattn.kernels import causal_chunked
 
     wide = make_cfg("relu", 64, 256)
     monkeypatch.setattr(causal_chunked, "CAUSAL_KERNEL", "auto")
     assert causal_chunked.takes(wide, 64)
     assert not causal_chunked.takes(make_cfg("elu", 64, 64), 64)  # one feature block: the scan holds it
-    assert not causal_chunked.takes(make_cfg("favor", 64, 256), 64)  # prefix-max stabiliser
+    assert causal_chunked.takes(make_cfg("favor", 64, 256), 64)  # with the prefix-max stabiliser too
     assert causal_chunked.takes(make_cfg("favor", 64, 256, stabilize=False), 64)
+    assert not causal_chunked.takes(make_cfg("favor", 64, 64), 64)
     monkeypatch.setattr(causal_chunked, "CAUSAL_KERNEL", "scan")
     assert not causal_chunked.takes(wide, 64)
-    with pytest.raises(ValueError, match="stabilize=False"):
-        q = torch.zeros(1, 1, 4, 64)
-        causal_chunked.chunked_causal_feature_attention(q, q, q, make_cfg("favor", 64, 256))
 
 
 @needs_triton
@@ -413,12 +440,13 @@ def test_gpu_causal_favor_unstabilised():
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("feature,m", [("elu", 64), ("favor", 256), ("relu", 200)])
-def test_gpu_causal_chunked(feature, m, dtype, chunked_causal):
+@pytest.mark.parametrize("feature,m,stabilize", [("elu", 64, False), ("favor", 256, False), ("relu", 200, False),
+                                                ("favor", 200, True)])
+def test_gpu_causal_chunked(feature, m, stabilize, dtype, chunked_causal):
     """The chunk-parallel causal kernels at real sizes (forced, so elu+1 too): GQA, padding, several
-    segments; m = 200 leaves the last feature block partial."""
+    segments; m = 200 leaves the last feature block partial; FAVOR+'s prefix max with rising keys."""
     check(feature, dtype, causal=True, B=2, HQ=8, HKV=4, N=4096, d=64, dv=64, m=m, padding=300, device="cuda",
-          stabilize=False)
+          stabilize=stabilize, key_ramp=(0.5, 1.5) if stabilize else None)
 
 
 @gpu

@@ -7,9 +7,13 @@ Why beside the segment scan (``causal_linear_attn``): there one program holds a 
 longer fit in registers (H100, N = 65,536, ReLU m = 256: dq 5.0 ms, dk/dv 9.1 ms of a 17 ms
 fwd+bwd). Here no program holds more than a ``BMB×dv`` block of a state.
 
-Covers the feature maps without FAVOR's prefix-max key stabiliser (elu+1, ReLU, FAVOR+ with
-``stabilize=False``): their features are elementwise per feature, so every sum splits over
-feature blocks.
+Every feature map: elu+1, ReLU, FAVOR+ without a stabiliser (features elementwise per feature, so
+every sum splits over feature blocks) and FAVOR+ with its no-look-ahead stabiliser (``PMAX``, the
+formulas of ``causal_linear_attn``): a first pass takes each key row's max logit, ``torch.cummax``
+makes the prefix max M; states are stored relative to M at the row before their chunk (dH: at the
+chunk's last row), so every factor ``exp(M_j − M_ref)`` is ≤ 1; the ε part travels apart (``VS``,
+``CNT`` forward, ``E`` backward); each chunk's query rows take their max over the feature blocks as
+a running max.
 
 Forward:
 
@@ -25,9 +29,9 @@ Backward (H is recomputed, not kept from the forward: it is as large as an N×m 
 4. ``_chunk_states`` again, then ``_chunk_dq`` (grid: query head, chunk):
    ``dφ(q_i) = Σ_{j ≤ i in chunk} B_ij φ(k_j) + (do_i H[c]ᵀ − (do_i·o_i) Z[c]) / den_i`` with
    ``B_ij = (do_i·v_j − do_i·o_i) / den_i`` formed from exact products before the cancellation.
-5. ``linear_attn._dstate_bwd`` per segment and a reverse ``_scan_segments`` summed over the group's
-   query heads: the suffix state after each segment; ``_chunk_dstates`` (grid: key/value head ×
-   feature block, segment) stores ``dH[c] = Σ_{i ≥ (c+1)·BT} Σ_g φ(q_i) dnum_iᵀ`` and
+5. ``_chunk_dstates`` (grid: key/value head × feature block, segment) sums each segment's queries
+   (of every head of the group), a reverse ``_scan_segments`` makes the suffix state after each
+   segment, and ``_chunk_dstates`` again walks the chunks backwards storing ``dH[c] = Σ_{i ≥ (c+1)·BT} Σ_g φ(q_i) dnum_iᵀ`` and
    ``dZ[c] = Σ φ(q_i) dden_i`` (``dnum = do/den``, ``dden = −(do·o)/den``).
 6. ``_chunk_dkv`` (grid: key/value head, chunk): ``dφ(k_j) = v_j dH[c]ᵀ + dZ[c] + Σ_g Σ_{i ≥ j} B_ij φ(q_i)``
    and ``dv_j = φ(k_j) dH[c] + Σ_g Σ_{i ≥ j} (φ(q_i)·φ(k_j)) dnum_i``.
@@ -58,7 +62,6 @@ from .causal_linear_attn import _scan_segments, segment_length
 from .linear_attn import (
     FEATURE_BLOCK,
     _contiguous_strides,
-    _dstate_bwd,
     _strides,
     feature_blocks,
     record_size,
@@ -68,18 +71,55 @@ from .linear_attn import (
 
 
 @triton.jit
+def _key_row_max(
+    k_ptr, whi_ptr, wlo_ptr, valid_ptr, out_ptr,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_wm, stride_wd, stride_mb, stride_mn,
+    HKV, NMB, N, m, d, xs,
+    FEATURE: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr,
+):
+    """Grid (key/value head, chunk): each key row's largest logit over the m features (−1e30 at
+    padded keys); a cumulative max along N makes FAVOR's prefix max M."""
+    kv = tl.program_id(0)
+    c = tl.program_id(1)
+    b = kv // HKV
+    h = kv % HKV
+    offs_n = c * BT + tl.arange(0, BT)
+    offs_d = tl.arange(0, BD)
+    rows = offs_n < N
+    valid = rows
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                 mask=rows[:, None] & (offs_d[None, :] < d), other=0.0)
+    best = tl.full([BT], -1.0e30, dtype=tl.float32)
+    for mb in range(0, NMB):
+        offs_m = mb * BMB + tl.arange(0, BMB)
+        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+        lk = _logits_blk(xk, whi, wlo, xs, FEATURE, LP)
+        best = tl.maximum(best, tl.max(tl.where(valid[:, None] & (offs_m < m)[None, :], lk, -1.0e30), axis=1))
+    tl.store(out_ptr + kv.to(tl.int64) * N + offs_n, best, mask=rows)
+
+
+@triton.jit
 def _chunk_states(
-    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, S_ptr, H_ptr, Z_ptr,
+    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, M_ptr, S_ptr, H_ptr, Z_ptr, VS_ptr, CNT_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_wm, stride_wd, stride_mb, stride_mn,
     HKV, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head × feature block, segment): from the segment's start state (``S``,
     the scanned records), store the state before each of its chunks, then add the chunk's keys
-    (feature-major ``(BMB, BT)`` tiles, as ``linear_attn._state_fwd``)."""
+    (feature-major ``(BMB, BT)`` tiles, as ``linear_attn._state_fwd``).
+
+    PMAX: H[c], Z[c] hold ``Σ exp(l_j − M_j)·exp(M_j − M[c·BT − 1])``-weighted sums (each term ≤ 1;
+    M the prefix max), without ratio and ε; ``VS[c] = Σ v_j`` and ``CNT[c]`` (valid keys before
+    the chunk) carry the ε part."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     num_seg = tl.num_programs(1)
@@ -99,11 +139,16 @@ def _chunk_states(
     rec = S_ptr + (kv * num_seg + seg).to(tl.int64) * rec_size
     S = tl.load(rec + tile, mask=tmask, other=0.0)
     z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
+    start = seg * seg_len
+    stop = tl.minimum(start + seg_len, N)
+    M_row = M_ptr + kv.to(tl.int64) * N
+    if PMAX:  # the record's offset is M before the segment (up to rounding: two codes take the max)
+        ref = tl.load(M_row + start - 1, mask=start > 0, other=-1.0e30)
+        vs = tl.load(rec + m * dv + m + offs_v, mask=vmask, other=0.0)
+        cnt = tl.load(rec + m * dv + m + dv)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     NC = tl.cdiv(N, BT)
-    start = seg * seg_len
-    stop = tl.minimum(start + seg_len, N)
     for n0 in range(start, stop, BT):
         state = (kv * NC + n0 // BT).to(tl.int64)
         tl.store(H_ptr + state * m * dv + tile, _cast_out(S, H_ptr.dtype.element_ty), mask=tmask)
@@ -116,25 +161,45 @@ def _chunk_states(
                      mask=(offs_n[None, :] < N) & (offs_d[:, None] < d), other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                      mask=valid[:, None] & vmask[None, :], other=0.0)
-        phi, _ = _apply(_logits_blk_t(xt, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps,
-                        fmask[:, None] & valid[None, :], FEATURE)
-        S += _dot(phi, vv, LP)
-        z += tl.sum(phi, axis=1)
+        lt = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
+        keep = fmask[:, None] & valid[None, :]
+        if PMAX:
+            if mb == 0:
+                tl.store(VS_ptr + state * dv + offs_v, vs, mask=vmask)
+                tl.store(CNT_ptr + state, cnt)
+            Mk = tl.load(M_row + offs_n, mask=offs_n < N, other=0.0)
+            last = tl.load(M_row + tl.minimum(n0 + BT, N) - 1)
+            e = tl.where(keep, tl.exp(tl.minimum(lt - Mk[None, :], 0.0) + (Mk - last)[None, :]), 0.0)
+            alpha = tl.exp(ref - last)
+            S = S * alpha + _dot(e, vv, LP)
+            z = z * alpha + tl.sum(e, axis=1)
+            vs += tl.sum(vv.to(tl.float32), axis=0)
+            cnt += tl.sum(valid.to(tl.float32), axis=0)
+            ref = last
+        else:
+            phi, _ = _apply(lt, 0.0, ratio, eps, keep, FEATURE)
+            S += _dot(phi, vv, LP)
+            z += tl.sum(phi, axis=1)
 
 
 @triton.jit
 def _chunk_out(
-    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, H_ptr, Z_ptr, o_ptr, den_ptr,
+    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, M_ptr, H_ptr, Z_ptr, VS_ptr, CNT_ptr, o_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_wm, stride_wd, stride_mb, stride_mn,
     HQ, G, NMB, N, m, d, dv, xs, ratio, eps, den_eps,
-    FEATURE: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, chunk): the chunk's outputs and denominators (kept for the backward)."""
+    """Grid (query head, chunk): the chunk's outputs; ``stats`` gets the denominators (PMAX: then
+    the query rows' max logits and ``Σ_l φ(q)_l``), kept for the backward.
+
+    PMAX (FAVOR+ as ``causal_linear_attn``): query features ``ratio·(exp(l − max_l l) + ε)``, the
+    row max taken as a running max over the feature blocks (sums rescaled when it grows, their ε
+    parts added at the end); row i weighs key j by ``ratio·(φ(q_i)·e_j·exp(M_j − M_i) + ε·Σφ(q_i))``."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HQ
@@ -161,34 +226,76 @@ def _chunk_out(
                  + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                  mask=valid[:, None] & vmask[None, :], other=0.0)
     state = (kv * tl.num_programs(1) + c).to(tl.int64)
+    lower = offs_t[:, None] >= offs_t[None, :]
     A = tl.zeros([BT, BT], dtype=tl.float32)
     num = tl.zeros([BT, BDV], dtype=tl.float32)
     den = tl.zeros([BT], dtype=tl.float32)
+    if PMAX:
+        row_max = tl.full([BT], -1.0e30, dtype=tl.float32)
+        q_e = tl.zeros([BT], dtype=tl.float32)  # Σ_l exp(l − row max)
+        k_e = tl.zeros([BT], dtype=tl.float32)  # Σ_l e_j
+        h_sum = tl.zeros([BDV], dtype=tl.float32)  # Σ_l H[c]_l
+        z_sum = tl.zeros([BMB], dtype=tl.float32)
+        M_row = M_ptr + kv.to(tl.int64) * N
+        Mk = tl.load(M_row + offs_n, mask=rows, other=0.0)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = offs_m < m
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-        phiq, _ = _apply(_logits_blk(xq, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps, fmask[None, :], FEATURE)
-        phik, _ = _apply(_logits_blk(xk, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps,
-                         valid[:, None] & fmask[None, :], FEATURE)
-        A += _dot(phiq, tl.trans(phik), LP)
+        lq = _logits_blk(xq, whi, wlo, xs, FEATURE, LP)
+        lk = _logits_blk(xk, whi, wlo, xs, FEATURE, LP)
         Hb = tl.load(H_ptr + state * m * dv + offs_m[:, None] * dv + offs_v[None, :],
                      mask=fmask[:, None] & vmask[None, :], other=0.0)
         zb = tl.load(Z_ptr + state * m + offs_m, mask=fmask, other=0.0)
-        num += _dot(phiq, Hb, LP)
-        den += tl.sum(phiq * zb[None, :], axis=1)
-    A = tl.where(offs_t[:, None] >= offs_t[None, :], A, 0.0)
-    num += _dot(A, vv, LP)
-    den += tl.sum(A, axis=1) + den_eps
+        if PMAX:
+            new_max = tl.maximum(row_max, tl.max(tl.where(fmask[None, :], lq, -1.0e30), axis=1))
+            alpha = tl.exp(row_max - new_max)
+            row_max = new_max
+            eq = tl.where(fmask[None, :], tl.exp(lq - row_max[:, None]), 0.0)
+            ek = tl.where(valid[:, None] & fmask[None, :], tl.exp(tl.minimum(lk - Mk[:, None], 0.0)), 0.0)
+            A = A * alpha[:, None] + _dot(eq, tl.trans(ek), LP)
+            num = num * alpha[:, None] + _dot(eq, Hb, LP)
+            den = den * alpha + tl.sum(eq * zb[None, :], axis=1)
+            q_e = q_e * alpha + tl.sum(eq, axis=1)
+            k_e += tl.sum(ek, axis=1)
+            h_sum += tl.sum(Hb.to(tl.float32), axis=0)
+            z_sum += zb
+        else:
+            phiq, _ = _apply(lq, 0.0, ratio, eps, fmask[None, :], FEATURE)
+            phik, _ = _apply(lk, 0.0, ratio, eps, valid[:, None] & fmask[None, :], FEATURE)
+            A += _dot(phiq, tl.trans(phik), LP)
+            num += _dot(phiq, Hb, LP)
+            den += tl.sum(phiq * zb[None, :], axis=1)
+    if PMAX:
+        ref = tl.load(M_row + c * BT - 1, mask=c > 0, other=-1.0e30)  # H[c]'s offset
+        carry = tl.exp(ref - Mk)
+        decay = tl.exp(tl.minimum(Mk[None, :] - Mk[:, None], 0.0))  # exp(M_j − M_i), j ≤ i
+        q_sum = ratio * (q_e + m * eps)
+        A = tl.where(lower & valid[None, :], ratio * (ratio * (A + eps * k_e[None, :]) * decay + eps * q_sum[:, None]),
+                     0.0)
+        vs = tl.load(VS_ptr + state * dv + offs_v, mask=vmask, other=0.0)
+        cnt = tl.load(CNT_ptr + state)
+        num = _dot(A, vv, LP) + ratio * (ratio * (num + eps * h_sum[None, :]) * carry[:, None]
+                                         + eps * q_sum[:, None] * vs[None, :])
+        den = tl.sum(A, axis=1) + ratio * (ratio * (den + eps * tl.sum(z_sum, axis=0)) * carry + eps * q_sum * cnt)
+        den += den_eps
+        rows_total = tl.num_programs(0) * N
+        tl.store(stats_ptr + rows_total + pid_bh.to(tl.int64) * N + offs_n, row_max, mask=rows)
+        tl.store(stats_ptr + 2 * rows_total + pid_bh.to(tl.int64) * N + offs_n, q_sum, mask=rows)
+    else:
+        A = tl.where(lower, A, 0.0)
+        num += _dot(A, vv, LP)
+        den += tl.sum(A, axis=1) + den_eps
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
              _cast_out(num / den[:, None], o_ptr.dtype.element_ty), mask=rows[:, None] & vmask[None, :])
-    tl.store(den_ptr + pid_bh.to(tl.int64) * N + offs_n, den, mask=rows)
+    tl.store(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, den, mask=rows)
 
 
 @triton.jit
 def _chunk_dq(
-    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, H_ptr, Z_ptr, o_ptr, do_ptr, den_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, M_ptr, H_ptr, Z_ptr, VS_ptr, CNT_ptr, o_ptr, do_ptr,
+    stats_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -197,10 +304,11 @@ def _chunk_dq(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_wm, stride_wd, stride_mb, stride_mn,
     HQ, G, NMB, N, m, d, dv, xs, ratio, eps,
-    FEATURE: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, chunk): dq from the chunk's keys and the state before it."""
+    """Grid (query head, chunk): dq from the chunk's keys and the state before it (PMAX: the
+    prefix max and the query row maxima are constants, as in ``causal_linear_attn``)."""
     pid_bh = tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HQ
@@ -232,25 +340,44 @@ def _chunk_dq(
     do_raw = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
                      + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                      mask=rows[:, None] & vmask[None, :], other=0.0)
-    inv = 1.0 / tl.load(den_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+    inv = 1.0 / tl.load(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
     do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
     Bm = tl.where((offs_t[:, None] >= offs_t[None, :]) & valid[None, :],
                   (_dot(do_raw, tl.trans(vv), LP) - do_o[:, None]) * inv[:, None], 0.0)
     state = (kv * tl.num_programs(1) + c).to(tl.int64)
+    scale = inv
+    if PMAX:
+        M_row = M_ptr + kv.to(tl.int64) * N
+        Mk = tl.load(M_row + offs_n, mask=rows, other=0.0)
+        ref = tl.load(M_row + c * BT - 1, mask=c > 0, other=-1.0e30)
+        scale = tl.exp(ref - Mk) * inv  # carry / den
+        row_max = tl.load(stats_ptr + tl.num_programs(0) * N + pid_bh.to(tl.int64) * N + offs_n, mask=rows,
+                          other=0.0)
+        vs = tl.load(VS_ptr + state * dv + offs_v, mask=vmask, other=0.0)
+        cnt = tl.load(CNT_ptr + state)
+        # the ε part of every key's feature (no offset): Σ_{j ≤ i} (v_j·do_i − do_i·o_i)/den_i, in and before the chunk
+        eps_part = eps * (tl.sum(Bm, axis=1) + (tl.sum(do_raw.to(tl.float32) * vs[None, :], axis=1) - do_o * cnt) * inv)
+        Bm = Bm * tl.exp(tl.minimum(Mk[None, :] - Mk[:, None], 0.0))  # exp(M_j − M_i)
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     dl_sum = tl.zeros([BT], dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = offs_m < m
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-        phiq, fq = _apply(_logits_blk(xq, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps, fmask[None, :], FEATURE)
-        phik, _ = _apply(_logits_blk(xk, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps,
-                         valid[:, None] & fmask[None, :], FEATURE)
+        lq = _logits_blk(xq, whi, wlo, xs, FEATURE, LP)
+        lk = _logits_blk(xk, whi, wlo, xs, FEATURE, LP)
         Hb = tl.load(H_ptr + state * m * dv + offs_m[:, None] * dv + offs_v[None, :],
                      mask=fmask[:, None] & vmask[None, :], other=0.0)
         zb = tl.load(Z_ptr + state * m + offs_m, mask=fmask, other=0.0)
-        carried = (_dot(do_raw, tl.trans(Hb), LP) - do_o[:, None] * zb[None, :]) * inv[:, None]
-        dphi = _dot(Bm, phik, LP) + carried
+        carried = (_dot(do_raw, tl.trans(Hb), LP) - do_o[:, None] * zb[None, :]) * scale[:, None]
+        if PMAX:
+            phiq, fq = _apply(lq, row_max[:, None], ratio, eps, fmask[None, :], FEATURE)
+            ek = tl.where(valid[:, None] & fmask[None, :], tl.exp(tl.minimum(lk - Mk[:, None], 0.0)), 0.0)
+            dphi = ratio * (_dot(Bm, ek, LP) + carried + eps_part[:, None])
+        else:
+            phiq, fq = _apply(lq, 0.0, ratio, eps, fmask[None, :], FEATURE)
+            phik, _ = _apply(lk, 0.0, ratio, eps, valid[:, None] & fmask[None, :], FEATURE)
+            dphi = _dot(Bm, phik, LP) + carried
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * fq, whi, FEATURE, LP)
     dx = _finish_input_grad(dx, dl_sum, xq, xs, FEATURE)
     tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -260,18 +387,22 @@ def _chunk_dq(
 
 @triton.jit
 def _chunk_dstates(
-    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, den_ptr, R_ptr, dH_ptr, dZ_ptr,
+    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, stats_ptr, M_ptr, R_ptr, dH_ptr, dZ_ptr, E_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_wm, stride_wd,
     HKV, G, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, PMAX: tl.constexpr, STORE: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head × feature block, segment): from the suffix state after the segment
-    (``R``, the reverse-scanned records), walk its chunks backwards storing the state after
-    each, then add the chunk's queries of every head of the group."""
+    """Grid (key/value head × feature block, segment): walks the segment's chunks backwards
+    adding ``Σ_g φ(q_i) dnum_iᵀ`` and ``Σ_g φ(q_i) dden_i`` of the group's query heads.
+
+    STORE: starting from the suffix state after the segment (``R``, the reverse-scanned records),
+    store the state after each chunk into dH, dZ (PMAX: relative to M at the chunk's last row,
+    and ``E[c] = Σ_g Σ_i Σ_l φ(q_i)_l dnum_i``, the ε part, in E). Otherwise: from zero, write the
+    segment's own sums into record ``R`` (PMAX: relative to M before the segment), for the scan."""
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     num_seg = tl.num_programs(1)
@@ -280,6 +411,7 @@ def _chunk_dstates(
     b = kv // HKV
     hk = kv % HKV
     HQ = HKV * G
+    rows_total = HQ * N * (tl.num_programs(0) // (HKV * NMB))  # B·HQ·N
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     offs_t = tl.arange(0, BT)
@@ -290,40 +422,76 @@ def _chunk_dstates(
     tmask = fmask[:, None] & vmask[None, :]
     whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
     rec = R_ptr + (kv * num_seg + seg).to(tl.int64) * rec_size
-    R = tl.load(rec + tile, mask=tmask, other=0.0)
-    r = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
-    NC = tl.cdiv(N, BT)
     start = seg * seg_len
     stop = tl.minimum(start + seg_len, N)
+    if STORE:
+        R = tl.load(rec + tile, mask=tmask, other=0.0)
+        r = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
+        E = tl.load(rec + m * dv + m + offs_v, mask=vmask, other=0.0)
+    else:
+        R = tl.zeros([BMB, BDV], dtype=tl.float32)
+        r = tl.zeros([BMB], dtype=tl.float32)
+        E = tl.zeros([BDV], dtype=tl.float32)
+    if PMAX:
+        M_row = M_ptr + kv.to(tl.int64) * N
+        ref = tl.load(M_row + stop - 1)
+    NC = tl.cdiv(N, BT)
     num_chunks = tl.cdiv(stop - start, BT)
     for t in range(0, num_chunks):
         n0 = start + (num_chunks - 1 - t) * BT
         state = (kv * NC + n0 // BT).to(tl.int64)
-        tl.store(dH_ptr + state * m * dv + tile, _cast_out(R, dH_ptr.dtype.element_ty), mask=tmask)
-        tl.store(dZ_ptr + state * m + offs_m, r, mask=fmask)
+        if STORE:
+            tl.store(dH_ptr + state * m * dv + tile, _cast_out(R, dH_ptr.dtype.element_ty), mask=tmask)
+            tl.store(dZ_ptr + state * m + offs_m, r, mask=fmask)
+            if PMAX:
+                if mb == 0:
+                    tl.store(E_ptr + state * dv + offs_v, E, mask=vmask)
         offs_n = n0 + offs_t
         rows = offs_n < N
+        if PMAX:  # to the offset before this chunk (≤ every M_i of its queries)
+            prev = tl.load(M_row + n0 - 1, mask=n0 > 0, other=-1.0e30)
+            shrink = tl.exp(prev - ref)
+            R = R * shrink
+            r = r * shrink
+            ref = prev
+            q_scale = tl.exp(prev - tl.load(M_row + offs_n, mask=rows, other=1.0e30))
         for g in range(0, G):
-            h = hk * G + g
-            xt = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            bh = b * HQ + hk * G + g
+            xt = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * G + g).to(tl.int64) * stride_qh
                          + offs_n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                          mask=rows[None, :] & (offs_d[:, None] < d), other=0.0)
-            o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+            o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + (hk * G + g).to(tl.int64) * stride_oh
                         + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
                         mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+            do = tl.load(do_ptr + b.to(tl.int64) * stride_gb + (hk * G + g).to(tl.int64) * stride_gh
                          + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                          mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            inv = 1.0 / tl.load(den_ptr + (b * HQ + h).to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-            phi, _ = _apply(_logits_blk_t(xt, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps,
-                            fmask[:, None] & rows[None, :], FEATURE)
-            R += _dot(phi, do * inv[:, None], LP)
-            r += tl.sum(phi * (-tl.sum(do * o, axis=1) * inv)[None, :], axis=1)
+            inv = 1.0 / tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+            dnum = do * inv[:, None]
+            dden = -tl.sum(do * o, axis=1) * inv
+            lt = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
+            if PMAX:
+                row_max = tl.load(stats_ptr + rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                q_sum = tl.load(stats_ptr + 2 * rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                phi, _ = _apply(lt, row_max[None, :], ratio, eps, fmask[:, None] & rows[None, :], FEATURE)
+                E += tl.sum(q_sum[:, None] * dnum, axis=0)
+                dnum = dnum * q_scale[:, None]
+                dden = dden * q_scale
+            else:
+                phi, _ = _apply(lt, 0.0, ratio, eps, fmask[:, None] & rows[None, :], FEATURE)
+            R += _dot(phi, dnum, LP)
+            r += tl.sum(phi * dden[None, :], axis=1)
+    if not STORE:
+        tl.store(rec + tile, R, mask=tmask)
+        tl.store(rec + m * dv + offs_m, r, mask=fmask)
+        if mb == 0:
+            tl.store(rec + m * dv + m + offs_v, E, mask=vmask)
 
 
 @triton.jit
 def _chunk_dkv(
-    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, dH_ptr, dZ_ptr, o_ptr, do_ptr, den_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, M_ptr, dH_ptr, dZ_ptr, E_ptr, o_ptr, do_ptr, stats_ptr,
+    dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -333,7 +501,7 @@ def _chunk_dkv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_wm, stride_wd, stride_mb, stride_mn,
     HKV, G, NMB, N, m, d, dv, xs, ratio, eps,
-    FEATURE: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head, chunk): dk and dv from the chunk's queries of every head of the
@@ -343,6 +511,7 @@ def _chunk_dkv(
     b = pid_bh // HKV
     hk = pid_bh % HKV
     HQ = HKV * G
+    rows_total = tl.num_programs(0) * G * N  # B·HQ·N
     offs_t = tl.arange(0, BT)
     offs_n = c * BT + offs_t
     offs_d = tl.arange(0, BD)
@@ -350,10 +519,10 @@ def _chunk_dkv(
     rows = offs_n < N
     dmask = offs_d < d
     vmask = offs_v < dv
-    upper = offs_t[:, None] <= offs_t[None, :]  # query i at or after key j
     valid = rows
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    upper = (offs_t[:, None] <= offs_t[None, :]) & valid[:, None]  # query i at or after valid key j
     xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
                  + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                  mask=rows[:, None] & dmask[None, :], other=0.0)
@@ -364,19 +533,32 @@ def _chunk_dkv(
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     dl_sum = tl.zeros([BT], dtype=tl.float32)
     dvv = tl.zeros([BT, BDV], dtype=tl.float32)
+    if PMAX:
+        M_row = M_ptr + pid_bh.to(tl.int64) * N
+        Mk = tl.load(M_row + offs_n, mask=rows, other=0.0)
+        k_scale = tl.exp(tl.minimum(Mk - tl.load(M_row + tl.minimum(c * BT + BT, N) - 1), 0.0))  # to dH's offset
+        decay = tl.exp(tl.minimum(Mk[:, None] - Mk[None, :], 0.0))  # [j, i]: exp(M_j − M_i)
+        dvv = dvv + eps * tl.load(E_ptr + state * dv + offs_v, mask=vmask, other=0.0)[None, :]
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = offs_m < m
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
-        phik, fk = _apply(_logits_blk(xk, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps,
-                          valid[:, None] & fmask[None, :], FEATURE)
+        lk = _logits_blk(xk, whi, wlo, xs, FEATURE, LP)
         dHb = tl.load(dH_ptr + state * m * dv + offs_m[:, None] * dv + offs_v[None, :],
                       mask=fmask[:, None] & vmask[None, :], other=0.0)
         dzb = tl.load(dZ_ptr + state * m + offs_m, mask=fmask, other=0.0)
         dphik = _dot(vv, tl.trans(dHb), LP) + dzb[None, :]
-        dvv += _dot(phik, dHb, LP)
+        if PMAX:  # phik: e_j = exp(l_j − M_j) (ratio and ε apart); dH is relative to M at the chunk's end
+            phik = tl.where(valid[:, None] & fmask[None, :], tl.exp(tl.minimum(lk - Mk[:, None], 0.0)), 0.0)
+            fk = ratio * phik
+            dphik = dphik * k_scale[:, None]
+            dvv += _dot(phik * k_scale[:, None], dHb, LP)
+        else:
+            phik, fk = _apply(lk, 0.0, ratio, eps, valid[:, None] & fmask[None, :], FEATURE)
+            dvv += _dot(phik, dHb, LP)
         for g in range(0, G):
             h = hk * G + g
+            bh = b * HQ + h
             xq = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                          + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                          mask=rows[:, None] & dmask[None, :], other=0.0)
@@ -387,15 +569,28 @@ def _chunk_dkv(
                              + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                              mask=rows[:, None] & vmask[None, :], other=0.0)
             do = do_raw.to(tl.float32)
-            inv = 1.0 / tl.load(den_ptr + (b * HQ + h).to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+            inv = 1.0 / tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+            dnum = do * inv[:, None]
             do_o = tl.sum(do * o, axis=1)
-            phiq, _ = _apply(_logits_blk(xq, whi, wlo, xs, FEATURE, LP), 0.0, ratio, eps, fmask[None, :], FEATURE)
-            Bt = tl.where(upper & valid[:, None], (_dot(vv, tl.trans(do_raw), LP) - do_o[None, :]) * inv[None, :], 0.0)
-            P = tl.where(upper, _dot(phik, tl.trans(phiq), LP), 0.0)
-            dvv += _dot(P, do * inv[:, None], LP)
+            lq = _logits_blk(xq, whi, wlo, xs, FEATURE, LP)
+            Bt = tl.where(upper, (_dot(vv, tl.trans(do_raw), LP) - do_o[None, :]) * inv[None, :], 0.0)
+            if PMAX:
+                row_max = tl.load(stats_ptr + rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                phiq, _ = _apply(lq, row_max[:, None], ratio, eps, fmask[None, :], FEATURE)
+                P = tl.where(upper, _dot(phik, tl.trans(phiq), LP) * decay, 0.0)
+                if mb == 0:  # the ε part of every key's feature, once
+                    q_sum = tl.load(stats_ptr + 2 * rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                    P += tl.where(upper, eps * q_sum[None, :], 0.0)
+                Bt = Bt * decay
+            else:
+                phiq, _ = _apply(lq, 0.0, ratio, eps, fmask[None, :], FEATURE)
+                P = tl.where(upper, _dot(phik, tl.trans(phiq), LP), 0.0)
+            dvv += _dot(P, dnum, LP)
             dphik += _dot(Bt, phiq, LP)
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphik * fk, whi, FEATURE, LP)
     dx = _finish_input_grad(dx, dl_sum, xk, xs, FEATURE)
+    if PMAX:
+        dvv = ratio * dvv
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _cast_out(dx, dk_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
@@ -423,27 +618,41 @@ class _Plan:
         HKV, dv = k.shape[1], v.shape[-1]
         m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
         BT = pick_config("chunk", m, d, dv)["BN"]
+        self.pmax = cfg.use_key_max
         self.seg_len = segment_length(N, B * HKV * NMB, q.device, BT)
         self.state, P = state_launch(k, v, valid, cfg, tokens=self.seg_len)
         rec = record_size(m, dv)
         mult, const = cfg.state_terms()
         self.scan = Launch(
             _scan_segments, (B * HKV, NMB), (P, 1, m, dv, rec, float(mult), float(const)),
-            dict(REVERSE=False, USE_MAX=False, FOLD=True, BMB=BMB, BDV=BDV, BM=max(16, triton.next_power_of_2(m))),
-            q.device,
+            dict(REVERSE=False, USE_MAX=self.pmax, FOLD=not self.pmax, BMB=BMB, BDV=BDV,
+                 BM=max(16, triton.next_power_of_2(m))), q.device,
         )
         NC = triton.cdiv(N, BT)
         self.records = B * HKV * P * rec
         self.h_size, self.z_size = B * HKV * NC * m * dv, B * HKV * NC * m
+        # prefix-max ε part: Σv and the key count before every chunk
+        self.vs_size, self.cnt_size = (B * HKV * NC * dv, B * HKV * NC) if self.pmax else (1, 1)
         # bf16 for both half dtypes: a state sums up to N products and may pass fp16's range
         self.h_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
         self.o_shape, self.rows = (B, HQ, N, dv), B * HQ * N
+        self.kv_rows = B * HKV * N
+        # denominators; with the prefix max also the query rows' max logits and Σ_l φ(q)_l
+        self.stats = (3 if self.pmax else 1) * self.rows
         _, smb, smn = key_valid_arg(valid, k)
         self.mask_strides = (smb, smn)
         self.w_strides = weight_strides(cfg, d)
         self.sizes = (B, HQ, HKV, N, d, dv, m, P, NC, NMB, BMB, BDV)
-        self.meta = dict(FEATURE=FEATURE_CODES[cfg.feature], HAS_VALID=valid is not None, LP=cfg.low_precision(q),
-                         BT=BT, BMB=BMB, BD=BD, BDV=BDV)
+        self.meta = dict(FEATURE=FEATURE_CODES[cfg.feature], PMAX=self.pmax, HAS_VALID=valid is not None,
+                         LP=cfg.low_precision(q), BT=BT, BMB=BMB, BD=BD, BDV=BDV)
+        self.key_max = None
+        if self.pmax:
+            meta = {key: value for key, value in self.meta.items() if key not in ("PMAX", "BDV")}
+            self.key_max = Launch(
+                _key_row_max, (B * HKV, NC),
+                (*_strides(k), *self.w_strides, smb, smn, HKV, NMB, N, m, d, cfg.x_scale),
+                dict(meta, **_options("chunk_out", m, d, dv)), q.device,
+            )
         self.states = Launch(
             _chunk_states, (B * HKV * NMB, P),
             (*_strides(k), *_strides(v), *self.w_strides, smb, smn, HKV, NMB, N, m, d, dv, self.seg_len, rec,
@@ -458,12 +667,24 @@ class _Plan:
         )
         self.backward_plans = PlanCache()
 
-    def chunk_states(self, k, v, whi, wlo, mask, S):
-        """H, Z: the state before every chunk (from the scanned segment records S)."""
+    def prefix_max(self, k, whi, wlo, mask) -> torch.Tensor:
+        """FAVOR's prefix max M per key row, ``(B·Hkv·N,)`` fp32 (a dummy without the stabiliser)."""
+        if not self.pmax:
+            return torch.empty(1, device=k.device, dtype=torch.float32)
+        row_max = torch.empty(self.kv_rows, device=k.device, dtype=torch.float32)
+        self.key_max(k, whi, wlo, mask, row_max)
+        return torch.cummax(row_max.view(-1, k.shape[2]), dim=1).values.reshape(-1)
+
+    def chunk_states(self, k, v, whi, wlo, mask, M, S):
+        """H, Z (and with the prefix max VS, CNT): the state before every chunk, from the scanned
+        segment records S."""
+        f32 = dict(device=k.device, dtype=torch.float32)
         H = torch.empty(self.h_size, device=k.device, dtype=self.h_dtype)
-        Z = torch.empty(self.z_size, device=k.device, dtype=torch.float32)
-        self.states(k, v, whi, wlo, mask, S, H, Z)
-        return H, Z
+        Z = torch.empty(self.z_size, **f32)
+        VS = torch.empty(self.vs_size, **f32)
+        CNT = torch.empty(self.cnt_size, **f32)
+        self.states(k, v, whi, wlo, mask, M, S, H, Z, VS, CNT)
+        return H, Z, VS, CNT
 
     def backward(self, do, q, k, v, cfg: FeatureConfig) -> "_BackwardPlan":
         key = layout_key(do)
@@ -483,27 +704,20 @@ class _BackwardPlan:
              *plan.w_strides, *plan.mask_strides, HQ, G, NMB, N, m, d, dv, *consts),
             dict(plan.meta, **_options("chunk_dq", m, d, dv)), q.device,
         )
-        launch = pick_config("dstate", m, d, dv)
-        self.q_parts = B * HQ * P * rec
-        self.dstate = Launch(
-            _dstate_bwd, (B * HQ * NMB, P),
-            (*_strides(q), *o_strides, *_strides(do), *plan.w_strides, HQ, NMB, N, m, d, dv, plan.seg_len, rec,
-             *consts),
-            dict(FEATURE=plan.meta["FEATURE"], LP=plan.meta["LP"], BMB=BMB, BD=plan.meta["BD"], BDV=BDV, **launch),
-            q.device,
-        )
-        self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, G, m, dv, rec, 1.0, 0.0),
-            dict(REVERSE=True, USE_MAX=False, FOLD=False, BMB=BMB, BDV=BDV, BM=max(16, triton.next_power_of_2(m))),
-            q.device,
-        )
+        # the segments' own sums (summed over the group's query heads), scanned into suffix states
+        self.e_size = B * HKV * NC * dv if plan.pmax else 1
         no_valid = {key: value for key, value in plan.meta.items() if key != "HAS_VALID"}
-        self.dstates = Launch(
-            _chunk_dstates, (B * HKV * NMB, P),
-            (*_strides(q), *o_strides, *_strides(do), *plan.w_strides, HKV, G, NMB, N, m, d, dv, plan.seg_len, rec,
-             *consts),
-            dict(no_valid, **_options("chunk_dstates", m, d, dv)), q.device,
+        walk = (*_strides(q), *o_strides, *_strides(do), *plan.w_strides, HKV, G, NMB, N, m, d, dv, plan.seg_len,
+                rec, *consts)
+        self.segment_sums = Launch(_chunk_dstates, (B * HKV * NMB, P), walk,
+                                   dict(no_valid, STORE=False, **_options("chunk_dstates", m, d, dv)), q.device)
+        self.scan = Launch(
+            _scan_segments, (B * HKV, NMB), (P, 1, m, dv, rec, 1.0, 0.0),
+            dict(REVERSE=True, USE_MAX=plan.pmax, FOLD=False, BMB=BMB, BDV=BDV,
+                 BM=max(16, triton.next_power_of_2(m))), q.device,
         )
+        self.dstates = Launch(_chunk_dstates, (B * HKV * NMB, P), walk,
+                              dict(no_valid, STORE=True, **_options("chunk_dstates", m, d, dv)), q.device)
         self.dkv = Launch(
             _chunk_dkv, (B * HKV, NC),
             (*_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(do), *_contiguous_strides(*k.shape),
@@ -526,65 +740,60 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
     S = torch.empty(plan.records, **f32)
     plan.scan(parts, S, S)
     del parts
-    H, Z = plan.chunk_states(k, v, whi, wlo, mask, S)
+    M = plan.prefix_max(k, whi, wlo, mask)
+    H, Z, VS, CNT = plan.chunk_states(k, v, whi, wlo, mask, M, S)
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
-    # denominators, then zeros: linear_attn._dstate_bwd reads FAVOR's query row maxima there
-    stats = torch.empty(2 * plan.rows, **f32)
-    stats[plan.rows:].zero_()
-    plan.out(q, k, v, whi, wlo, mask, H, Z, o, stats)
-    return o, stats, S, plan
+    stats = torch.empty(plan.stats, **f32)
+    plan.out(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, stats)
+    return o, stats, S, M, plan
 
 
-def _backward(do, q, k, v, o, stats, S, valid, plan: _Plan, cfg: FeatureConfig):
+def _backward(do, q, k, v, o, stats, S, M, valid, plan: _Plan, cfg: FeatureConfig):
     bplan = plan.backward(do, q, k, v, cfg)
     whi, wlo = cfg.split_weight(q)
     mask = key_valid_arg(valid, k)[0]
     f32 = dict(device=q.device, dtype=torch.float32)
-    H, Z = plan.chunk_states(k, v, whi, wlo, mask, S)
+    H, Z, VS, CNT = plan.chunk_states(k, v, whi, wlo, mask, M, S)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    bplan.dq(q, k, v, whi, wlo, mask, H, Z, o, do, stats, dq)
-    del H, Z
-    parts = torch.empty(bplan.q_parts, **f32)
-    bplan.dstate(q, whi, wlo, o, do, stats, parts)
+    bplan.dq(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, do, stats, dq)
+    del H, Z, VS, CNT
+    dH = torch.empty(plan.h_size, device=q.device, dtype=plan.h_dtype)
+    dZ = torch.empty(plan.z_size, **f32)
+    E = torch.empty(bplan.e_size, **f32)
+    parts = torch.empty(plan.records, **f32)
+    bplan.segment_sums(q, whi, wlo, o, do, stats, M, parts, dH, dZ, E)
     R = torch.empty(plan.records, **f32)
     bplan.scan(parts, R, S)
     del parts
-    dH = torch.empty(plan.h_size, device=q.device, dtype=plan.h_dtype)
-    dZ = torch.empty(plan.z_size, **f32)
-    bplan.dstates(q, whi, wlo, o, do, stats, R, dH, dZ)
+    bplan.dstates(q, whi, wlo, o, do, stats, M, R, dH, dZ, E)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    bplan.dkv(q, k, v, whi, wlo, mask, dH, dZ, o, do, stats, dk, dv)
+    bplan.dkv(q, k, v, whi, wlo, mask, M, dH, dZ, E, o, do, stats, dk, dv)
     return dq, dk, dv
 
 
 class _ChunkedCausalFeatureAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, valid, cfg):
-        o, stats, S, plan = _forward(q, k, v, valid, cfg)
-        ctx.save_for_backward(q, k, v, o, stats, S, valid)
+        o, stats, S, M, plan = _forward(q, k, v, valid, cfg)
+        ctx.save_for_backward(q, k, v, o, stats, S, M, valid)
         ctx.cfg, ctx.plan = cfg, plan
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, stats, S, valid = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, stats, S, valid, ctx.plan, ctx.cfg)
+        q, k, v, o, stats, S, M, valid = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, stats, S, M, valid, ctx.plan, ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
 def chunked_causal_feature_attention(q, k, v, cfg: FeatureConfig, key_padding_mask=None):
-    """Causal fused kernel attention, chunk-parallel → ``(B, Hq, N, dv)`` in q's dtype (see module doc).
-    Not for FAVOR+ with its prefix-max stabiliser (``cfg.use_key_max``)."""
-    if cfg.use_key_max:
-        raise ValueError("chunked_causal_feature_attention: expected a feature map without FAVOR's prefix-max "
-                         "stabiliser (stabilize=False), got stabilize=True")
+    """Causal fused kernel attention, chunk-parallel → ``(B, Hq, N, dv)`` in q's dtype (see module doc)."""
     return _ChunkedCausalFeatureAttention.apply(q, k, v, cfg.projection, key_padding_mask, cfg)
 
 
-# Which causal kernels ``ops.feature_attention`` runs: "auto" (the chunk-parallel ones for maps without
-# the prefix-max stabiliser and more than one feature block, where the segment scan's m×dv states
-# spill), "chunk" (wherever they apply) or "scan" (the segment scan always).
+# Which causal kernels ``ops.feature_attention`` runs: "auto" (the chunk-parallel ones for more than
+# one feature block, where the segment scan's m×dv states spill), "chunk" or "scan" (always that one).
 CAUSAL_KERNEL = os.environ.get("APPROXATTN_CAUSAL_KERNEL", "auto")
 if CAUSAL_KERNEL not in ("auto", "chunk", "scan"):
     raise ValueError(f"APPROXATTN_CAUSAL_KERNEL: expected 'auto', 'chunk' or 'scan', got {CAUSAL_KERNEL!r}")
@@ -592,6 +801,6 @@ if CAUSAL_KERNEL not in ("auto", "chunk", "scan"):
 
 def takes(cfg: FeatureConfig, d: int) -> bool:
     """Whether the causal op runs these kernels for ``cfg`` at head dim d (see ``CAUSAL_KERNEL``)."""
-    if cfg.use_key_max or CAUSAL_KERNEL == "scan":
+    if CAUSAL_KERNEL == "scan":
         return False
     return CAUSAL_KERNEL == "chunk" or cfg.features(d) > FEATURE_BLOCK
