@@ -297,6 +297,28 @@ def test_causal_chunked_prefix_max_segments_rising_keys(m, chunked_causal):
 
 @needs_triton
 @cpu_only
+@pytest.mark.parametrize("feature", ["relu", "favor"])
+def test_causal_chunked_head_groups(feature, chunked_causal, monkeypatch):
+    """States stored for one key/value head at a time (a budget too small for more): four groups in
+    turn, each with its query heads (GQA), the prefix max (favor) and padding."""
+    from approxattn.kernels import causal_chunked
+
+    monkeypatch.setattr(causal_chunked, "STATE_BUDGET", 1e-6)
+    check(feature, torch.float32, causal=True, N=45, m=40, padding=7, key_ramp=(0.3, 2.5))
+    assert [plan.groups for plan in chunked_causal.values()] == [[0, 1, 2, 3]]
+
+
+def test_kv_group_size():
+    from approxattn.kernels.causal_chunked import kv_group_size
+
+    assert kv_group_size(16, 4 * 100, 100) == 8  # states 4× q's bytes, budget 2×: two groups
+    assert kv_group_size(16, 2 * 100, 100) == 16
+    assert kv_group_size(6, 5 * 100, 100) == 2  # three groups: the fewest dividing the heads
+    assert kv_group_size(5, 9 * 100, 100) == 1
+
+
+@needs_triton
+@cpu_only
 def test_causal_chunked_prefix_max_large_eps(chunked_causal):
     """FAVOR's ε = 0.05 (1e-6 elsewhere hides the ε parts, carried apart from the offset states)."""
     check("favor", torch.float32, causal=True, B=1, HQ=2, HKV=1, N=100, m=40, padding=5, key_ramp=(0.3, 2.5), eps=0.05)

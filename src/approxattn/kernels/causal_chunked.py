@@ -24,6 +24,9 @@ Forward:
 3. ``_chunk_out`` (grid: query head, chunk): ``o = (φ(Q)H[c] + M∘(φ(Q)φ(K)ᵀ)V) / den`` with
    ``den = φ(Q)Z[c] + rowsum(M∘φ(Q)φ(K)ᵀ) + den_eps``, M the causal mask of the chunk.
 
+Where the stored states would take more than ``STATE_BUDGET`` × the bytes of q, steps 2–3 (and 4, 5's
+storing walk and 6 below) run over groups of key/value heads in turn, reusing one buffer.
+
 Backward (H is recomputed, not kept from the forward: it is as large as an N×m bf16 tensor):
 
 4. ``_chunk_states`` again, then ``_chunk_dq`` (grid: query head, chunk):
@@ -109,11 +112,11 @@ def _chunk_states(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HKV, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps,
+    HKV, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps, kv0,
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head × feature block, segment): from the segment's start state (``S``,
+    """Grid (key/value head from kv0 × feature block, segment): from the segment's start state (``S``,
     the scanned records), store the state before each of its chunks, then add the chunk's keys
     (feature-major ``(BMB, BT)`` tiles, as ``linear_attn._state_fwd``).
 
@@ -123,7 +126,7 @@ def _chunk_states(
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     num_seg = tl.num_programs(1)
-    kv = pid // NMB
+    kv = kv0 + pid // NMB
     mb = pid % NMB
     b = kv // HKV
     h = kv % HKV
@@ -150,7 +153,7 @@ def _chunk_states(
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     NC = tl.cdiv(N, BT)
     for n0 in range(start, stop, BT):
-        state = (kv * NC + n0 // BT).to(tl.int64)
+        state = ((kv - kv0) * NC + n0 // BT).to(tl.int64)  # the buffers hold the group's heads
         tl.store(H_ptr + state * m * dv + tile, _cast_out(S, H_ptr.dtype.element_ty), mask=tmask)
         tl.store(Z_ptr + state * m + offs_m, z, mask=fmask)
         offs_n = n0 + offs_t
@@ -190,17 +193,17 @@ def _chunk_out(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HQ, G, NMB, N, m, d, dv, xs, ratio, eps, den_eps,
+    HQ, G, NMB, N, m, d, dv, xs, ratio, eps, den_eps, kv0, ROWS,
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, chunk): the chunk's outputs; ``stats`` gets the denominators (PMAX: then
+    """Grid (query head of the key/value heads from kv0, chunk): the chunk's outputs; ``stats`` gets the denominators (PMAX: then
     the query rows' max logits and ``Σ_l φ(q)_l``), kept for the backward.
 
     PMAX (FAVOR+ as ``causal_linear_attn``): query features ``ratio·(exp(l − max_l l) + ε)``, the
     row max taken as a running max over the feature blocks (sums rescaled when it grows, their ε
     parts added at the end); row i weighs key j by ``ratio·(φ(q_i)·e_j·exp(M_j − M_i) + ε·Σφ(q_i))``."""
-    pid_bh = tl.program_id(0)
+    pid_bh = kv0 * G + tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
@@ -225,7 +228,7 @@ def _chunk_out(
     vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                  + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                  mask=valid[:, None] & vmask[None, :], other=0.0)
-    state = (kv * tl.num_programs(1) + c).to(tl.int64)
+    state = ((kv - kv0) * tl.num_programs(1) + c).to(tl.int64)
     lower = offs_t[:, None] >= offs_t[None, :]
     A = tl.zeros([BT, BT], dtype=tl.float32)
     num = tl.zeros([BT, BDV], dtype=tl.float32)
@@ -279,9 +282,8 @@ def _chunk_out(
                                          + eps * q_sum[:, None] * vs[None, :])
         den = tl.sum(A, axis=1) + ratio * (ratio * (den + eps * tl.sum(z_sum, axis=0)) * carry + eps * q_sum * cnt)
         den += den_eps
-        rows_total = tl.num_programs(0) * N
-        tl.store(stats_ptr + rows_total + pid_bh.to(tl.int64) * N + offs_n, row_max, mask=rows)
-        tl.store(stats_ptr + 2 * rows_total + pid_bh.to(tl.int64) * N + offs_n, q_sum, mask=rows)
+        tl.store(stats_ptr + ROWS + pid_bh.to(tl.int64) * N + offs_n, row_max, mask=rows)
+        tl.store(stats_ptr + 2 * ROWS + pid_bh.to(tl.int64) * N + offs_n, q_sum, mask=rows)
     else:
         A = tl.where(lower, A, 0.0)
         num += _dot(A, vv, LP)
@@ -303,13 +305,13 @@ def _chunk_dq(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HQ, G, NMB, N, m, d, dv, xs, ratio, eps,
+    HQ, G, NMB, N, m, d, dv, xs, ratio, eps, kv0, ROWS,
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head, chunk): dq from the chunk's keys and the state before it (PMAX: the
+    """Grid (query head of the key/value heads from kv0, chunk): dq from the chunk's keys and the state before it (PMAX: the
     prefix max and the query row maxima are constants, as in ``causal_linear_attn``)."""
-    pid_bh = tl.program_id(0)
+    pid_bh = kv0 * G + tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
@@ -344,15 +346,14 @@ def _chunk_dq(
     do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
     Bm = tl.where((offs_t[:, None] >= offs_t[None, :]) & valid[None, :],
                   (_dot(do_raw, tl.trans(vv), LP) - do_o[:, None]) * inv[:, None], 0.0)
-    state = (kv * tl.num_programs(1) + c).to(tl.int64)
+    state = ((kv - kv0) * tl.num_programs(1) + c).to(tl.int64)
     scale = inv
     if PMAX:
         M_row = M_ptr + kv.to(tl.int64) * N
         Mk = tl.load(M_row + offs_n, mask=rows, other=0.0)
         ref = tl.load(M_row + c * BT - 1, mask=c > 0, other=-1.0e30)
         scale = tl.exp(ref - Mk) * inv  # carry / den
-        row_max = tl.load(stats_ptr + tl.num_programs(0) * N + pid_bh.to(tl.int64) * N + offs_n, mask=rows,
-                          other=0.0)
+        row_max = tl.load(stats_ptr + ROWS + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
         vs = tl.load(VS_ptr + state * dv + offs_v, mask=vmask, other=0.0)
         cnt = tl.load(CNT_ptr + state)
         # the ε part of every key's feature (no offset): Σ_{j ≤ i} (v_j·do_i − do_i·o_i)/den_i, in and before the chunk
@@ -392,11 +393,11 @@ def _chunk_dstates(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_wm, stride_wd,
-    HKV, G, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps,
+    HKV, G, NMB, N, m, d, dv, seg_len, rec_size, xs, ratio, eps, kv0, ROWS,
     FEATURE: tl.constexpr, PMAX: tl.constexpr, STORE: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head × feature block, segment): walks the segment's chunks backwards
+    """Grid (key/value head from kv0 × feature block, segment): walks the segment's chunks backwards
     adding ``Σ_g φ(q_i) dnum_iᵀ`` and ``Σ_g φ(q_i) dden_i`` of the group's query heads.
 
     STORE: starting from the suffix state after the segment (``R``, the reverse-scanned records),
@@ -406,12 +407,11 @@ def _chunk_dstates(
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     num_seg = tl.num_programs(1)
-    kv = pid // NMB
+    kv = kv0 + pid // NMB
     mb = pid % NMB
     b = kv // HKV
     hk = kv % HKV
     HQ = HKV * G
-    rows_total = HQ * N * (tl.num_programs(0) // (HKV * NMB))  # B·HQ·N
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     offs_t = tl.arange(0, BT)
@@ -439,7 +439,7 @@ def _chunk_dstates(
     num_chunks = tl.cdiv(stop - start, BT)
     for t in range(0, num_chunks):
         n0 = start + (num_chunks - 1 - t) * BT
-        state = (kv * NC + n0 // BT).to(tl.int64)
+        state = ((kv - kv0) * NC + n0 // BT).to(tl.int64)
         if STORE:
             tl.store(dH_ptr + state * m * dv + tile, _cast_out(R, dH_ptr.dtype.element_ty), mask=tmask)
             tl.store(dZ_ptr + state * m + offs_m, r, mask=fmask)
@@ -471,8 +471,8 @@ def _chunk_dstates(
             dden = -tl.sum(do * o, axis=1) * inv
             lt = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
             if PMAX:
-                row_max = tl.load(stats_ptr + rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
-                q_sum = tl.load(stats_ptr + 2 * rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                row_max = tl.load(stats_ptr + ROWS + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                q_sum = tl.load(stats_ptr + 2 * ROWS + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
                 phi, _ = _apply(lt, row_max[None, :], ratio, eps, fmask[:, None] & rows[None, :], FEATURE)
                 E += tl.sum(q_sum[:, None] * dnum, axis=0)
                 dnum = dnum * q_scale[:, None]
@@ -500,18 +500,17 @@ def _chunk_dkv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HKV, G, NMB, N, m, d, dv, xs, ratio, eps,
+    HKV, G, NMB, N, m, d, dv, xs, ratio, eps, kv0, ROWS,
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (key/value head, chunk): dk and dv from the chunk's queries of every head of the
+    """Grid (key/value head from kv0, chunk): dk and dv from the chunk's queries of every head of the
     group and the suffix state after the chunk. Tiles indexed ``[key j, query i]``."""
-    pid_bh = tl.program_id(0)
+    pid_bh = kv0 + tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     HQ = HKV * G
-    rows_total = tl.num_programs(0) * G * N  # B·HQ·N
     offs_t = tl.arange(0, BT)
     offs_n = c * BT + offs_t
     offs_d = tl.arange(0, BD)
@@ -529,7 +528,7 @@ def _chunk_dkv(
     vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                  + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                  mask=valid[:, None] & vmask[None, :], other=0.0)
-    state = (pid_bh * tl.num_programs(1) + c).to(tl.int64)
+    state = ((pid_bh - kv0) * tl.num_programs(1) + c).to(tl.int64)
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     dl_sum = tl.zeros([BT], dtype=tl.float32)
     dvv = tl.zeros([BT, BDV], dtype=tl.float32)
@@ -575,11 +574,11 @@ def _chunk_dkv(
             lq = _logits_blk(xq, whi, wlo, xs, FEATURE, LP)
             Bt = tl.where(upper, (_dot(vv, tl.trans(do_raw), LP) - do_o[None, :]) * inv[None, :], 0.0)
             if PMAX:
-                row_max = tl.load(stats_ptr + rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                row_max = tl.load(stats_ptr + ROWS + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
                 phiq, _ = _apply(lq, row_max[:, None], ratio, eps, fmask[None, :], FEATURE)
                 P = tl.where(upper, _dot(phik, tl.trans(phiq), LP) * decay, 0.0)
                 if mb == 0:  # the ε part of every key's feature, once
-                    q_sum = tl.load(stats_ptr + 2 * rows_total + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
+                    q_sum = tl.load(stats_ptr + 2 * ROWS + bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
                     P += tl.where(upper, eps * q_sum[None, :], 0.0)
                 Bt = Bt * decay
             else:
@@ -603,6 +602,21 @@ def _chunk_dkv(
 # ----------------------------------------------------------------------------- host side
 
 
+# The stored states (H, or dH) take at most this many times the bytes of q: the backward then peaks
+# near 1.3× the bytes of q, k, v, o and their gradients (d = dv), under the issue's 1.5×. Where they
+# would take more, the passes that store them run over groups of key/value heads, one after another,
+# reusing one buffer. (FAVOR+ m = 256, d = dv = 64, BT = 64: the states are 4× q's bytes, so 2 groups.)
+# APPROXATTN_CHUNK_STATE_BUDGET sets it (a large value: one group, the fastest).
+STATE_BUDGET = float(os.environ.get("APPROXATTN_CHUNK_STATE_BUDGET", "2.0"))
+
+
+def kv_group_size(kv_heads: int, state_bytes: int, q_bytes: int) -> int:
+    """Key/value heads per group: the fewest groups (a divisor of ``kv_heads``) within the budget."""
+    want = max(1, -(-state_bytes // max(1, int(STATE_BUDGET * q_bytes))))
+    groups = next((g for g in range(want, kv_heads + 1) if kv_heads % g == 0), kv_heads)
+    return kv_heads // groups
+
+
 def _options(kind: str, m: int, d: int, dv: int) -> dict[str, int]:
     """A kernel's launch options (num_warps, num_stages); the chunk length comes from ``chunk``."""
     launch = pick_config(kind, m, d, dv)
@@ -619,7 +633,11 @@ class _Plan:
         m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
         BT = pick_config("chunk", m, d, dv)["BN"]
         self.pmax = cfg.use_key_max
-        self.seg_len = segment_length(N, B * HKV * NMB, q.device, BT)
+        NC = triton.cdiv(N, BT)
+        h_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+        gkv = kv_group_size(B * HKV, B * HKV * NC * m * dv * h_dtype.itemsize, q.numel() * q.element_size())
+        self.groups = [kv0 for kv0 in range(0, B * HKV, gkv)]
+        self.seg_len = segment_length(N, gkv * NMB, q.device, BT)
         self.state, P = state_launch(k, v, valid, cfg, tokens=self.seg_len)
         rec = record_size(m, dv)
         mult, const = cfg.state_terms()
@@ -628,13 +646,13 @@ class _Plan:
             dict(REVERSE=False, USE_MAX=self.pmax, FOLD=not self.pmax, BMB=BMB, BDV=BDV,
                  BM=max(16, triton.next_power_of_2(m))), q.device,
         )
-        NC = triton.cdiv(N, BT)
         self.records = B * HKV * P * rec
-        self.h_size, self.z_size = B * HKV * NC * m * dv, B * HKV * NC * m
+        # the per-chunk buffers hold one group's heads
+        self.h_size, self.z_size = gkv * NC * m * dv, gkv * NC * m
         # prefix-max ε part: Σv and the key count before every chunk
-        self.vs_size, self.cnt_size = (B * HKV * NC * dv, B * HKV * NC) if self.pmax else (1, 1)
+        self.vs_size, self.cnt_size = (gkv * NC * dv, gkv * NC) if self.pmax else (1, 1)
         # bf16 for both half dtypes: a state sums up to N products and may pass fp16's range
-        self.h_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+        self.h_dtype = h_dtype
         self.o_shape, self.rows = (B, HQ, N, dv), B * HQ * N
         self.kv_rows = B * HKV * N
         # denominators; with the prefix max also the query rows' max logits and Σ_l φ(q)_l
@@ -642,7 +660,7 @@ class _Plan:
         _, smb, smn = key_valid_arg(valid, k)
         self.mask_strides = (smb, smn)
         self.w_strides = weight_strides(cfg, d)
-        self.sizes = (B, HQ, HKV, N, d, dv, m, P, NC, NMB, BMB, BDV)
+        self.sizes = (B, HQ, HKV, N, d, dv, m, P, NC, NMB, BMB, BDV, gkv)
         self.meta = dict(FEATURE=FEATURE_CODES[cfg.feature], PMAX=self.pmax, HAS_VALID=valid is not None,
                          LP=cfg.low_precision(q), BT=BT, BMB=BMB, BD=BD, BDV=BDV)
         self.key_max = None
@@ -653,18 +671,19 @@ class _Plan:
                 (*_strides(k), *self.w_strides, smb, smn, HKV, NMB, N, m, d, cfg.x_scale),
                 dict(meta, **_options("chunk_out", m, d, dv)), q.device,
             )
-        self.states = Launch(
-            _chunk_states, (B * HKV * NMB, P),
+        G = HQ // HKV
+        self.states = [Launch(
+            _chunk_states, (gkv * NMB, P),
             (*_strides(k), *_strides(v), *self.w_strides, smb, smn, HKV, NMB, N, m, d, dv, self.seg_len, rec,
-             cfg.x_scale, cfg.ratio, cfg.eps),
+             cfg.x_scale, cfg.ratio, cfg.eps, kv0),
             dict(self.meta, **_options("chunk_states", m, d, dv)), q.device,
-        )
-        self.out = Launch(
-            _chunk_out, (B * HQ, NC),
+        ) for kv0 in self.groups]
+        self.out = [Launch(
+            _chunk_out, (gkv * G, NC),
             (*_strides(q), *_strides(k), *_strides(v), *_contiguous_strides(*self.o_shape), *self.w_strides,
-             smb, smn, HQ, HQ // HKV, NMB, N, m, d, dv, cfg.x_scale, cfg.ratio, cfg.eps, cfg.den_eps),
+             smb, smn, HQ, G, NMB, N, m, d, dv, cfg.x_scale, cfg.ratio, cfg.eps, cfg.den_eps, kv0, self.rows),
             dict(self.meta, **_options("chunk_out", m, d, dv)), q.device,
-        )
+        ) for kv0 in self.groups]
         self.backward_plans = PlanCache()
 
     def prefix_max(self, k, whi, wlo, mask) -> torch.Tensor:
@@ -675,16 +694,11 @@ class _Plan:
         self.key_max(k, whi, wlo, mask, row_max)
         return torch.cummax(row_max.view(-1, k.shape[2]), dim=1).values.reshape(-1)
 
-    def chunk_states(self, k, v, whi, wlo, mask, M, S):
-        """H, Z (and with the prefix max VS, CNT): the state before every chunk, from the scanned
-        segment records S."""
-        f32 = dict(device=k.device, dtype=torch.float32)
-        H = torch.empty(self.h_size, device=k.device, dtype=self.h_dtype)
-        Z = torch.empty(self.z_size, **f32)
-        VS = torch.empty(self.vs_size, **f32)
-        CNT = torch.empty(self.cnt_size, **f32)
-        self.states(k, v, whi, wlo, mask, M, S, H, Z, VS, CNT)
-        return H, Z, VS, CNT
+    def state_buffers(self, device):
+        """Buffers for one group's per-chunk states: H, Z (and with the prefix max VS, CNT)."""
+        f32 = dict(device=device, dtype=torch.float32)
+        return (torch.empty(self.h_size, device=device, dtype=self.h_dtype), torch.empty(self.z_size, **f32),
+                torch.empty(self.vs_size, **f32), torch.empty(self.cnt_size, **f32))
 
     def backward(self, do, q, k, v, cfg: FeatureConfig) -> "_BackwardPlan":
         key = layout_key(do)
@@ -693,37 +707,39 @@ class _Plan:
 
 class _BackwardPlan:
     def __init__(self, plan: _Plan, do, q, k, v, cfg: FeatureConfig):
-        B, HQ, HKV, N, d, dv, m, P, NC, NMB, BMB, BDV = plan.sizes
+        B, HQ, HKV, N, d, dv, m, P, NC, NMB, BMB, BDV, gkv = plan.sizes
         G = HQ // HKV
         rec = record_size(m, dv)
         o_strides = _contiguous_strides(*plan.o_shape)
         consts = (cfg.x_scale, cfg.ratio, cfg.eps)
-        self.dq = Launch(
-            _chunk_dq, (B * HQ, NC),
+        self.dq = [Launch(
+            _chunk_dq, (gkv * G, NC),
             (*_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(do), *_contiguous_strides(*q.shape),
-             *plan.w_strides, *plan.mask_strides, HQ, G, NMB, N, m, d, dv, *consts),
+             *plan.w_strides, *plan.mask_strides, HQ, G, NMB, N, m, d, dv, *consts, kv0, plan.rows),
             dict(plan.meta, **_options("chunk_dq", m, d, dv)), q.device,
-        )
+        ) for kv0 in plan.groups]
         # the segments' own sums (summed over the group's query heads), scanned into suffix states
-        self.e_size = B * HKV * NC * dv if plan.pmax else 1
+        self.e_size = gkv * NC * dv if plan.pmax else 1
         no_valid = {key: value for key, value in plan.meta.items() if key != "HAS_VALID"}
         walk = (*_strides(q), *o_strides, *_strides(do), *plan.w_strides, HKV, G, NMB, N, m, d, dv, plan.seg_len,
                 rec, *consts)
-        self.segment_sums = Launch(_chunk_dstates, (B * HKV * NMB, P), walk,
+        self.segment_sums = Launch(_chunk_dstates, (B * HKV * NMB, P), (*walk, 0, plan.rows),
                                    dict(no_valid, STORE=False, **_options("chunk_dstates", m, d, dv)), q.device)
         self.scan = Launch(
             _scan_segments, (B * HKV, NMB), (P, 1, m, dv, rec, 1.0, 0.0),
             dict(REVERSE=True, USE_MAX=plan.pmax, FOLD=False, BMB=BMB, BDV=BDV,
                  BM=max(16, triton.next_power_of_2(m))), q.device,
         )
-        self.dstates = Launch(_chunk_dstates, (B * HKV * NMB, P), walk,
-                              dict(no_valid, STORE=True, **_options("chunk_dstates", m, d, dv)), q.device)
-        self.dkv = Launch(
-            _chunk_dkv, (B * HKV, NC),
+        self.dstates = [Launch(_chunk_dstates, (gkv * NMB, P), (*walk, kv0, plan.rows),
+                               dict(no_valid, STORE=True, **_options("chunk_dstates", m, d, dv)), q.device)
+                        for kv0 in plan.groups]
+        self.dkv = [Launch(
+            _chunk_dkv, (gkv, NC),
             (*_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(do), *_contiguous_strides(*k.shape),
-             *_contiguous_strides(*v.shape), *plan.w_strides, *plan.mask_strides, HKV, G, NMB, N, m, d, dv, *consts),
+             *_contiguous_strides(*v.shape), *plan.w_strides, *plan.mask_strides, HKV, G, NMB, N, m, d, dv, *consts,
+             kv0, plan.rows),
             dict(plan.meta, **_options("chunk_dkv", m, d, dv)), q.device,
-        )
+        ) for kv0 in plan.groups]
 
 
 _PLANS = PlanCache()
@@ -741,10 +757,12 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
     plan.scan(parts, S, S)
     del parts
     M = plan.prefix_max(k, whi, wlo, mask)
-    H, Z, VS, CNT = plan.chunk_states(k, v, whi, wlo, mask, M, S)
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
     stats = torch.empty(plan.stats, **f32)
-    plan.out(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, stats)
+    H, Z, VS, CNT = plan.state_buffers(q.device)
+    for states, out in zip(plan.states, plan.out):  # group by group, one state buffer
+        states(k, v, whi, wlo, mask, M, S, H, Z, VS, CNT)
+        out(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, stats)
     return o, stats, S, M, plan
 
 
@@ -753,9 +771,11 @@ def _backward(do, q, k, v, o, stats, S, M, valid, plan: _Plan, cfg: FeatureConfi
     whi, wlo = cfg.split_weight(q)
     mask = key_valid_arg(valid, k)[0]
     f32 = dict(device=q.device, dtype=torch.float32)
-    H, Z, VS, CNT = plan.chunk_states(k, v, whi, wlo, mask, M, S)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    bplan.dq(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, do, stats, dq)
+    H, Z, VS, CNT = plan.state_buffers(q.device)
+    for states, dq_launch in zip(plan.states, bplan.dq):
+        states(k, v, whi, wlo, mask, M, S, H, Z, VS, CNT)
+        dq_launch(q, k, v, whi, wlo, mask, M, H, Z, VS, CNT, o, do, stats, dq)
     del H, Z, VS, CNT
     dH = torch.empty(plan.h_size, device=q.device, dtype=plan.h_dtype)
     dZ = torch.empty(plan.z_size, **f32)
@@ -765,10 +785,11 @@ def _backward(do, q, k, v, o, stats, S, M, valid, plan: _Plan, cfg: FeatureConfi
     R = torch.empty(plan.records, **f32)
     bplan.scan(parts, R, S)
     del parts
-    bplan.dstates(q, whi, wlo, o, do, stats, M, R, dH, dZ, E)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    bplan.dkv(q, k, v, whi, wlo, mask, M, dH, dZ, E, o, do, stats, dk, dv)
+    for dstates, dkv in zip(bplan.dstates, bplan.dkv):
+        dstates(q, whi, wlo, o, do, stats, M, R, dH, dZ, E)
+        dkv(q, k, v, whi, wlo, mask, M, dH, dZ, E, o, do, stats, dk, dv)
     return dq, dk, dv
 
 
