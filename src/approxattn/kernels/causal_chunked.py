@@ -34,7 +34,8 @@ Backward (H is recomputed, not kept from the forward: it is as large as an N×m 
    ``B_ij = (do_i·v_j − do_i·o_i) / den_i`` formed from exact products before the cancellation.
 5. ``_chunk_dstates`` (grid: key/value head × feature block, segment) sums each segment's queries
    (of every head of the group), a reverse ``_scan_segments`` makes the suffix state after each
-   segment, and ``_chunk_dstates`` again walks the chunks backwards storing ``dH[c] = Σ_{i ≥ (c+1)·BT} Σ_g φ(q_i) dnum_iᵀ`` and
+   segment, and ``_chunk_dstates`` again walks the chunks backwards storing
+   ``dH[c] = Σ_{i ≥ (c+1)·BT} Σ_g φ(q_i) dnum_iᵀ`` and
    ``dZ[c] = Σ φ(q_i) dden_i`` (``dnum = do/den``, ``dden = −(do·o)/den``).
 6. ``_chunk_dkv`` (grid: key/value head, chunk): ``dφ(k_j) = v_j dH[c]ᵀ + dZ[c] + Σ_g Σ_{i ≥ j} B_ij φ(q_i)``
    and ``dv_j = φ(k_j) dH[c] + Σ_g Σ_{i ≥ j} (φ(q_i)·φ(k_j)) dnum_i``.
@@ -74,6 +75,19 @@ from .linear_attn import (
 
 
 @triton.jit
+def _load_tile(ptr, b, h, stride_b, stride_h, offs_n, stride_n, offs_c, stride_c, mask):
+    """Rows ``offs_n`` × columns ``offs_c`` of ``tensor[b, h]`` (zero where masked)."""
+    return tl.load(ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+                   + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, b, h, stride_b, stride_h, offs_n, stride_n, offs_c, stride_c, value, mask):
+    tl.store(ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+             + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c, value, mask=mask)
+
+
+@triton.jit
 def _key_row_max(
     k_ptr, whi_ptr, wlo_ptr, valid_ptr, out_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -94,9 +108,8 @@ def _key_row_max(
     valid = rows
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
-    xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=rows[:, None] & (offs_d[None, :] < d), other=0.0)
+    xk = _load_tile(k_ptr, b, h, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
+                    rows[:, None] & (offs_d[None, :] < d))
     best = tl.full([BT], -1.0e30, dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
@@ -197,8 +210,8 @@ def _chunk_out(
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head of the key/value heads from kv0, chunk): the chunk's outputs; ``stats`` gets the denominators (PMAX: then
-    the query rows' max logits and ``Σ_l φ(q)_l``), kept for the backward.
+    """Grid (query head of the key/value heads from kv0, chunk): the chunk's outputs; ``stats`` gets
+    the denominators (PMAX: then the query rows' max logits and ``Σ_l φ(q)_l``), kept for the backward.
 
     PMAX (FAVOR+ as ``causal_linear_attn``): query features ``ratio·(exp(l − max_l l) + ε)``, the
     row max taken as a running max over the feature blocks (sums rescaled when it grows, their ε
@@ -219,15 +232,12 @@ def _chunk_out(
     valid = rows
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
-    xq = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                 + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                 mask=rows[:, None] & dmask[None, :], other=0.0)
-    xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=rows[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                 + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                 mask=valid[:, None] & vmask[None, :], other=0.0)
+    xq = _load_tile(q_ptr, b, h, stride_qb, stride_qh, offs_n, stride_qn, offs_d, stride_qd,
+                    rows[:, None] & dmask[None, :])
+    xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
+                    rows[:, None] & dmask[None, :])
+    vv = _load_tile(v_ptr, b, hk, stride_vb, stride_vh, offs_n, stride_vn, offs_v, stride_vd,
+                    valid[:, None] & vmask[None, :])
     state = ((kv - kv0) * tl.num_programs(1) + c).to(tl.int64)
     lower = offs_t[:, None] >= offs_t[None, :]
     A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -288,9 +298,8 @@ def _chunk_out(
         A = tl.where(lower, A, 0.0)
         num += _dot(A, vv, LP)
         den += tl.sum(A, axis=1) + den_eps
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-             + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-             _cast_out(num / den[:, None], o_ptr.dtype.element_ty), mask=rows[:, None] & vmask[None, :])
+    _store_tile(o_ptr, b, h, stride_ob, stride_oh, offs_n, stride_on, offs_v, stride_od,
+                _cast_out(num / den[:, None], o_ptr.dtype.element_ty), rows[:, None] & vmask[None, :])
     tl.store(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, den, mask=rows)
 
 
@@ -309,8 +318,9 @@ def _chunk_dq(
     FEATURE: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
     BT: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    """Grid (query head of the key/value heads from kv0, chunk): dq from the chunk's keys and the state before it (PMAX: the
-    prefix max and the query row maxima are constants, as in ``causal_linear_attn``)."""
+    """Grid (query head of the key/value heads from kv0, chunk): dq from the chunk's keys and the
+    state before it (PMAX: the prefix max and the query row maxima are constants, as in
+    ``causal_linear_attn``)."""
     pid_bh = kv0 * G + tl.program_id(0)
     c = tl.program_id(1)
     b = pid_bh // HQ
@@ -327,21 +337,16 @@ def _chunk_dq(
     valid = rows
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
-    xq = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                 + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                 mask=rows[:, None] & dmask[None, :], other=0.0)
-    xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=rows[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                 + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                 mask=valid[:, None] & vmask[None, :], other=0.0)
-    o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-    do_raw = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                     + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                     mask=rows[:, None] & vmask[None, :], other=0.0)
+    xq = _load_tile(q_ptr, b, h, stride_qb, stride_qh, offs_n, stride_qn, offs_d, stride_qd,
+                    rows[:, None] & dmask[None, :])
+    xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
+                    rows[:, None] & dmask[None, :])
+    vv = _load_tile(v_ptr, b, hk, stride_vb, stride_vh, offs_n, stride_vn, offs_v, stride_vd,
+                    valid[:, None] & vmask[None, :])
+    o = _load_tile(o_ptr, b, h, stride_ob, stride_oh, offs_n, stride_on, offs_v, stride_od,
+                   rows[:, None] & vmask[None, :]).to(tl.float32)
+    do_raw = _load_tile(do_ptr, b, h, stride_gb, stride_gh, offs_n, stride_gn, offs_v, stride_gd,
+                        rows[:, None] & vmask[None, :])
     inv = 1.0 / tl.load(stats_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
     do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
     Bm = tl.where((offs_t[:, None] >= offs_t[None, :]) & valid[None, :],
@@ -356,7 +361,8 @@ def _chunk_dq(
         row_max = tl.load(stats_ptr + ROWS + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=0.0)
         vs = tl.load(VS_ptr + state * dv + offs_v, mask=vmask, other=0.0)
         cnt = tl.load(CNT_ptr + state)
-        # the ε part of every key's feature (no offset): Σ_{j ≤ i} (v_j·do_i − do_i·o_i)/den_i, in and before the chunk
+        # the ε part of every key's feature (no offset): Σ_{j ≤ i} (v_j·do_i − do_i·o_i)/den_i, in the
+        # chunk and before it
         eps_part = eps * (tl.sum(Bm, axis=1) + (tl.sum(do_raw.to(tl.float32) * vs[None, :], axis=1) - do_o * cnt) * inv)
         Bm = Bm * tl.exp(tl.minimum(Mk[None, :] - Mk[:, None], 0.0))  # exp(M_j − M_i)
     dx = tl.zeros([BT, BD], dtype=tl.float32)
@@ -381,9 +387,8 @@ def _chunk_dq(
             dphi = _dot(Bm, phik, LP) + carried
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * fq, whi, FEATURE, LP)
     dx = _finish_input_grad(dx, dl_sum, xq, xs, FEATURE)
-    tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
+    _store_tile(dq_ptr, b, h, stride_dqb, stride_dqh, offs_n, stride_dqn, offs_d, stride_dqd,
+                _cast_out(dx, dq_ptr.dtype.element_ty), rows[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -456,16 +461,15 @@ def _chunk_dstates(
             ref = prev
             q_scale = tl.exp(prev - tl.load(M_row + offs_n, mask=rows, other=1.0e30))
         for g in range(0, G):
-            bh = b * HQ + hk * G + g
-            xt = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (hk * G + g).to(tl.int64) * stride_qh
+            h = hk * G + g
+            bh = b * HQ + h
+            xt = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                          + offs_n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                          mask=rows[None, :] & (offs_d[:, None] < d), other=0.0)
-            o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + (hk * G + g).to(tl.int64) * stride_oh
-                        + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                        mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + b.to(tl.int64) * stride_gb + (hk * G + g).to(tl.int64) * stride_gh
-                         + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                         mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            o = _load_tile(o_ptr, b, h, stride_ob, stride_oh, offs_n, stride_on, offs_v, stride_od,
+                           rows[:, None] & vmask[None, :]).to(tl.float32)
+            do = _load_tile(do_ptr, b, h, stride_gb, stride_gh, offs_n, stride_gn, offs_v, stride_gd,
+                            rows[:, None] & vmask[None, :]).to(tl.float32)
             inv = 1.0 / tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
             dnum = do * inv[:, None]
             dden = -tl.sum(do * o, axis=1) * inv
@@ -522,12 +526,10 @@ def _chunk_dkv(
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
     upper = (offs_t[:, None] <= offs_t[None, :]) & valid[:, None]  # query i at or after valid key j
-    xk = tl.load(k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                 mask=rows[:, None] & dmask[None, :], other=0.0)
-    vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                 + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                 mask=valid[:, None] & vmask[None, :], other=0.0)
+    xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
+                    rows[:, None] & dmask[None, :])
+    vv = _load_tile(v_ptr, b, hk, stride_vb, stride_vh, offs_n, stride_vn, offs_v, stride_vd,
+                    valid[:, None] & vmask[None, :])
     state = ((pid_bh - kv0) * tl.num_programs(1) + c).to(tl.int64)
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     dl_sum = tl.zeros([BT], dtype=tl.float32)
@@ -558,15 +560,12 @@ def _chunk_dkv(
         for g in range(0, G):
             h = hk * G + g
             bh = b * HQ + h
-            xq = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                         + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                         mask=rows[:, None] & dmask[None, :], other=0.0)
-            o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                        + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                        mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-            do_raw = tl.load(do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-                             + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                             mask=rows[:, None] & vmask[None, :], other=0.0)
+            xq = _load_tile(q_ptr, b, h, stride_qb, stride_qh, offs_n, stride_qn, offs_d, stride_qd,
+                            rows[:, None] & dmask[None, :])
+            o = _load_tile(o_ptr, b, h, stride_ob, stride_oh, offs_n, stride_on, offs_v, stride_od,
+                           rows[:, None] & vmask[None, :]).to(tl.float32)
+            do_raw = _load_tile(do_ptr, b, h, stride_gb, stride_gh, offs_n, stride_gn, offs_v, stride_gd,
+                                rows[:, None] & vmask[None, :])
             do = do_raw.to(tl.float32)
             inv = 1.0 / tl.load(stats_ptr + bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
             dnum = do * inv[:, None]
@@ -590,13 +589,11 @@ def _chunk_dkv(
     dx = _finish_input_grad(dx, dl_sum, xk, xs, FEATURE)
     if PMAX:
         dvv = ratio * dvv
-    tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             _cast_out(dx, dk_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
+    _store_tile(dk_ptr, b, hk, stride_dkb, stride_dkh, offs_n, stride_dkn, offs_d, stride_dkd,
+                _cast_out(dx, dk_ptr.dtype.element_ty), rows[:, None] & dmask[None, :])
     dvv = tl.where(valid[:, None], dvv, 0.0)
-    tl.store(dv_ptr + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_v[None, :] * stride_dvd,
-             _cast_out(dvv, dv_ptr.dtype.element_ty), mask=rows[:, None] & vmask[None, :])
+    _store_tile(dv_ptr, b, hk, stride_dvb, stride_dvh, offs_n, stride_dvn, offs_v, stride_dvd,
+                _cast_out(dvv, dv_ptr.dtype.element_ty), rows[:, None] & vmask[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
