@@ -62,7 +62,7 @@ from ._feature_map import (
     _logits_blk_t,
 )
 from ._launch import FeatureConfig, Launch, PlanCache, key_valid_arg, layout_key, pick_config
-from .causal_linear_attn import _scan_segments, segment_length
+from .causal_linear_attn import scan_launch, segment_length
 from .linear_attn import (
     FEATURE_BLOCK,
     _contiguous_strides,
@@ -157,8 +157,8 @@ def _chunk_states(
     z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
     start = seg * seg_len
     stop = tl.minimum(start + seg_len, N)
-    M_row = M_ptr + kv.to(tl.int64) * N
     if PMAX:  # the record's offset is M before the segment (up to rounding: two codes take the max)
+        M_row = M_ptr + kv.to(tl.int64) * N
         ref = tl.load(M_row + start - 1, mask=start > 0, other=-1.0e30)
         vs = tl.load(rec + m * dv + m + offs_v, mask=vmask, other=0.0)
         cnt = tl.load(rec + m * dv + m + dv)
@@ -638,11 +638,8 @@ class _Plan:
         self.state, P = state_launch(k, v, valid, cfg, tokens=self.seg_len)
         rec = record_size(m, dv)
         mult, const = cfg.state_terms()
-        self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, 1, m, dv, rec, float(mult), float(const)),
-            dict(REVERSE=False, USE_MAX=self.pmax, FOLD=not self.pmax, BMB=BMB, BDV=BDV,
-                 BM=max(16, triton.next_power_of_2(m))), q.device,
-        )
+        self.scan = scan_launch(B * HKV, P, m, dv, BMB, BDV, reverse=False, use_max=self.pmax, mult=mult,
+                                const=const, device=q.device)
         self.records = B * HKV * P * rec
         # the per-chunk buffers hold one group's heads
         self.h_size, self.z_size = gkv * NC * m * dv, gkv * NC * m
@@ -722,11 +719,7 @@ class _BackwardPlan:
                 rec, *consts)
         self.segment_sums = Launch(_chunk_dstates, (B * HKV * NMB, P), (*walk, 0, plan.rows),
                                    dict(no_valid, STORE=False, **_options("chunk_dstates", m, d, dv)), q.device)
-        self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, 1, m, dv, rec, 1.0, 0.0),
-            dict(REVERSE=True, USE_MAX=plan.pmax, FOLD=False, BMB=BMB, BDV=BDV,
-                 BM=max(16, triton.next_power_of_2(m))), q.device,
-        )
+        self.scan = scan_launch(B * HKV, P, m, dv, BMB, BDV, reverse=True, use_max=plan.pmax, device=q.device)
         self.dstates = [Launch(_chunk_dstates, (gkv * NMB, P), (*walk, kv0, plan.rows),
                                dict(no_valid, STORE=True, **_options("chunk_dstates", m, d, dv)), q.device)
                         for kv0 in plan.groups]

@@ -482,6 +482,19 @@ def _causal_dkv(
 # ----------------------------------------------------------------------------- host side
 
 
+def scan_launch(kv_heads: int, P: int, m: int, dv: int, BMB: int, BDV: int, *, reverse: bool, use_max: bool,
+                groups: int = 1, mult: float = 1.0, const: float = 0.0, device) -> Launch:
+    """``_scan_segments`` over ``kv_heads`` × P segment records ``(source, destination, offsets)``: forward,
+    the state at each segment's start (use_max: relative to the running offset; otherwise folded as
+    ``mult·A + const·Σv``); reverse, the suffix sums over ``groups`` query heads' records."""
+    return Launch(
+        _scan_segments, (kv_heads, triton.cdiv(m, BMB)), (P, groups, m, dv, record_size(m, dv), float(mult),
+                                                          float(const)),
+        dict(REVERSE=reverse, USE_MAX=use_max, FOLD=not reverse and not use_max, BMB=BMB, BDV=BDV,
+             BM=max(16, triton.next_power_of_2(m))), device,
+    )
+
+
 def segment_length(n: int, programs: int, device: torch.device, chunk: int) -> int:
     """Tokens per segment: whole chunks, enough segments to fill the device."""
     segments = max(1, min(triton.cdiv(n, chunk), num_programs_hint(device) // max(1, programs)))
@@ -504,11 +517,8 @@ class _Plan:
         self.rec = record_size(m, dv)
         self.pmax = cfg.use_key_max
         mult, const = cfg.state_terms()
-        self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, 1, m, dv, self.rec, float(mult), float(const)),
-            dict(REVERSE=False, USE_MAX=self.pmax, FOLD=not self.pmax, BMB=BMB, BDV=BDV,
-                 BM=max(16, triton.next_power_of_2(m))), q.device,
-        )
+        self.scan = scan_launch(B * HKV, P, m, dv, BMB, BDV, reverse=False, use_max=self.pmax, mult=mult,
+                                const=const, device=q.device)
         self.records = B * HKV * P * self.rec
         self.q_records = B * HQ * P * self.rec
         self.o_shape = (B, HQ, N, dv)
@@ -546,11 +556,8 @@ class _BackwardPlan:
              cfg.ratio, cfg.eps),
             plan.meta, q.device,
         )
-        self.scan = Launch(
-            _scan_segments, (B * HKV, NMB), (P, G, m, dv, plan.rec, 1.0, 0.0),
-            dict(REVERSE=True, USE_MAX=plan.pmax, FOLD=False, BMB=BMB, BDV=BDV,
-                 BM=max(16, triton.next_power_of_2(m))), q.device,
-        )
+        self.scan = scan_launch(B * HKV, P, m, dv, BMB, BDV, reverse=True, use_max=plan.pmax, groups=G,
+                                device=q.device)
         self.dkv = Launch(
             _causal_dkv, (B * HKV, P),
             (*_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(do), *_contiguous_strides(*k.shape),
