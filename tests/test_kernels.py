@@ -319,6 +319,32 @@ def test_kv_group_size():
 
 @needs_triton
 @cpu_only
+@pytest.mark.parametrize("stabilize", [False, True], ids=["unstabilised", "prefix_max"])
+def test_causal_chunked_future_tokens_change_nothing_before(stabilize, chunked_causal):
+    """Causal canary through the chunk kernels: new q, k, v after row i (inside i's chunk and in later
+    chunks and segments, keys larger than any before: the prefix max moves) leave rows ≤ i as they were,
+    and a loss on rows ≤ i sends no gradient to the rows after."""
+    (q, k, v, _), gen = inputs(1, 2, 1, 100, 100, 16, 16, torch.float32, "cpu", seed=7)
+    cfg = make_cfg("favor", 16, 96, stabilize=stabilize, generator=gen)
+    i = 37  # inside a 16-row chunk under the interpreter
+    late = torch.arange(100) > i
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    q2[:, :, late] = torch.randn(q2[:, :, late].shape, generator=gen)
+    k2[:, :, late] = 3.0 * torch.randn(k2[:, :, late].shape, generator=gen)
+    v2[:, :, late] = torch.randn(v2[:, :, late].shape, generator=gen)
+    fast = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = feature_attention(*fast, cfg, causal=True)
+    out2 = feature_attention(q2, k2, v2, cfg, causal=True)
+    assert rel_err(out2[:, :, : i + 1], out[:, :, : i + 1]) < 1e-6
+    assert rel_err(out2[:, :, late], out[:, :, late]) > 1e-2  # the change did reach the later rows
+    out[:, :, : i + 1].sum().backward()
+    for t in fast:
+        assert torch.isfinite(t.grad).all() and t.grad[:, :, late].abs().max() == 0
+        assert t.grad[:, :, : i + 1].abs().max() > 0
+
+
+@needs_triton
+@cpu_only
 def test_causal_chunked_prefix_max_large_eps(chunked_causal):
     """FAVOR's ε = 0.05 (1e-6 elsewhere hides the ε parts, carried apart from the offset states)."""
     check("favor", torch.float32, causal=True, B=1, HQ=2, HKV=1, N=100, m=40, padding=5, key_ramp=(0.3, 2.5), eps=0.05)
