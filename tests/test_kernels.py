@@ -217,6 +217,48 @@ def test_noncausal_key_splits_rising_keys(feature, monkeypatch):
 
 @needs_triton
 @cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noncausal_favor_large_eps(dtype):
+    """ε = 0.05: the ε part of φ(q) (``ratio·ε·Σ_m S_m``, from the combine's per-block column sums)
+    is visible (ε = 1e-6 hides it); two feature blocks, the second partial."""
+    check("favor", dtype, causal=False, B=1, HQ=4, HKV=2, N=48, NK=40, padding=5, m=96, eps=0.05)
+
+
+@needs_triton
+@cpu_only
+def test_combine_writes_state_halves_and_sums():
+    """``_combine_parts`` alone: the combined record, S's bf16 halves (hi the nearest bf16 of S,
+    hi + lo within 2⁻¹⁶ of it) and each feature block's column sums of S and z."""
+    from approxattn.kernels import linear_attn
+
+    gen = torch.Generator().manual_seed(3)
+    outputs, sources, m, dv, BMB, BDV = 2, 3, 80, 16, 64, 16
+    NMB = -(-m // BMB)
+    rec = linear_attn.record_size(m, dv)
+    parts = torch.randn(outputs * sources, rec, generator=gen) * 3
+    buffers = linear_attn.StateBuffers(outputs, m, dv, NMB, BDV, halves=True)
+    records, halves, sums = buffers.allocate("cpu")
+    launch = linear_attn.combine_launch(outputs, sources, m, dv, BMB, BDV, NMB, mult=0.5, const=0.25,
+                                        use_max=False, device=torch.device("cpu"), halves=True, sums=True)
+    launch(parts.view(-1), records, halves, sums)
+    p = parts.double().view(outputs, sources, rec)
+    A = 0.5 * p[..., : m * dv].sum(1).view(outputs, m, dv) + 0.25 * p[..., m * dv + m: m * dv + m + dv].sum(1)[:, None]
+    z = 0.5 * p[..., m * dv: m * dv + m].sum(1) + 0.25 * p[..., m * dv + m + dv].sum(1)[:, None]
+    got = records.view(outputs, rec).double()
+    assert rel_err(got[:, : m * dv].view(outputs, m, dv), A) < 1e-6
+    assert rel_err(got[:, m * dv: m * dv + m], z) < 1e-6
+    hi, lo = halves.view(outputs, 2, m, dv).unbind(1)
+    assert torch.equal(hi, got[:, : m * dv].view(outputs, m, dv).float().to(torch.bfloat16))
+    assert rel_err(hi.double() + lo.double(), A) < 2.0**-16
+    col = sums.view(outputs, NMB, BDV + 1).double()
+    for blk in range(NMB):
+        rows = slice(blk * BMB, min(m, (blk + 1) * BMB))
+        assert rel_err(col[:, blk, :dv], A[:, rows].sum(1)) < 1e-6
+        assert rel_err(col[:, blk, BDV], z[:, rows].sum(1)) < 1e-6
+
+
+@needs_triton
+@cpu_only
 @pytest.mark.parametrize("feature", ["elu", "relu"])
 def test_causal_fp32_gqa_padding(feature):
     check(feature, torch.float32, causal=True, N=45, padding=7)

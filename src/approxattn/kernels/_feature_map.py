@@ -88,6 +88,27 @@ def _dot_split(a, b, LP: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _below(offs, size, FULL: tl.constexpr):
+    """``offs < size``, or (FULL: the caller knows every offset is in range) a constant-true mask,
+    which the compiler folds away with every ``where`` and load mask built from it."""
+    if FULL:
+        return tl.full(offs.shape, 1, tl.int1)
+    else:
+        return offs < size
+
+
+@triton.jit
+def _dot_halves(a, hi, lo):
+    """``a @ (hi + lo)`` for half-precision rows a and an fp32 operand given as its bf16 halves
+    (split once, by the state combine): :func:`_dot_split` with ``WIDE`` and the split done."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), hi.to(tl.float32) + lo.to(tl.float32), input_precision="ieee")
+    else:
+        ab = a.to(tl.bfloat16)
+        return tl.dot(ab, hi) + tl.dot(ab, lo)
+
+
+@triton.jit
 def _load_wt(w_ptr, stride_wm, stride_wd, m, d, FEATURE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
     """The projection transposed, ``(BD, BM)``, zero-padded (a dummy tile for ELU)."""
     offs_m = tl.arange(0, BM)
@@ -189,8 +210,9 @@ def _finish_input_grad(dx, dl_sum, x, xs, FEATURE: tl.constexpr):
 
 @triton.jit
 def _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.constexpr, BMB: tl.constexpr,
-                BD: tl.constexpr):
-    """Rows ``mb·BMB …`` of the projection, transposed to ``(BD, BMB)``: (hi, lo)."""
+                BD: tl.constexpr, FULL: tl.constexpr = False):
+    """Rows ``mb·BMB …`` of the projection, transposed to ``(BD, BMB)``: (hi, lo). FULL: every row
+    and column in range (no masks)."""
     if FEATURE == 0:
         zero = tl.zeros([BD, BMB], dtype=tl.float32)
         return zero, zero
@@ -198,7 +220,7 @@ def _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.co
         offs_m = mb * BMB + tl.arange(0, BMB)
         offs_d = tl.arange(0, BD)
         offs = offs_m[None, :] * stride_wm + offs_d[:, None] * stride_wd
-        mask = (offs_m[None, :] < m) & (offs_d[:, None] < d)
+        mask = _below(offs_m, m, FULL)[None, :] & _below(offs_d, d, FULL)[:, None]
         return tl.load(whi_ptr + offs, mask=mask, other=0.0), tl.load(wlo_ptr + offs, mask=mask, other=0.0)
 
 
@@ -229,8 +251,8 @@ def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
 
 @triton.jit
 def _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.constexpr, BMB: tl.constexpr,
-                 BD: tl.constexpr):
-    """Rows ``mb·BMB …`` of the projection as they are, ``(BMB, BD)``: (hi, lo)."""
+                 BD: tl.constexpr, FULL: tl.constexpr = False):
+    """Rows ``mb·BMB …`` of the projection as they are, ``(BMB, BD)``: (hi, lo); FULL as above."""
     if FEATURE == 0:
         zero = tl.zeros([BMB, BD], dtype=tl.float32)
         return zero, zero
@@ -238,7 +260,7 @@ def _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.c
         offs_m = mb * BMB + tl.arange(0, BMB)
         offs_d = tl.arange(0, BD)
         offs = offs_m[:, None] * stride_wm + offs_d[None, :] * stride_wd
-        mask = (offs_m[:, None] < m) & (offs_d[None, :] < d)
+        mask = _below(offs_m, m, FULL)[:, None] & _below(offs_d, d, FULL)[None, :]
         return tl.load(whi_ptr + offs, mask=mask, other=0.0), tl.load(wlo_ptr + offs, mask=mask, other=0.0)
 
 

@@ -46,8 +46,10 @@ from ._feature_map import (
     FEATURE_CODES,
     _add_input_grad_blk,
     _apply,
+    _below,
     _cast_out,
     _dot,
+    _dot_halves,
     _dot_split,
     _finish_input_grad,
     _load_w_blk,
@@ -76,6 +78,7 @@ def _state_fwd(
     stride_wm, stride_wd, stride_mb, stride_mn,
     HKV, NMB, N, m, d, dv, tokens, rec_size, xs,
     FEATURE: tl.constexpr, USE_MAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FULL_F: tl.constexpr, FULL_N: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head × feature block, key split): partial state of one feature block,
@@ -84,7 +87,8 @@ def _state_fwd(
     Feature-major: the logits of a key block are a ``(BMB, BN)`` tile, so ``A += e·V`` takes e
     from the accumulator as it is (no transpose through shared memory). FAVOR's stabiliser is
     one running max per feature (a row reduction, kept within a warp), stored as that feature's
-    offset; the combine brings every feature and split to the largest."""
+    offset; the combine brings every feature and split to the largest. FULL_F: m, d, dv fill
+    their blocks; FULL_N: every key block is whole (masks folded away)."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -95,8 +99,10 @@ def _state_fwd(
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     offs_m = mb * BMB + tl.arange(0, BMB)
-    fmask = offs_m < m
-    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+    fmask = _below(offs_m, m, FULL_F)
+    dmask = _below(offs_d, d, FULL_F)
+    vmask = _below(offs_v, dv, FULL_F)
+    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
@@ -109,13 +115,14 @@ def _state_fwd(
     stop = tl.minimum(start + tokens, N)
     for n0 in range(start, stop, BN):
         offs_n = n0 + tl.arange(0, BN)
-        valid = offs_n < stop
+        inside = _below(offs_n, stop, FULL_N)
+        valid = inside
         if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=valid, other=0) != 0)
+            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=inside, other=0) != 0)
         xt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < stop) & (offs_d[:, None] < d), other=0.0)
+                     mask=inside[None, :] & dmask[:, None], other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                     mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0)
+                     mask=valid[:, None] & vmask[None, :], other=0.0)
         p = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
         keep = fmask[:, None] & valid[None, :]
         if USE_MAX:
@@ -134,10 +141,10 @@ def _state_fwd(
         cnt += valid.to(tl.float32)
 
     rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
-    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], acc, mask=fmask[:, None] & (offs_v[None, :] < dv))
+    tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], acc, mask=fmask[:, None] & vmask[None, :])
     tl.store(rec + m * dv + offs_m, zacc, mask=fmask)
     if mb == 0:
-        tl.store(rec + m * dv + m + offs_v, vsum, mask=offs_v < dv)
+        tl.store(rec + m * dv + m + offs_v, vsum, mask=vmask)
         tl.store(rec + m * dv + m + dv, tl.sum(cnt, axis=0))
     if USE_MAX:
         tl.store(rec + m * dv + m + dv + 1 + offs_m, run_max, mask=fmask)
@@ -145,13 +152,19 @@ def _state_fwd(
 
 @triton.jit
 def _combine_parts(
-    part_ptr, out_ptr, SRC, m, dv, rec_size, mult, const,
-    USE_MAX: tl.constexpr, HAS_CONST: tl.constexpr, BMB: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+    part_ptr, out_ptr, half_ptr, sums_ptr, SRC, m, dv, rec_size, mult, const,
+    USE_MAX: tl.constexpr, HAS_CONST: tl.constexpr, HALVES: tl.constexpr, SUMS: tl.constexpr,
+    BMB: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
 ):
     """Grid (output record, feature block): records ``o·SRC … o·SRC + SRC − 1`` summed into record o,
     ``S = mult·Σ_p w_p A_p + const·Σ_p vsum_p``, ``z`` alike. USE_MAX (FAVOR's key stabiliser):
     ``w_pf = exp(offset_pf − M)`` per record p and feature f, with M the largest offset of all SRC
-    records and features, stored as the output's first offset; otherwise w = 1."""
+    records and features, stored as the output's first offset; otherwise w = 1.
+
+    HALVES (half-precision inputs): S also as bf16 hi + lo tiles, ``half[o] = (hi (m×dv) | lo (m×dv))``,
+    the operands the query and key sweeps dot with, split once here instead of in every program.
+    SUMS: each feature block's ``(Σ_f S_f (dv) | Σ_f z_f)`` into ``sums[o, block]`` (row of BDV + 1
+    words), FAVOR's ε part of the query side."""
     o = tl.program_id(0)
     mb = tl.program_id(1)
     offs_m = mb * BMB + tl.arange(0, BMB)
@@ -196,48 +209,58 @@ def _combine_parts(
     if USE_MAX:
         if mb == 0:
             tl.store(out + m * dv + m + dv + 1, top)
+    if HALVES:
+        hi = _cast_out(acc, tl.bfloat16)
+        half = half_ptr + o.to(tl.int64) * (2 * m * dv)
+        tl.store(half + tile, hi, mask=tmask)
+        tl.store(half + m * dv + tile, _cast_out(acc - hi.to(tl.float32), tl.bfloat16), mask=tmask)
+    if SUMS:
+        row = sums_ptr + (o * tl.num_programs(1) + mb).to(tl.int64) * (BDV + 1)
+        # rows past m hold the constant part too (added to every row above): not features
+        tl.store(row + offs_v, tl.sum(tl.where(fmask[:, None], acc, 0.0), axis=0), mask=vmask)
+        tl.store(row + BDV, tl.sum(tl.where(fmask, zacc, 0.0), axis=0))
 
 
 @triton.jit
 def _out_fwd(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, stats_ptr,
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, Sh_ptr, sums_ptr, o_ptr, stats_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_wm, stride_wd,
     HQ, G, NMB, N, m, d, dv, rec_size, xs, ratio, eps, den_eps,
-    FEATURE: tl.constexpr, STAB: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, STAB: tl.constexpr, LP: tl.constexpr, FULL_F: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (query head, query block): o = φ(q)S / (φ(q)·z + den_eps) in one sweep over the
-    feature blocks (S, z: the key/value head's state record). FAVOR's per-row max is a running
-    max (partial sums rescaled when it grows); its ε part is ``ratio·ε·(Σ_m S_m, Σ_m z_m)``,
-    which no offset touches. ``stats`` gets the denominators, then the row maxima."""
+    feature blocks (S, z: the key/value head's state record; half inputs dot with its bf16 hi
+    tile, ``Sh``). FAVOR's per-row max is a running max (partial sums rescaled when it grows);
+    its ε part is ``ratio·ε·(Σ_m S_m, Σ_m z_m)``, which no offset touches (``sums``: the combine's
+    per-block column sums). ``stats`` gets the denominators, then the row maxima."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     kv = (b * (HQ // G) + h // G).to(tl.int64)
     rec = S_ptr + kv * rec_size
+    rec_hi = Sh_ptr + kv * (2 * m * dv)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
-    vmask = offs_v < dv
+    vmask = _below(offs_v, dv, FULL_F)
     rows = offs_n < N
     x = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                 + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=rows[:, None] & (offs_d[None, :] < d), other=0.0)
+                mask=rows[:, None] & _below(offs_d, d, FULL_F)[None, :], other=0.0)
     online = FEATURE == 1 and STAB
     row_max = tl.zeros([BN], dtype=tl.float32)
     if online:
         row_max = row_max - 1.0e30
     num = tl.zeros([BN, BDV], dtype=tl.float32)
     den = tl.zeros([BN], dtype=tl.float32)
-    s_sum = tl.zeros([BDV], dtype=tl.float32)  # Σ_m S_m and Σ_m z_m (FAVOR's ε part)
-    z_sum = tl.zeros([BMB], dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
-        fmask = offs_m < m
-        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+        fmask = _below(offs_m, m, FULL_F)
+        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
         p = _logits_blk(x, whi, wlo, xs, FEATURE, LP)
         if online:
             new_max = tl.maximum(row_max, tl.max(tl.where(fmask[None, :], p, -1.0e30), axis=1))
@@ -248,14 +271,21 @@ def _out_fwd(
             phi, _ = _apply(p, row_max[:, None], 1.0, 0.0, fmask[None, :], FEATURE)
         else:
             phi, _ = _apply(p, 0.0, ratio, eps, fmask[None, :], FEATURE)
-        S = tl.load(rec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        tile = offs_m[:, None] * dv + offs_v[None, :]
+        if LP:
+            S = tl.load(rec_hi + tile, mask=fmask[:, None] & vmask[None, :], other=0.0)
+        else:
+            S = tl.load(rec + tile, mask=fmask[:, None] & vmask[None, :], other=0.0)
         z = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
         num += _dot(phi, S, LP)
         den += tl.sum(phi * z[None, :], axis=1)
-        if online:
-            s_sum += tl.sum(S, axis=0)
-            z_sum += z
     if online:
+        s_sum = tl.zeros([BDV], dtype=tl.float32)  # Σ_m S_m and Σ_m z_m (FAVOR's ε part)
+        z_sum = tl.zeros([BDV], dtype=tl.float32)  # in element 0
+        sums = sums_ptr + kv * NMB * (BDV + 1)
+        for mb in range(0, NMB):
+            s_sum += tl.load(sums + mb * (BDV + 1) + offs_v, mask=vmask, other=0.0)
+            z_sum += tl.load(sums + mb * (BDV + 1) + BDV + offs_v, mask=offs_v == 0, other=0.0)
         num = ratio * (num + eps * s_sum[None, :])
         den = ratio * (den + eps * tl.sum(z_sum, axis=0))
     den += den_eps
@@ -268,7 +298,7 @@ def _out_fwd(
 
 @triton.jit
 def _q_bwd_fused(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr,
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, Sh_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
@@ -276,6 +306,7 @@ def _q_bwd_fused(
     stride_wm, stride_wd,
     HQ, G, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
     FEATURE: tl.constexpr, LP: tl.constexpr, NMB: tl.constexpr, STATE: tl.constexpr,
+    FULL_F: tl.constexpr, FULL_N: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (query head, query split): dq and (STATE) the partial dS, dz in one sweep, each row block's
@@ -287,7 +318,8 @@ def _q_bwd_fused(
     block; it stays in L2): one register tile per block spills. Measured on the H100, FAVOR+
     m = 256 (N = 65,536, B = 1, H = 16, d = 64, bf16): four register tiles need 255 registers
     a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the two kernels it replaced; the
-    record, 1.4 ms. Without STATE, dq alone (``_dstate_bwd`` sums dS and dz)."""
+    record, 1.4 ms. Without STATE, dq alone (``_dstate_bwd`` sums dS and dz). FULL_F / FULL_N: as
+    ``_state_fwd``'s (no masks)."""
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -295,12 +327,13 @@ def _q_bwd_fused(
     h = pid_bh % HQ
     kv = (b * (HQ // G) + h // G).to(tl.int64)
     state = S_ptr + kv * rec_size
+    state_hi = Sh_ptr + kv * (2 * m * dv)  # half inputs: S's bf16 halves (the combine's)
     rec = part_ptr + (pid_bh * num_p + pid_p).to(tl.int64) * rec_size
     offs_f = tl.arange(0, BMB)
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
-    dmask = offs_d < d
-    vmask = offs_v < dv
+    dmask = _below(offs_d, d, FULL_F)
+    vmask = _below(offs_v, dv, FULL_F)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
@@ -312,7 +345,7 @@ def _q_bwd_fused(
     if STATE and NMB > 1:
         for mb in range(NMB):
             offs_m = mb * BMB + offs_f
-            fmask = offs_m < m
+            fmask = _below(offs_m, m, FULL_F)
             tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], dS_regs, mask=fmask[:, None] & vmask[None, :])
             tl.store(rec + m * dv + offs_m, dz_regs, mask=fmask)
         tl.debug_barrier()  # the record's elements are read back by other threads than wrote them
@@ -320,7 +353,7 @@ def _q_bwd_fused(
     stop = tl.minimum(start + tokens, N)
     for n0 in range(start, stop, BN):
         offs_n = n0 + tl.arange(0, BN)
-        rows = offs_n < stop
+        rows = _below(offs_n, stop, FULL_N)
         x = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                     mask=rows[:, None] & dmask[None, :], other=0.0)
         o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
@@ -336,16 +369,21 @@ def _q_bwd_fused(
         dl_sum = tl.zeros([BN], dtype=tl.float32)
         for mb in range(NMB):
             offs_m = mb * BMB + offs_f
-            fmask = offs_m < m
+            fmask = _below(offs_m, m, FULL_F)
             tmask = fmask[:, None] & vmask[None, :]
-            whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+            whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
             # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
             phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
                                  rows[:, None] & fmask[None, :], FEATURE)
-            S = tl.load(state + offs_m[:, None] * dv + offs_v[None, :], mask=tmask, other=0.0)
+            tile = offs_m[:, None] * dv + offs_v[None, :]
             z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
             # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
-            dphi = (_dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]) / den[:, None]
+            if LP:
+                do_S = _dot_halves(do_raw, tl.trans(tl.load(state_hi + tile, mask=tmask, other=0.0)),
+                                   tl.trans(tl.load(state_hi + m * dv + tile, mask=tmask, other=0.0)))
+            else:
+                do_S = _dot_split(do_raw, tl.trans(tl.load(state + tile, mask=tmask, other=0.0)), LP, True)
+            dphi = (do_S - do_o[:, None] * z[None, :]) / den[:, None]
             dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
             if STATE:
                 dS_blk = _dot(tl.trans(phi), dnum, LP)
@@ -364,7 +402,7 @@ def _q_bwd_fused(
         if STATE and NMB > 1:
             tl.debug_barrier()  # this row block's sums are complete before the next one reads them
     if STATE and NMB == 1:
-        fmask = offs_f < m
+        fmask = _below(offs_f, m, FULL_F)
         tl.store(rec + offs_f[:, None] * dv + offs_v[None, :], dS_regs, mask=fmask[:, None] & vmask[None, :])
         tl.store(rec + m * dv + offs_f, dz_regs, mask=fmask)
 
@@ -377,7 +415,7 @@ def _dstate_bwd(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_wm, stride_wd,
     HQ, NMB, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
-    FEATURE: tl.constexpr, LP: tl.constexpr,
+    FEATURE: tl.constexpr, LP: tl.constexpr, FULL_F: tl.constexpr, FULL_N: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (query head × feature block, query split): the split's partial ``dS = Σ φ(q)dnumᵀ``
@@ -394,9 +432,10 @@ def _dstate_bwd(
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     offs_m = mb * BMB + tl.arange(0, BMB)
-    fmask = offs_m < m
-    vmask = offs_v < dv
-    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+    fmask = _below(offs_m, m, FULL_F)
+    dmask = _below(offs_d, d, FULL_F)
+    vmask = _below(offs_v, dv, FULL_F)
+    whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
@@ -408,9 +447,9 @@ def _dstate_bwd(
     stop = tl.minimum(start + tokens, N)
     for n0 in range(start, stop, BN):
         offs_n = n0 + tl.arange(0, BN)
-        rows = offs_n < stop
+        rows = _below(offs_n, stop, FULL_N)
         xt = tl.load(q_base + offs_n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                     mask=rows[None, :] & (offs_d[:, None] < d), other=0.0)
+                     mask=rows[None, :] & dmask[:, None], other=0.0)
         o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
                     mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         do = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
@@ -428,7 +467,7 @@ def _dstate_bwd(
 
 @triton.jit
 def _kv_bwd(
-    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, S_ptr, dS_ptr, dk_ptr, dv_ptr,
+    k_ptr, v_ptr, whi_ptr, wlo_ptr, valid_ptr, S_ptr, dS_ptr, dSh_ptr, dk_ptr, dv_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
@@ -436,10 +475,12 @@ def _kv_bwd(
     stride_wm, stride_wd, stride_mb, stride_mn,
     HKV, NMB, N, m, d, dv, rec_size, xs, ratio, eps,
     FEATURE: tl.constexpr, USE_MAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
+    FULL_F: tl.constexpr, FULL_N: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head, key block): dk and dv, feature block by block (dS, dz: the head's
-    combined record; S: its state record, for FAVOR's key offset)."""
+    combined record, half inputs dot with its bf16 halves ``dSh``; S: its state record, for FAVOR's
+    key offset)."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HKV
@@ -447,10 +488,11 @@ def _kv_bwd(
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
-    dmask = offs_d < d
-    vmask = offs_v < dv
-    rows = offs_n < N
+    dmask = _below(offs_d, d, FULL_F)
+    vmask = _below(offs_v, dv, FULL_F)
+    rows = _below(offs_n, N, FULL_N)
     drec = dS_ptr + pid_bh.to(tl.int64) * rec_size
+    drec_hi = dSh_ptr + pid_bh.to(tl.int64) * (2 * m * dv)
     if USE_MAX:
         offset = tl.load(S_ptr + pid_bh.to(tl.int64) * rec_size + m * dv + m + dv + 1)
     else:
@@ -469,14 +511,22 @@ def _kv_bwd(
     dvv = tl.zeros([BN, BDV], dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
-        fmask = offs_m < m
-        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD)
+        fmask = _below(offs_m, m, FULL_F)
+        whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
         phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), offset, ratio, eps,
                              valid[:, None] & fmask[None, :], FEATURE)
-        dS = tl.load(drec + offs_m[:, None] * dv + offs_v[None, :], mask=fmask[:, None] & vmask[None, :], other=0.0)
+        tile = offs_m[:, None] * dv + offs_v[None, :]
+        tmask = fmask[:, None] & vmask[None, :]
         dz = tl.load(drec + m * dv + offs_m, mask=fmask, other=0.0)
-        dphi = _dot_split(vv, tl.trans(dS), LP, True) + dz[None, :]
-        dvv += _dot(phi, dS, LP)
+        if LP:
+            dS_hi = tl.load(drec_hi + tile, mask=tmask, other=0.0)
+            dphi = _dot_halves(vv, tl.trans(dS_hi), tl.trans(tl.load(drec_hi + m * dv + tile, mask=tmask, other=0.0)))
+            dvv += _dot(phi, dS_hi, LP)
+        else:
+            dS = tl.load(drec + tile, mask=tmask, other=0.0)
+            dphi = _dot_split(vv, tl.trans(dS), LP, True)
+            dvv += _dot(phi, dS, LP)
+        dphi += dz[None, :]
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
     dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
@@ -506,6 +556,18 @@ def _contiguous_strides(*shape: int) -> tuple[int, ...]:
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
+
+
+def full_blocks(cfg: FeatureConfig, d: int, dv: int) -> bool:
+    """Whether m, d and dv fill their blocks exactly: the kernels' FULL_F (feature, input and
+    value masks compiled out)."""
+    m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
+    return m == NMB * BMB and d == BD and dv == BDV
+
+
+def full_rows(n: int, bn: int, tokens: int | None = None) -> bool:
+    """Whether every BN-row block of n rows (cut into splits of ``tokens``) is whole: FULL_N."""
+    return n % bn == 0 and (tokens is None or tokens % bn == 0)
 
 
 def feature_blocks(cfg: FeatureConfig, d: int, dv: int) -> tuple[int, int, int, int, int]:
@@ -561,17 +623,36 @@ def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) 
         (*_strides(k), *_strides(v), *weight_strides(cfg, d), smb, smn, HKV, NMB, N, m, d, dv, tokens,
          record_size(m, dv), cfg.x_scale),
         dict(FEATURE=FEATURE_CODES[cfg.feature], USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None,
-             LP=cfg.low_precision(k), BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
+             LP=cfg.low_precision(k), FULL_F=full_blocks(cfg, d, dv), FULL_N=full_rows(N, launch["BN"], tokens),
+             BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
     ), P
 
 
 def combine_launch(outputs: int, sources: int, m: int, dv: int, BMB: int, BDV: int, NMB: int, *, mult: float,
-                   const: float, use_max: bool, device) -> Launch:
-    """``_combine_parts``: ``outputs`` records, each the sum of ``sources`` consecutive ones."""
+                   const: float, use_max: bool, device, halves: bool = False, sums: bool = False) -> Launch:
+    """``_combine_parts``: ``outputs`` records, each the sum of ``sources`` consecutive ones
+    ``(parts, records, halves, sums)``; ``halves``/``sums``: also write those (else dummies)."""
     return Launch(_combine_parts, (outputs, NMB), (sources, m, dv, record_size(m, dv), float(mult),
                                                     float(const)),
-                  dict(USE_MAX=use_max, HAS_CONST=const != 0.0, BMB=BMB, BDV=BDV,
+                  dict(USE_MAX=use_max, HAS_CONST=const != 0.0, HALVES=halves, SUMS=sums, BMB=BMB, BDV=BDV,
                        BM=max(16, triton.next_power_of_2(m))), device)
+
+
+class StateBuffers:
+    """One fp32 allocation for a combined state: the records, their bf16 halves (half-precision
+    inputs) and the per-block column sums, as views (``records``, ``halves``, ``sums``)."""
+
+    def __init__(self, count: int, m: int, dv: int, NMB: int, BDV: int, *, halves: bool):
+        self.records = count * record_size(m, dv)
+        # bf16 hi + lo of each record's m×dv tile: m·dv fp32 words; kept a multiple of RECORD_ALIGN
+        self.halves = triton.cdiv(count * m * dv, RECORD_ALIGN) * RECORD_ALIGN if halves else 0
+        self.sums = count * NMB * (BDV + 1)
+
+    def allocate(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = torch.empty(self.records + self.halves + self.sums, device=device, dtype=torch.float32)
+        records = flat[:self.records]
+        halves = flat[self.records:self.records + self.halves].view(torch.bfloat16) if self.halves else records
+        return records, halves, flat[self.records + self.halves:]
 
 
 class _ForwardPlan:
@@ -581,10 +662,12 @@ class _ForwardPlan:
         m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
         self.state, P = state_launch(k, v, valid, cfg)
         mult, const = cfg.state_terms()
+        lp = cfg.low_precision(q)
         self.combine = combine_launch(B * HKV, P, m, dv, BMB, BDV, NMB, mult=mult, const=const,
-                                      use_max=cfg.use_key_max, device=q.device)
+                                      use_max=cfg.use_key_max, device=q.device, halves=lp, sums=True)
         rec = record_size(m, dv)
-        self.parts, self.records, self.rows = B * HKV * P * rec, B * HKV * rec, B * HQ * N
+        self.parts, self.rows = B * HKV * P * rec, B * HQ * N
+        self.buffers = StateBuffers(B * HKV, m, dv, NMB, BDV, halves=lp)
         self.o_shape = (B, HQ, N, dv)
         launch = pick_config("out", m, d, dv)
         self.out = Launch(
@@ -592,7 +675,7 @@ class _ForwardPlan:
             (*_strides(q), *_contiguous_strides(*self.o_shape), *weight_strides(cfg, d),
              HQ, HQ // HKV, NMB, N, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps, cfg.den_eps),
             dict(FEATURE=FEATURE_CODES[cfg.feature], STAB=cfg.stabilize, LP=cfg.low_precision(q),
-                 BMB=BMB, BD=BD, BDV=BDV, **launch), q.device,
+                 FULL_F=full_blocks(cfg, d, dv), BMB=BMB, BD=BD, BDV=BDV, **launch), q.device,
         )
 
 
@@ -613,7 +696,8 @@ class _BackwardPlan:
         HKV, NK, dv = k.shape[1], k.shape[2], v.shape[-1]
         G = HQ // HKV
         m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
-        common = dict(FEATURE=FEATURE_CODES[cfg.feature], LP=cfg.low_precision(q), BMB=BMB, BD=BD, BDV=BDV)
+        common = dict(FEATURE=FEATURE_CODES[cfg.feature], LP=cfg.low_precision(q), FULL_F=full_blocks(cfg, d, dv),
+                      BMB=BMB, BD=BD, BDV=BDV)
         o_strides = _contiguous_strides(B, HQ, N, dv)
         w_strides = weight_strides(cfg, d)
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
@@ -630,7 +714,7 @@ class _BackwardPlan:
             _q_bwd_fused, (B * HQ, P),
             (*_strides(q), *o_strides, *_strides(do), *dq_strides, *w_strides,
              HQ, G, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
-            dict(**common, NMB=NMB, STATE=fused, **launch), q.device,
+            dict(**common, NMB=NMB, STATE=fused, FULL_N=full_rows(N, launch["BN"], tokens), **launch), q.device,
         )
         self.dstate = None
         if not fused:
@@ -641,19 +725,22 @@ class _BackwardPlan:
                 _dstate_bwd, (B * HQ * NMB, P),
                 (*_strides(q), *o_strides, *_strides(do), *w_strides,
                  HQ, NMB, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
-                dict(**common, **launch), q.device,
+                dict(**common, FULL_N=full_rows(N, launch["BN"], tokens), **launch), q.device,
             )
         # P: the query splits of whichever launch writes the partial dS, dz records
-        self.parts, self.records = B * HQ * P * rec, B * HKV * rec
+        self.parts = B * HQ * P * rec
+        lp = cfg.low_precision(q)
+        self.buffers = StateBuffers(B * HKV, m, dv, NMB, BDV, halves=lp)
         self.combine = combine_launch(B * HKV, G * P, m, dv, BMB, BDV, NMB, mult=1.0, const=0.0, use_max=False,
-                                      device=q.device)
+                                      device=q.device, halves=lp)
         _, smb, smn = key_valid_arg(valid, k)
         launch = pick_config("kv_bwd", m, d, dv)
         self.kv_bwd = Launch(
             _kv_bwd, (B * HKV, triton.cdiv(NK, launch["BN"])),
             (*_strides(k), *_strides(v), *_contiguous_strides(*k.shape), *_contiguous_strides(*v.shape),
              *w_strides, smb, smn, HKV, NMB, NK, m, d, dv, rec, cfg.x_scale, cfg.ratio, cfg.eps),
-            dict(USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, **launch), q.device,
+            dict(USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None, **common, FULL_N=full_rows(NK, launch["BN"]),
+                 **launch), q.device,
         )
 
 
@@ -668,45 +755,45 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
     mask = key_valid_arg(valid, k)[0]
     f32 = dict(device=q.device, dtype=torch.float32)
     parts = torch.empty(plan.parts, **f32)
-    state = torch.empty(plan.records, **f32)
+    state, halves, sums = plan.buffers.allocate(q.device)
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
     stats = torch.empty(2 * plan.rows, **f32)  # denominators, then FAVOR's query row maxima
     plan.state(k, v, whi, wlo, mask, parts)
-    plan.combine(parts, state)
-    plan.out(q, whi, wlo, state, o, stats)
-    return o, stats, state, key
+    plan.combine(parts, state, halves, sums)
+    plan.out(q, whi, wlo, state, halves, sums, o, stats)
+    return o, stats, (state, halves), key
 
 
-def _backward(do, q, k, v, o, stats, state, valid, forward_key, cfg: FeatureConfig):
+def _backward(do, q, k, v, o, stats, state, halves, valid, forward_key, cfg: FeatureConfig):
     key = (forward_key, layout_key(do), QUERY_BACKWARD)
     plan = _BACKWARD_PLANS.get(key) or _BACKWARD_PLANS.add(key, _BackwardPlan(do, q, k, v, valid, cfg))
     whi, wlo = cfg.split_weight(q)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
     parts = torch.empty(plan.parts, **f32)
-    plan.q_bwd(q, whi, wlo, state, o, do, stats, dq, parts)
+    plan.q_bwd(q, whi, wlo, state, halves, o, do, stats, dq, parts)
     if plan.dstate is not None:
         plan.dstate(q, whi, wlo, o, do, stats, parts)
-    dstate = torch.empty(plan.records, **f32)
-    plan.combine(parts, dstate)
+    dstate, dhalves, dsums = plan.buffers.allocate(q.device)
+    plan.combine(parts, dstate, dhalves, dsums)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(plan.dv_shape, device=v.device, dtype=v.dtype)
-    plan.kv_bwd(k, v, whi, wlo, key_valid_arg(valid, k)[0], state, dstate, dk, dv)
+    plan.kv_bwd(k, v, whi, wlo, key_valid_arg(valid, k)[0], state, dstate, dhalves, dk, dv)
     return dq, dk, dv
 
 
 class _FeatureAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, valid, cfg):
-        o, stats, state, key = _forward(q, k, v, valid, cfg)
-        ctx.save_for_backward(q, k, v, o, stats, state, valid)
+        o, stats, (state, halves), key = _forward(q, k, v, valid, cfg)
+        ctx.save_for_backward(q, k, v, o, stats, state, halves, valid)
         ctx.cfg, ctx.key = cfg, key
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, stats, state, valid = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, stats, state, valid, ctx.key, ctx.cfg)
+        q, k, v, o, stats, state, halves, valid = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, stats, state, halves, valid, ctx.key, ctx.cfg)
         return dq, dk, dv, None, None, None
 
 

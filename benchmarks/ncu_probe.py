@@ -1,0 +1,65 @@
+"""Where the fused kernel-attention kernels spend their issue slots: one fwd+bwd under Nsight Compute,
+and the SASS opcode mix of each compiled Triton kernel.
+
+Usage (device machine):  ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section WarpStateStats python benchmarks/ncu_probe.py [case]
+then  python benchmarks/ncu_probe.py --sass  (opcode histogram of the kernels in Triton's cache).
+Cases: favor (non-causal FAVOR+ m=256), relu (ReLU m=256), favor-causal (prefix max), all at N = 65,536.
+"""
+
+import collections
+import glob
+import os
+import re
+import subprocess
+import sys
+
+
+def sass_histogram() -> None:
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    for cubin in sorted(glob.glob(f"{cache}/*/*.cubin")):
+        name = os.path.basename(cubin)[: -len(".cubin")]
+        sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+        ops = collections.Counter()
+        for line in sass.splitlines():
+            hit = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?", line)
+            if hit:
+                ops[hit.group(1)] += 1
+        total = sum(ops.values())
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(18))
+        print(f"{name}: {total} instructions: {top}")
+
+
+def profile(case: str) -> None:
+    import torch
+
+    from approxattn.kernels import FeatureConfig, feature_attention
+
+    w = torch.randn(256, 64, device="cuda")
+    cfgs = {
+        "favor": (FeatureConfig("favor", w, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), False),
+        "relu": (FeatureConfig("relu", w, x_scale=64**-0.25, eps=1e-3), False),
+        "favor-causal": (FeatureConfig("favor", w, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), True),
+    }
+    cfg, causal = cfgs[case]
+    q, k, v, do = (torch.randn(1, 16, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def step():
+        torch.autograd.grad(feature_attention(q, k, v, cfg, causal=causal), (q, k, v), do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--sass"]:
+        sass_histogram()
+    else:
+        profile(sys.argv[1] if len(sys.argv) > 1 else "favor")
