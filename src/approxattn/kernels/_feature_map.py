@@ -243,6 +243,69 @@ def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
         return p
 
 
+# ----------------------------------------------------------------------------- folded projection
+# The non-causal kernels take the projection folded (``FeatureConfig.weight_fold``): scaled by
+# x_scale, and for FAVOR by log2(e) too, so a logit leaves the dot ready for ``exp2`` and each
+# element of a feature tile saves the two multiplies. FAVOR's norm term ``xs²‖x‖²/2`` (in the
+# same base-2 units, :func:`_favor_norm`) is one number per row: a row-wise offset absorbs it
+# (``exp2(p − (norm + max))``), so it is computed once per row block, not per element.
+
+@triton.jit
+def _favor_norm(x, xs, AXIS: tl.constexpr):
+    """``log2(e)·xs²‖x‖²/2`` of each row (AXIS 1: rows of ``(BN, BD)``; AXIS 0: columns of ``(BD, BN)``)."""
+    xf = x.to(tl.float32)
+    return (0.7213475204444817 * xs * xs) * tl.sum(xf * xf, axis=AXIS)  # log2(e) / 2
+
+
+@triton.jit
+def _proj_blk(x, whi, wlo, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """``x Wᵀ`` ``(BN, BMB)`` with the folded projection (ELU: x itself): FAVOR's logits in base-2
+    units before the norm term, ReLU's pre-activations."""
+    if FEATURE == 0:
+        return x.to(tl.float32)
+    elif LP and _INTERPRET:
+        return tl.dot(x.to(tl.float32), whi.to(tl.float32) + wlo.to(tl.float32), input_precision="ieee")
+    elif LP:
+        return tl.dot(x, whi) + tl.dot(x, wlo)
+    else:
+        return tl.dot(x.to(tl.float32), whi.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _proj_blk_t(xt, whi, wlo, FEATURE: tl.constexpr, LP: tl.constexpr):
+    """:func:`_proj_blk` feature-major: ``(BMB, BN)`` from ``xt (BD, BN)`` and ``W (BMB, BD)``."""
+    if FEATURE == 0:
+        return xt.to(tl.float32)
+    elif LP and _INTERPRET:
+        return tl.dot(whi.to(tl.float32) + wlo.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+    elif LP:
+        return tl.dot(whi, xt) + tl.dot(wlo, xt)
+    else:
+        return tl.dot(whi.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _apply2(p, offset, ratio, eps, keep, FEATURE: tl.constexpr):
+    """:func:`_apply` for folded logits: FAVOR's ``exp2(p − offset)`` (p, offset in base-2 units);
+    the factor is still ``∂φ/∂l`` for the natural logit l."""
+    if FEATURE == 1:
+        e = tl.exp2(p - offset)
+        phi = tl.where(keep, ratio * (e + eps), 0.0)
+        factor = tl.where(keep, ratio * e, 0.0)
+        return phi, factor
+    else:
+        return _apply(p, offset, ratio, eps, keep, FEATURE)
+
+
+@triton.jit
+def _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE: tl.constexpr):
+    """:func:`_finish_input_grad` after ``dx += dl·W'`` with the folded W' (FAVOR: xs·log2(e)·W,
+    ReLU: xs·W)."""
+    if FEATURE == 1:
+        dx = dx * 0.6931471805599453 - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]  # 1 / log2(e)
+    return dx
+
+
 # Feature-major tiles: the key-state sweep computes pre-activations as ``(BMB, BN)`` (features
 # × keys), so the state update ``A += e·V`` takes e straight from the accumulator as the dot's
 # first operand, the pattern of flash attention's ``O += P·V``; a ``(BN, BMB)`` tile would go

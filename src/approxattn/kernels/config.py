@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -44,16 +45,21 @@ class FeatureConfig:
     def weight_strides(self, like: torch.Tensor) -> tuple[int, int]:
         return (0, 0) if self.projection is None else tuple(self.projection.stride())
 
-    def split_weight(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projection as hi + lo halves in ``like``'s dtype (fp32: the projection twice)."""
+    def split_weight(self, like: torch.Tensor, *, folded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projection as hi + lo halves in ``like``'s dtype (fp32: the projection twice).
+
+        ``folded``: scaled by :meth:`weight_fold` first, the form the non-causal kernels take (their
+        logits come out of the dot scaled, FAVOR's in base-2 units)."""
         if self.projection is None:
             return like, like
         projection = self.projection
-        key = (id(projection), projection._version, like.dtype, projection.device)
+        key = (id(projection), projection._version, like.dtype, projection.device, folded)
         hit = _SPLITS.get(key)
         if hit is not None and hit[0]() is projection:
             return hit[1], hit[2]
         w = projection.detach().float().contiguous()
+        if folded:
+            w = w * self.weight_fold()
         if like.dtype == torch.float32:
             hi = lo = w
         else:
@@ -63,6 +69,11 @@ class FeatureConfig:
             _SPLITS.clear()
         _SPLITS[key] = (weakref.ref(projection), hi, lo)
         return hi, lo
+
+    def weight_fold(self) -> float:
+        """The factor folded into the projection for the non-causal kernels: ``x_scale`` (the
+        temperature split), times log2(e) for FAVOR, whose exponentials are then ``exp2``."""
+        return self.x_scale * (math.log2(math.e) if self.feature == "favor" else 1.0)
 
     def key(self, d: int) -> tuple:
         """The constants a compiled launch depends on (not the projection's values)."""

@@ -2,7 +2,14 @@
 
 No N×m tensor ever reaches memory; features are computed in registers, 64 at a time
 (``FEATURE_BLOCK``), from the projection split on the host into hi + lo halves of the input
-dtype (nearly fp32-exact logits from two half-precision dots).
+dtype (nearly fp32-exact logits from two half-precision dots), folded first
+(``FeatureConfig.weight_fold``): the temperature and, for FAVOR, log2(e) are in the weights, so
+a logit leaves the dot ready for ``exp2``, and FAVOR's offsets are in base-2 units.
+
+Per-element work is what these kernels wait on (H100 profile: two warps per scheduler, issue
+slots under half busy), so what is the same for every program is done once: the combine
+writes S's bf16 halves (the operands of the query and key sweeps) and its column sums, and
+when the sizes fill their blocks the masks are compiled out (``FULL_F``, ``FULL_N``).
 
 Forward, three launches:
 
@@ -17,8 +24,9 @@ Forward, three launches:
    ``φ = ratio·(exp(l − M) + ε)``, the ε part of the state needs no offset), and z.
 3. ``_out_fwd`` (grid: query head × query block): ``o = φ(q)S / (φ(q)·z + den_eps)`` in one
    sweep over the feature blocks, FAVOR's per-row max taken as a running max (the ε part of
-   φ(q) is applied at the end through ``Σ_m S_m``); the denominators and row maxima are kept
-   for the backward (4 + 4 bytes a row).
+   φ(q) is applied at the end through ``Σ_m S_m``); the denominators and each row's exponent
+   offset (the running max, which absorbs FAVOR's norm term) are kept for the backward (4 + 4
+   bytes a row).
 
 Backward, three or four launches (``QUERY_BACKWARD``):
 
@@ -46,16 +54,19 @@ from ._feature_map import (
     FEATURE_CODES,
     _add_input_grad_blk,
     _apply,
+    _apply2,
     _below,
     _cast_out,
     _dot,
     _dot_halves,
     _dot_split,
-    _finish_input_grad,
+    _favor_norm,
+    _finish_input_grad_folded,
     _load_w_blk,
     _load_w_rows,
-    _logits_blk,
     _logits_blk_t,
+    _proj_blk,
+    _proj_blk_t,
 )
 from ._launch import (
     PROGRAMS_PER_SM,
@@ -78,7 +89,7 @@ def _state_fwd(
     stride_wm, stride_wd, stride_mb, stride_mn,
     HKV, NMB, N, m, d, dv, tokens, rec_size, xs,
     FEATURE: tl.constexpr, USE_MAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
-    FULL_F: tl.constexpr, FULL_N: tl.constexpr,
+    FULL_F: tl.constexpr, FULL_N: tl.constexpr, FOLDED: tl.constexpr,
     BN: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     """Grid (key/value head × feature block, key split): partial state of one feature block,
@@ -88,7 +99,9 @@ def _state_fwd(
     from the accumulator as it is (no transpose through shared memory). FAVOR's stabiliser is
     one running max per feature (a row reduction, kept within a warp), stored as that feature's
     offset; the combine brings every feature and split to the largest. FULL_F: m, d, dv fill
-    their blocks; FULL_N: every key block is whole (masks folded away)."""
+    their blocks; FULL_N: every key block is whole (masks folded away). FOLDED: the projection
+    folded (``FeatureConfig.weight_fold``), FAVOR's offsets in base-2 units (the non-causal
+    plan); otherwise natural units (the causal scans that start from these states)."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -123,18 +136,30 @@ def _state_fwd(
                      mask=inside[None, :] & dmask[:, None], other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                      mask=valid[:, None] & vmask[None, :], other=0.0)
-        p = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
+        if FOLDED:
+            p = _proj_blk_t(xt, whi, wlo, FEATURE, LP)
+            if FEATURE == 1:
+                p = p - _favor_norm(xt, xs, 0)[None, :]
+        else:
+            p = _logits_blk_t(xt, whi, wlo, xs, FEATURE, LP)
         keep = fmask[:, None] & valid[None, :]
         if USE_MAX:
             new_max = tl.maximum(run_max, tl.max(tl.where(keep, p, -1.0e30), axis=1))
-            alpha = tl.exp(run_max - new_max)
+            if FOLDED:
+                alpha = tl.exp2(run_max - new_max)
+            else:
+                alpha = tl.exp(run_max - new_max)
             acc = acc * alpha[:, None]
             zacc = zacc * alpha
             run_max = new_max
             # a feature with no valid key yet (padded, or masked so far): any finite offset
-            e, _ = _apply(p, tl.where(run_max > -1.0e29, run_max, 0.0)[:, None], 1.0, 0.0, keep, FEATURE)
+            offset = tl.where(run_max > -1.0e29, run_max, 0.0)[:, None]
         else:
-            e, _ = _apply(p, 0.0, 1.0, 0.0, keep, FEATURE)
+            offset = 0.0
+        if FOLDED:
+            e, _ = _apply2(p, offset, 1.0, 0.0, keep, FEATURE)
+        else:
+            e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE)
         acc += _dot(e, vv, LP)
         zacc += tl.sum(e, axis=1)
         vsum += tl.sum(vv.to(tl.float32), axis=0)
@@ -158,8 +183,9 @@ def _combine_parts(
 ):
     """Grid (output record, feature block): records ``o·SRC … o·SRC + SRC − 1`` summed into record o,
     ``S = mult·Σ_p w_p A_p + const·Σ_p vsum_p``, ``z`` alike. USE_MAX (FAVOR's key stabiliser):
-    ``w_pf = exp(offset_pf − M)`` per record p and feature f, with M the largest offset of all SRC
-    records and features, stored as the output's first offset; otherwise w = 1.
+    ``w_pf = 2^(offset_pf − M)`` per record p and feature f (offsets in base-2 units: the folded
+    ``_state_fwd``), with M the largest offset of all SRC records and features, stored as the
+    output's first offset; otherwise w = 1.
 
     HALVES (half-precision inputs): S also as bf16 hi + lo tiles, ``half[o] = (hi (m×dv) | lo (m×dv))``,
     the operands the query and key sweeps dot with, split once here instead of in every program.
@@ -190,7 +216,7 @@ def _combine_parts(
         A = tl.load(rec + tile, mask=tmask, other=0.0)
         a = tl.load(rec + m * dv + offs_m, mask=fmask, other=0.0)
         if USE_MAX:
-            w = tl.exp(tl.load(rec + m * dv + m + dv + 1 + offs_m, mask=fmask, other=-1.0e30) - top)
+            w = tl.exp2(tl.load(rec + m * dv + m + dv + 1 + offs_m, mask=fmask, other=-1.0e30) - top)
             A = A * w[:, None]
             a = a * w
         acc += A
@@ -235,7 +261,7 @@ def _out_fwd(
     feature blocks (S, z: the key/value head's state record; half inputs dot with its bf16 hi
     tile, ``Sh``). FAVOR's per-row max is a running max (partial sums rescaled when it grows);
     its ε part is ``ratio·ε·(Σ_m S_m, Σ_m z_m)``, which no offset touches (``sums``: the combine's
-    per-block column sums). ``stats`` gets the denominators, then the row maxima."""
+    per-block column sums). ``stats`` gets the denominators, then the row offsets (above)."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // HQ
@@ -252,25 +278,29 @@ def _out_fwd(
                 + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=rows[:, None] & _below(offs_d, d, FULL_F)[None, :], other=0.0)
     online = FEATURE == 1 and STAB
+    # each row's offset in the exponent (base 2, against the dot's raw logits; kept for the backward):
+    # FAVOR's running max (stabilised), which absorbs the norm term, or the norm term alone
     row_max = tl.zeros([BN], dtype=tl.float32)
     if online:
         row_max = row_max - 1.0e30
+    elif FEATURE == 1:
+        row_max = _favor_norm(x, xs, 1)
     num = tl.zeros([BN, BDV], dtype=tl.float32)
     den = tl.zeros([BN], dtype=tl.float32)
     for mb in range(0, NMB):
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = _below(offs_m, m, FULL_F)
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
-        p = _logits_blk(x, whi, wlo, xs, FEATURE, LP)
+        p = _proj_blk(x, whi, wlo, FEATURE, LP)
         if online:
             new_max = tl.maximum(row_max, tl.max(tl.where(fmask[None, :], p, -1.0e30), axis=1))
-            alpha = tl.exp(row_max - new_max)
+            alpha = tl.exp2(row_max - new_max)
             num = num * alpha[:, None]
             den = den * alpha
             row_max = new_max
-            phi, _ = _apply(p, row_max[:, None], 1.0, 0.0, fmask[None, :], FEATURE)
+            phi = tl.where(fmask[None, :], tl.exp2(p - row_max[:, None]), 0.0)
         else:
-            phi, _ = _apply(p, 0.0, ratio, eps, fmask[None, :], FEATURE)
+            phi, _ = _apply2(p, row_max[:, None], ratio, eps, fmask[None, :], FEATURE)
         tile = offs_m[:, None] * dv + offs_v[None, :]
         if LP:
             S = tl.load(rec_hi + tile, mask=fmask[:, None] & vmask[None, :], other=0.0)
@@ -373,7 +403,7 @@ def _q_bwd_fused(
             tmask = fmask[:, None] & vmask[None, :]
             whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
             # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
-            phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), row_max[:, None], ratio, eps,
+            phi, factor = _apply2(_proj_blk(x, whi, wlo, FEATURE, LP), row_max[:, None], ratio, eps,
                                  rows[:, None] & fmask[None, :], FEATURE)
             tile = offs_m[:, None] * dv + offs_v[None, :]
             z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
@@ -396,7 +426,7 @@ def _q_bwd_fused(
                     tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
                     dz_ptrs = rec + m * dv + offs_m
                     tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
-        dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
+        dx = _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
         if STATE and NMB > 1:
@@ -421,7 +451,7 @@ def _dstate_bwd(
     """Grid (query head × feature block, query split): the split's partial ``dS = Σ φ(q)dnumᵀ``
     and ``dz = Σ φ(q)dden`` of one feature block, feature-major like ``_state_fwd`` (φ(q) of a
     row block is a ``(BMB, BN)`` tile, the dot's first operand as it stands), into the A and a
-    slots of the split's record. φ(q) uses the forward's row maxima (``stats``)."""
+    slots of the split's record. φ(q) uses the forward's row offsets (``stats``)."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -456,7 +486,7 @@ def _dstate_bwd(
                      mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         den = tl.load(den_base + offs_n, mask=rows, other=1.0)
         row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
-        phi, _ = _apply(_logits_blk_t(xt, whi, wlo, xs, FEATURE, LP), row_max[None, :], ratio, eps,
+        phi, _ = _apply2(_proj_blk_t(xt, whi, wlo, FEATURE, LP), row_max[None, :], ratio, eps,
                         fmask[:, None] & rows[None, :], FEATURE)
         acc += _dot(phi, do / den[:, None], LP)
         zacc += tl.sum(phi * (-tl.sum(do * o, axis=1) / den)[None, :], axis=1)
@@ -503,6 +533,8 @@ def _kv_bwd(
     x = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=rows[:, None] & dmask[None, :], other=0.0)
+    if FEATURE == 1:  # each key's exponent offset (base 2): the norm term and the head's key max
+        offset = (_favor_norm(x, xs, 1) + offset)[:, None]
     vv = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
                  + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                  mask=rows[:, None] & vmask[None, :], other=0.0)
@@ -513,8 +545,8 @@ def _kv_bwd(
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = _below(offs_m, m, FULL_F)
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
-        phi, factor = _apply(_logits_blk(x, whi, wlo, xs, FEATURE, LP), offset, ratio, eps,
-                             valid[:, None] & fmask[None, :], FEATURE)
+        phi, factor = _apply2(_proj_blk(x, whi, wlo, FEATURE, LP), offset, ratio, eps,
+                              valid[:, None] & fmask[None, :], FEATURE)
         tile = offs_m[:, None] * dv + offs_v[None, :]
         tmask = fmask[:, None] & vmask[None, :]
         dz = tl.load(drec + m * dv + offs_m, mask=fmask, other=0.0)
@@ -528,7 +560,7 @@ def _kv_bwd(
             dvv += _dot(phi, dS, LP)
         dphi += dz[None, :]
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
-    dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE)
+    dx = _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE)
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _cast_out(dx, dk_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
@@ -605,11 +637,13 @@ def _splits(n: int, programs: int, device, bn: int) -> int:
     return triton.cdiv(triton.cdiv(n, splits), 256) * 256
 
 
-def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) -> tuple[Launch, int]:
+def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None,
+                 folded: bool = False) -> tuple[Launch, int]:
     """The ``_state_fwd`` launch over splits of ``tokens`` keys and the number of splits P.
 
     It writes ``B·Hkv·P`` records (:func:`record_size`) of partial key states
-    ``(k, v, w_hi, w_lo, mask, records)``."""
+    ``(k, v, w_hi, w_lo, mask, records)``; ``folded``: w is ``cfg.split_weight(…, folded=True)``
+    and FAVOR's offsets come out in base-2 units."""
     B, HKV, N, d = k.shape
     dv = v.shape[-1]
     m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
@@ -624,7 +658,7 @@ def state_launch(k, v, valid, cfg: FeatureConfig, *, tokens: int | None = None) 
          record_size(m, dv), cfg.x_scale),
         dict(FEATURE=FEATURE_CODES[cfg.feature], USE_MAX=cfg.use_key_max, HAS_VALID=valid is not None,
              LP=cfg.low_precision(k), FULL_F=full_blocks(cfg, d, dv), FULL_N=full_rows(N, launch["BN"], tokens),
-             BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
+             FOLDED=folded, BMB=BMB, BD=BD, BDV=BDV, **launch), k.device,
     ), P
 
 
@@ -660,7 +694,7 @@ class _ForwardPlan:
         B, HQ, N, d = q.shape
         HKV, dv = k.shape[1], v.shape[-1]
         m, BMB, NMB, BD, BDV = feature_blocks(cfg, d, dv)
-        self.state, P = state_launch(k, v, valid, cfg)
+        self.state, P = state_launch(k, v, valid, cfg, folded=True)
         mult, const = cfg.state_terms()
         lp = cfg.low_precision(q)
         self.combine = combine_launch(B * HKV, P, m, dv, BMB, BDV, NMB, mult=mult, const=const,
@@ -751,13 +785,13 @@ _BACKWARD_PLANS = PlanCache()
 def _forward(q, k, v, valid, cfg: FeatureConfig):
     key = (layout_key(q, k, v, valid), cfg.key(q.shape[-1]))
     plan = _FORWARD_PLANS.get(key) or _FORWARD_PLANS.add(key, _ForwardPlan(q, k, v, valid, cfg))
-    whi, wlo = cfg.split_weight(q)
+    whi, wlo = cfg.split_weight(q, folded=True)
     mask = key_valid_arg(valid, k)[0]
     f32 = dict(device=q.device, dtype=torch.float32)
     parts = torch.empty(plan.parts, **f32)
     state, halves, sums = plan.buffers.allocate(q.device)
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
-    stats = torch.empty(2 * plan.rows, **f32)  # denominators, then FAVOR's query row maxima
+    stats = torch.empty(2 * plan.rows, **f32)  # denominators, then FAVOR's query row offsets (base 2)
     plan.state(k, v, whi, wlo, mask, parts)
     plan.combine(parts, state, halves, sums)
     plan.out(q, whi, wlo, state, halves, sums, o, stats)
@@ -767,7 +801,7 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
 def _backward(do, q, k, v, o, stats, state, halves, valid, forward_key, cfg: FeatureConfig):
     key = (forward_key, layout_key(do), QUERY_BACKWARD)
     plan = _BACKWARD_PLANS.get(key) or _BACKWARD_PLANS.add(key, _BackwardPlan(do, q, k, v, valid, cfg))
-    whi, wlo = cfg.split_weight(q)
+    whi, wlo = cfg.split_weight(q, folded=True)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
     parts = torch.empty(plan.parts, **f32)
