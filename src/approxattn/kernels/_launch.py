@@ -77,14 +77,16 @@ def pick_config(kind: str, m: int, d: int, dv: int) -> dict[str, int]:
 # Non-causal kernels work on feature blocks of at most 64 columns, so one config per kind
 # (picked on an H100 by benchmarks/tune.py at N = 65,536).
 DEFAULTS: dict[str, dict[str, int]] = {
-    "state": {"BN": 128, "num_warps": 4, "num_stages": 2},
-    "out": {"BN": 128, "num_warps": 4, "num_stages": 3},
+    # re-swept after the folded projection and the state halves (benchmarks/results/h100/run11/tune):
+    # FAVOR+ m = 256 2.50 -> 2.35 ms fwd+bwd, elu+1 1.16 -> 0.97 ms
+    "state": {"BN": 128, "num_warps": 4, "num_stages": 3},
+    "out": {"BN": 64, "num_warps": 4, "num_stages": 2},
     # the one-sweep query backward, now run for one feature block (ELU, m ≤ 64) or when forced; picked
     # (H100 sweep of BN 32–128, 4/8 warps, 1/2 stages) when it served every width: best overall for
     # FAVOR+/ReLU m = 256, FAVOR+ m = 128 and ELU (its 64/4/2 is 8% faster on ELU, 16% slower at m = 128)
     "q_bwd_fused": {"BN": 128, "num_warps": 8, "num_stages": 2},
     # _q_bwd_fused without the state sums, and the feature-major dS sweep (H100 sweep, FAVOR+ m = 256)
-    "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 1},
+    "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
     "dstate": {"BN": 32, "num_warps": 4, "num_stages": 1},
     "kv_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
     # causal_chunked: "chunk" gives the chunk length BT that every one of its kernels shares (the
