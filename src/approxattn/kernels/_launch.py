@@ -87,7 +87,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "q_bwd_fused": {"BN": 128, "num_warps": 8, "num_stages": 2},
     # _q_bwd_fused without the state sums, and the feature-major dS sweep (H100 sweep, FAVOR+ m = 256)
     "q_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
-    "dstate": {"BN": 32, "num_warps": 4, "num_stages": 1},
+    "dstate": {"BN": 64, "num_warps": 4, "num_stages": 3},  # since do·o comes from the query sweep (run11)
     "kv_bwd": {"BN": 64, "num_warps": 4, "num_stages": 3},
     # causal_chunked: "chunk" gives the chunk length BT that every one of its kernels shares (the
     # stored states' layout); the others only their num_warps / num_stages (their BN is ignored).

@@ -156,7 +156,9 @@ def _state_fwd(
             offset = tl.where(run_max > -1.0e29, run_max, 0.0)[:, None]
         else:
             offset = 0.0
-        if FOLDED:
+        if FOLDED and FEATURE == 1:  # the core e alone (ratio, ε: the combine's)
+            e = tl.where(keep, tl.exp2(p - offset), 0.0)
+        elif FOLDED:
             e, _ = _apply2(p, offset, 1.0, 0.0, keep, FEATURE)
         else:
             e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE)
@@ -328,7 +330,7 @@ def _out_fwd(
 
 @triton.jit
 def _q_bwd_fused(
-    q_ptr, whi_ptr, wlo_ptr, S_ptr, Sh_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr,
+    q_ptr, whi_ptr, wlo_ptr, S_ptr, Sh_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr, do_o_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
@@ -348,8 +350,8 @@ def _q_bwd_fused(
     block; it stays in L2): one register tile per block spills. Measured on the H100, FAVOR+
     m = 256 (N = 65,536, B = 1, H = 16, d = 64, bf16): four register tiles need 255 registers
     a thread and spill 100–700, 2.3 ms at best against 1.7 ms for the two kernels it replaced; the
-    record, 1.4 ms. Without STATE, dq alone (``_dstate_bwd`` sums dS and dz). FULL_F / FULL_N: as
-    ``_state_fwd``'s (no masks)."""
+    record, 1.4 ms. Without STATE, dq alone, and each row's ``do·o`` into ``do_o`` for
+    ``_dstate_bwd``, which sums dS and dz. FULL_F / FULL_N: as ``_state_fwd``'s (no masks)."""
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -393,8 +395,11 @@ def _q_bwd_fused(
         den = tl.load(den_base + offs_n, mask=rows, other=1.0)
         row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
         do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
-        dnum = do_raw.to(tl.float32) / den[:, None]
-        dden = -do_o / den
+        if not STATE:
+            tl.store(do_o_ptr + pid_bh.to(tl.int64) * N + offs_n, do_o, mask=rows)
+        inv_den = 1.0 / den
+        dnum = do_raw.to(tl.float32) * inv_den[:, None]
+        dden = -do_o * inv_den
         dx = tl.zeros([BN, BD], dtype=tl.float32)
         dl_sum = tl.zeros([BN], dtype=tl.float32)
         for mb in range(NMB):
@@ -413,7 +418,7 @@ def _q_bwd_fused(
                                    tl.trans(tl.load(state_hi + m * dv + tile, mask=tmask, other=0.0)))
             else:
                 do_S = _dot_split(do_raw, tl.trans(tl.load(state + tile, mask=tmask, other=0.0)), LP, True)
-            dphi = (do_S - do_o[:, None] * z[None, :]) / den[:, None]
+            dphi = do_S * inv_den[:, None] + dden[:, None] * z[None, :]
             dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
             if STATE:
                 dS_blk = _dot(tl.trans(phi), dnum, LP)
@@ -439,9 +444,8 @@ def _q_bwd_fused(
 
 @triton.jit
 def _dstate_bwd(
-    q_ptr, whi_ptr, wlo_ptr, o_ptr, do_ptr, stats_ptr, part_ptr,
+    q_ptr, whi_ptr, wlo_ptr, do_o_ptr, do_ptr, stats_ptr, part_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_ob, stride_oh, stride_on, stride_od,
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_wm, stride_wd,
     HQ, NMB, N, m, d, dv, tokens, rec_size, xs, ratio, eps,
@@ -451,7 +455,9 @@ def _dstate_bwd(
     """Grid (query head × feature block, query split): the split's partial ``dS = Σ φ(q)dnumᵀ``
     and ``dz = Σ φ(q)dden`` of one feature block, feature-major like ``_state_fwd`` (φ(q) of a
     row block is a ``(BMB, BN)`` tile, the dot's first operand as it stands), into the A and a
-    slots of the split's record. φ(q) uses the forward's row offsets (``stats``)."""
+    slots of the split's record. φ(q) uses the forward's row offsets (``stats``); each row's
+    ``do·o`` comes from the query sweep (``do_o``). The row's 1/den scales φ (folded into FAVOR's
+    ratio), so do enters the dot as it is: ``dS = Σ (φ/den) doᵀ``, ``dz = −Σ (φ/den)(do·o)``."""
     pid = tl.program_id(0)
     pid_p = tl.program_id(1)
     num_p = tl.num_programs(1)
@@ -467,8 +473,8 @@ def _dstate_bwd(
     vmask = _below(offs_v, dv, FULL_F)
     whi, wlo = _load_w_rows(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     g_base = do_ptr + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    do_o_base = do_o_ptr + bh.to(tl.int64) * N
     den_base = stats_ptr + bh.to(tl.int64) * N
     qmax_base = stats_ptr + (tl.num_programs(0) // NMB + bh).to(tl.int64) * N  # after B·HQ rows of den
     acc = tl.zeros([BMB, BDV], dtype=tl.float32)
@@ -480,16 +486,20 @@ def _dstate_bwd(
         rows = _below(offs_n, stop, FULL_N)
         xt = tl.load(q_base + offs_n[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                      mask=rows[None, :] & dmask[:, None], other=0.0)
-        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         do = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
-                     mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
-        den = tl.load(den_base + offs_n, mask=rows, other=1.0)
+                     mask=rows[:, None] & vmask[None, :], other=0.0)
+        inv_den = 1.0 / tl.load(den_base + offs_n, mask=rows, other=1.0)
+        do_o = tl.load(do_o_base + offs_n, mask=rows, other=0.0)
         row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
-        phi, _ = _apply2(_proj_blk_t(xt, whi, wlo, FEATURE, LP), row_max[None, :], ratio, eps,
-                        fmask[:, None] & rows[None, :], FEATURE)
-        acc += _dot(phi, do / den[:, None], LP)
-        zacc += tl.sum(phi * (-tl.sum(do * o, axis=1) / den)[None, :], axis=1)
+        p = _proj_blk_t(xt, whi, wlo, FEATURE, LP)
+        keep = fmask[:, None] & rows[None, :]
+        if FEATURE == 1:
+            phi, _ = _apply2(p, row_max[None, :], ratio * inv_den[None, :], eps, keep, FEATURE)
+        else:
+            phi, _ = _apply2(p, row_max[None, :], ratio, eps, keep, FEATURE)
+            phi = phi * inv_den[None, :]
+        acc += _dot(phi, do, LP)
+        zacc -= tl.sum(phi * do_o[None, :], axis=1)
     rec = part_ptr + (bh * num_p + pid_p).to(tl.int64) * rec_size
     tl.store(rec + offs_m[:, None] * dv + offs_v[None, :], acc, mask=fmask[:, None] & vmask[None, :])
     tl.store(rec + m * dv + offs_m, zacc, mask=fmask)
@@ -735,6 +745,7 @@ class _BackwardPlan:
         o_strides = _contiguous_strides(B, HQ, N, dv)
         w_strides = weight_strides(cfg, d)
         self.dq_shape, self.dk_shape, self.dv_shape = q.shape, k.shape, v.shape
+        self.rows = B * HQ * N
         rec = record_size(m, dv)
         dq_strides = _contiguous_strides(*q.shape)
         fused = QUERY_BACKWARD == "fused" or (QUERY_BACKWARD == "auto" and NMB == 1)
@@ -757,7 +768,7 @@ class _BackwardPlan:
             P = triton.cdiv(N, tokens)
             self.dstate = Launch(
                 _dstate_bwd, (B * HQ * NMB, P),
-                (*_strides(q), *o_strides, *_strides(do), *w_strides,
+                (*_strides(q), *_strides(do), *w_strides,
                  HQ, NMB, N, m, d, dv, tokens, rec, cfg.x_scale, cfg.ratio, cfg.eps),
                 dict(**common, FULL_N=full_rows(N, launch["BN"], tokens), **launch), q.device,
             )
@@ -805,9 +816,11 @@ def _backward(do, q, k, v, o, stats, state, halves, valid, forward_key, cfg: Fea
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
     parts = torch.empty(plan.parts, **f32)
-    plan.q_bwd(q, whi, wlo, state, halves, o, do, stats, dq, parts)
+    # each row's do·o, from the query sweep to _dstate_bwd (split query backward only)
+    do_o = stats if plan.dstate is None else torch.empty(plan.rows, **f32)
+    plan.q_bwd(q, whi, wlo, state, halves, o, do, stats, dq, parts, do_o)
     if plan.dstate is not None:
-        plan.dstate(q, whi, wlo, o, do, stats, parts)
+        plan.dstate(q, whi, wlo, do_o, do, stats, parts)
     dstate, dhalves, dsums = plan.buffers.allocate(q.device)
     plan.combine(parts, dstate, dhalves, dsums)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
