@@ -69,3 +69,23 @@ def test_projection_is_trainable():
     q, k, v = qkv(seq_q=16, dtype=torch.float32)
     module(q, k, v).square().sum().backward()
     assert module.projection.key_projection.grad.abs().sum() > 0
+
+
+def test_unpadded_rows_in_use_follow_edits_of_e():
+    """Without padding the projected keys' validity comes from E alone and is cached; an in-place edit
+    of E (a new version) is seen at the next call: a zeroed row is masked out, restored it is back."""
+    from approxattn.blocks.projections import SequenceProjection
+
+    proj = SequenceProjection(rank=4, max_len=12, sharing="headwise", num_heads=None, init="mean-pool",
+                              generator=torch.Generator().manual_seed(0))
+    k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    assert proj(k, v, None)[2].shape == (2, 4) and bool(proj(k, v, None)[2].all())
+    with torch.no_grad():
+        saved = proj.key_projection[0, 2].clone()
+        proj.key_projection[0, 2] = 0.0
+    assert proj(k, v, None)[2].tolist() == [[True, True, False, True]] * 2
+    with torch.no_grad():
+        proj.key_projection[0, 2] = saved
+    assert bool(proj(k, v, None)[2].all())
+    # E's last row reaches only columns ≥ 9: a length-8 slice leaves it unused
+    assert proj(k[:, :, :8], v[:, :, :8], None)[2].tolist() == [[True, True, True, False]] * 2

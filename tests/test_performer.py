@@ -164,6 +164,28 @@ def test_redraw_policy():
     assert draws("every_call", 5, training=False) == []
 
 
+def test_redraw_schedule_survives_a_state_dict_round_trip():
+    """The call count is kept on the host (no GPU read per training call) and stored in the
+    ``training_calls`` buffer: a module loaded after 4 calls with redraw=3 redraws on its 2nd call
+    (the 6th), as the original does; loading an earlier state rewinds the count."""
+    q, k, v = qkv(seq_q=8, dtype=torch.float32)
+    a = approxattn.build("performer", head_dim=8, num_features=8, redraw=3, seed=2)
+    for _ in range(4):
+        a(q, k, v)
+    assert int(a.training_calls) == 4
+    b = approxattn.build("performer", head_dim=8, num_features=8, redraw=3, seed=2)
+    b(q, k, v)  # its own count (1) is replaced by the loaded one
+    b.load_state_dict(a.state_dict())
+    before = b.projection.clone()
+    b(q, k, v)
+    assert torch.equal(b.projection, before) and int(b.training_calls) == 5
+    b(q, k, v)
+    assert not torch.equal(b.projection, before) and int(b.training_calls) == 6
+    a(q, k, v)
+    a(q, k, v)
+    assert torch.equal(a.projection, b.projection)
+
+
 def test_redraws_are_reproducible_from_seed():
     q, k, v = qkv(seq_q=8, dtype=torch.float32)
     a = approxattn.build("performer", head_dim=8, redraw="every_call", seed=5)

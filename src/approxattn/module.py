@@ -123,6 +123,10 @@ class AttentionModule(nn.Module):
         raise NotImplementedError
 
 
+def _forget_host_count(module: "RandomFeatureModule", incompatible_keys) -> None:
+    module._calls = None  # a loaded state_dict brings its own call count
+
+
 class RandomFeatureModule(AttentionModule):
     """An attention module that owns random features and redraws them by a stated policy.
 
@@ -136,6 +140,10 @@ class RandomFeatureModule(AttentionModule):
         super().__init__(head_dim=head_dim, **options)
         self.register_buffer("training_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("feature_draws", torch.zeros((), dtype=torch.long))
+        # the call count on the host, so the redraw decision never reads a GPU buffer (a sync per
+        # training call); read from the buffer once, on the first call after construction or a load
+        self._calls: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_count)
 
     def generator(self, draw: int) -> torch.Generator:
         gen = torch.Generator()
@@ -155,6 +163,9 @@ class RandomFeatureModule(AttentionModule):
         if not self.training:
             return
         policy = self.options["redraw"]
-        self.training_calls += 1
-        if policy == "every_call" or (isinstance(policy, int) and int(self.training_calls) % policy == 0):
+        if self._calls is None:
+            self._calls = int(self.training_calls)
+        self._calls += 1
+        self.training_calls.fill_(self._calls)  # the stored count, updated without a sync
+        if policy == "every_call" or (isinstance(policy, int) and self._calls % policy == 0):
             self.redraw_features()

@@ -53,6 +53,7 @@ class SequenceProjection(nn.Module):
 
         self.key_projection = nn.Parameter(initial())
         self.value_projection = None if sharing == "kv" else nn.Parameter(initial())
+        self._rows_cache: tuple | None = None  # (E's slice, version, dtype, device) → rows of E in use
 
     def forward(
         self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
@@ -74,9 +75,21 @@ class SequenceProjection(nn.Module):
         k_reduced, v_reduced = project_sequence(e, k), project_sequence(f, v)
         # a projected key whose row of E touches no valid key (padding, or a slice shorter than
         # max_len) holds only zeros and must not take part in the softmax
-        valid = k.new_ones(k.shape[0], length) if key_valid is None else key_valid.to(k.dtype)
-        reduced_valid = (torch.einsum("hrn,bn->bhr", e.detach().to(k.dtype).abs(), valid) > 0).any(dim=1)
+        if key_valid is None:
+            reduced_valid = self._rows_in_use(e, k.dtype).expand(k.shape[0], -1)
+        else:
+            reduced_valid = (torch.einsum("hrn,bn->bhr", e.detach().to(k.dtype).abs(), key_valid.to(k.dtype)) > 0
+                             ).any(dim=1)
         return k_reduced, v_reduced, reduced_valid
+
+    def _rows_in_use(self, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(1, r)``: rows of E (sliced to N, rounded to the inputs' dtype) with a non-zero entry for some
+        head; kept until E changes (its version), so unpadded calls spend no launches on it."""
+        key = (e.shape, e._version, dtype, e.device)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            rows = (e.detach().to(dtype) != 0).any(dim=-1).any(dim=0)[None]
+            self._rows_cache = (key, rows)
+        return self._rows_cache[1]
 
 
 def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._feature_map import _cast_out, _dot
-    from ._launch import interpreting, num_programs_hint
+    from ._launch import Launch, PlanCache, interpreting, layout_key, num_programs_hint
 else:  # pragma: no cover - the module still imports, fast_sequence_projection returns None
     triton = None
 
@@ -100,6 +100,21 @@ if HAS_TRITON:
         tl.store(out + offs_r[:, None] * BD + offs_d[None, :], acc)
 
     @triton.jit
+    def _sum_parts(part_ptr, out_ptr, splits, R, D, BR: tl.constexpr, BD: tl.constexpr):
+        """Grid (b·h): ``out[b, h] = Σ_split part[split, b·h]`` cut to ``(R, D)``, in out's dtype
+        (out contiguous ``(B, H, R, D)``): one launch instead of torch's sum, slice, copy and cast."""
+        bh = tl.program_id(0)
+        offs_r = tl.arange(0, BR)
+        offs_d = tl.arange(0, BD)
+        tile = offs_r[:, None] * BD + offs_d[None, :]
+        acc = tl.zeros([BR, BD], dtype=tl.float32)
+        for split in range(0, splits):
+            acc += tl.load(part_ptr + (split * tl.num_programs(0) + bh).to(tl.int64) * BR * BD + tile)
+        out = out_ptr + bh.to(tl.int64) * R * D
+        tl.store(out + offs_r[:, None] * D + offs_d[None, :], _cast_out(acc, out_ptr.dtype.element_ty),
+                 mask=(offs_r[:, None] < R) & (offs_d[None, :] < D))
+
+    @triton.jit
     def _project_bwd(
         e_ptr, x_ptr, dy_ptr, dx_ptr, de_ptr,
         N, R, D, B, H, heads_per_matrix,
@@ -147,43 +162,74 @@ def _blocks(R: int, D: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
 
 
+# Launches are built once per layout (shapes, strides, dtypes, alignment of e, x, dy) and called
+# through ``_launch.Launch``: an ordinary ``kernel[grid](...)`` re-specialises its ~20 arguments on
+# every call, ~0.1 ms of host time each on the H100 machine, and FLuRKA is host-bound at every N.
+_FORWARD_PLANS = PlanCache() if HAS_TRITON else None
+_BACKWARD_PLANS = PlanCache() if HAS_TRITON else None
+
+
+class _ForwardPlan:
+    def __init__(self, e: torch.Tensor, x: torch.Tensor):
+        B, H, N, D = x.shape
+        R = e.shape[1]
+        BR, BD = _blocks(R, D)
+        BN = 16 if interpreting() else 64
+        tiles = triton.cdiv(N, BN)
+        # about two programs per multiprocessor: enough to stream x at full bandwidth, few partials to sum
+        splits = max(1, min(tiles, triton.cdiv(num_programs_hint(x.device) // 4, B * H)))
+        tiles_per_split = triton.cdiv(tiles, splits)
+        splits = triton.cdiv(tiles, tiles_per_split)
+        self.part_shape, self.out_shape = (splits, B * H, BR, BD), (B, H, R, D)
+        meta = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
+        self.project = Launch(
+            _project_fwd, (B * H, splits),
+            (N, R, D, H, tiles_per_split, 0 if e.shape[0] == 1 else e.stride(0), *e.stride()[1:], *x.stride()),
+            dict(LP=x.dtype != torch.float32, BR=BR, BN=BN, BD=BD, **meta), x.device,
+        )
+        self.sum = Launch(_sum_parts, (B * H,), (splits, R, D), dict(BR=BR, BD=BD), x.device)
+
+
 def _forward(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     B, H, N, D = x.shape
     R = e.shape[1]
-    BR, BD = _blocks(R, D)
-    BN = 16 if interpreting() else 64
-    tiles = triton.cdiv(N, BN)
-    if tiles == 0 or R == 0 or B * H == 0:
+    if N == 0 or R == 0 or B * H == 0:
         return x.new_zeros(B, H, R, D)
-    # about two programs per multiprocessor: enough to stream x at full bandwidth, few partials to sum
-    splits = max(1, min(tiles, triton.cdiv(num_programs_hint(x.device) // 4, B * H)))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
-    part = torch.empty(splits, B * H, BR, BD, device=x.device, dtype=torch.float32)
-    meta = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
-    _project_fwd[(B * H, splits)](
-        e, x, part, N, R, D, H, tiles_per_split, 0 if e.shape[0] == 1 else e.stride(0), *e.stride()[1:],
-        *x.stride(), LP=x.dtype != torch.float32, BR=BR, BN=BN, BD=BD, **meta,
-    )
-    return part.sum(0)[:, :R, :D].reshape(B, H, R, D).to(x.dtype)
+    key = layout_key(e, x)
+    plan = _FORWARD_PLANS.get(key) or _FORWARD_PLANS.add(key, _ForwardPlan(e, x))
+    part = torch.empty(plan.part_shape, device=x.device, dtype=torch.float32)
+    out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype)
+    plan.project(e, x, part)
+    plan.sum(part, out)
+    return out
+
+
+class _BackwardPlan:
+    def __init__(self, e, x, dy, need_dx: bool, need_de: bool):
+        B, H, N, D = x.shape
+        C, R = e.shape[0], e.shape[1]
+        BR, BD = _blocks(R, D)
+        # dE's fp32 accumulator holds BR × BN values: 8K per program (64 registers a thread at 4 warps)
+        BN = 16 if interpreting() else max(16, min(64, 8192 // BR))
+        dx_strides = torch.empty(x.shape, device="meta").stride() if need_dx else x.stride()  # dx: dense
+        de_strides = torch.empty(e.shape, device="meta").stride() if need_de else e.stride()
+        meta = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
+        self.launch = Launch(
+            _project_bwd, (triton.cdiv(N, BN), C),
+            (N, R, D, B, H, H if C == 1 else 1, *e.stride(), *x.stride(), *dy.stride(), *dx_strides, *de_strides),
+            dict(NEED_DX=need_dx, NEED_DE=need_de, LP=x.dtype != torch.float32, BR=BR, BN=BN, BD=BD, **meta),
+            x.device,
+        )
 
 
 def _backward(e, x, dy, need_dx: bool, need_de: bool):
-    B, H, N, D = x.shape
-    C, R = e.shape[0], e.shape[1]
-    BR, BD = _blocks(R, D)
-    # dE's fp32 accumulator holds BR × BN values: 8K per program (64 registers a thread at 4 warps)
-    BN = 16 if interpreting() else max(16, min(64, 8192 // BR))
-    if x.numel() == 0 or R == 0:
+    if x.numel() == 0 or e.shape[1] == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(e) if need_de else None)
+    key = (layout_key(e, x, dy), need_dx, need_de)
+    plan = _BACKWARD_PLANS.get(key) or _BACKWARD_PLANS.add(key, _BackwardPlan(e, x, dy, need_dx, need_de))
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None   # dense even for an expanded x
     de = torch.empty(e.shape, device=e.device, dtype=e.dtype) if need_de else None
-    meta = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
-    _project_bwd[(triton.cdiv(N, BN), C)](
-        e, x, dy, dx if need_dx else x, de if need_de else e, N, R, D, B, H, H if C == 1 else 1,
-        *e.stride(), *x.stride(), *dy.stride(), *(dx if need_dx else x).stride(), *(de if need_de else e).stride(),
-        NEED_DX=need_dx, NEED_DE=need_de, LP=x.dtype != torch.float32, BR=BR, BN=BN, BD=BD, **meta,
-    )
+    plan.launch(e, x, dy, dx if need_dx else x, de if need_de else e)
     return dx, de
 
 

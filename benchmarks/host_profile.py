@@ -1,0 +1,62 @@
+"""Where one method's host time goes: cProfile of fwd+bwd calls through the module (as the bench
+calls it), plus the CPU-side torch ops (torch.profiler), on the GPU machine.
+
+Usage: PYTHONPATH=src python benchmarks/host_profile.py METHOD N [option=value ...]
+  e.g. benchmarks/host_profile.py flurka-performer 4096 rank=128 num_features=256
+The module runs in eval mode, as the bench runs it (HOST_PROFILE_TRAIN=1: training mode).
+"""
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import approxattn
+
+method, n = sys.argv[1], int(sys.argv[2])
+options = {key: int(value) for key, value in (arg.split("=") for arg in sys.argv[3:])}
+if method.startswith("flurka") or method == "linformer":
+    options.setdefault("max_len", n)
+module = approxattn.build(method, head_dim=64, **options).cuda().train(os.environ.get("HOST_PROFILE_TRAIN") == "1")
+scale = 64**-0.5 if approxattn.get_method(method).uses_scale else None
+q, k, v, do = (torch.randn(1, 16, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+for t in (q, k, v):
+    t.requires_grad_()
+
+
+def step():
+    torch.autograd.grad(module(q, k, v, causal=False, scale=scale), (q, k, v), do)
+
+
+for _ in range(10):
+    step()
+torch.cuda.synchronize()
+calls = 50
+t0 = time.perf_counter()
+for _ in range(calls):
+    step()
+host = (time.perf_counter() - t0) / calls * 1e3
+torch.cuda.synchronize()
+wall = (time.perf_counter() - t0) / calls * 1e3
+print(f"{method} {options} N={n}: host {host:.3f} ms/call, wall {wall:.3f} ms/call")
+
+profiler = cProfile.Profile()
+profiler.enable()
+for _ in range(calls):
+    step()
+profiler.disable()
+torch.cuda.synchronize()
+text = io.StringIO()
+pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+print(text.getvalue())
+
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
