@@ -3,7 +3,8 @@ and the SASS opcode mix of each compiled Triton kernel.
 
 Usage (device machine):  ncu --clock-control none --profile-from-start off --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section WarpStateStats python benchmarks/ncu_probe.py [case]
-then  python benchmarks/ncu_probe.py --sass  (opcode histogram of the kernels in Triton's cache).
+then  python benchmarks/ncu_probe.py --sass [FILE]  (opcode histogram of the kernels in Triton's cache; FILE: their
+whole SASS too).
 Cases: favor (non-causal FAVOR+ m=256), relu (ReLU m=256), favor-causal (prefix max), all at N = 65,536.
 """
 
@@ -15,11 +16,15 @@ import subprocess
 import sys
 
 
-def sass_histogram() -> None:
+def sass_histogram(dump: str | None = None) -> None:
+    """Opcode counts of every cached kernel; ``dump``: also write the whole SASS of each to that file."""
     cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    out = open(dump, "w") if dump else None
     for cubin in sorted(glob.glob(f"{cache}/*/*.cubin")):
         name = os.path.basename(cubin)[: -len(".cubin")]
         sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+        if out:
+            out.write(f"===== {name} ({cubin})\n{sass}\n")
         ops = collections.Counter()
         for line in sass.splitlines():
             hit = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?", line)
@@ -59,7 +64,7 @@ def profile(case: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--sass"]:
-        sass_histogram()
+    if sys.argv[1:2] == ["--sass"]:
+        sass_histogram(sys.argv[2] if len(sys.argv) > 2 else None)
     else:
         profile(sys.argv[1] if len(sys.argv) > 1 else "favor")
