@@ -595,3 +595,34 @@ def test_gpu_modules_match_reference(method, options, causal, monkeypatch):
         ref.backward(do)
     errors = [rel_err(out, ref)] + [rel_err(a.grad, b.grad) for a, b in zip(ins, ref_in)]
     assert max(errors) < 1e-2, errors
+
+
+def _bad_feature_calls():
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 8, 16)
+    v = torch.randn(1, 2, 8, 16)
+    w = torch.randn(32, 16)
+    favor = FeatureConfig("favor", w, x_scale=16**-0.25, ratio=32**-0.5, eps=1e-6)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    return [
+        (TypeError, "q:", (q.double(), k.double(), v.double(), favor), {}),
+        (TypeError, "cfg:", (q, k, v, "favor"), {}),
+        (ValueError, "cfg.feature", (q, k, v, FeatureConfig("softmax", w)), {}),
+        (ValueError, "cfg.projection", (q, k, v, FeatureConfig("elu", w)), {}),
+        (ValueError, "cfg.projection", (q, k, v, FeatureConfig("relu")), {}),
+        (ValueError, "cfg.projection", (q, k, v, FeatureConfig("favor", torch.randn(32, 12))), {}),
+        (TypeError, "k:", (q, k.half(), v, favor), {}),
+        (ValueError, "k:", (q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), favor), {}),
+        (TypeError, "key_padding_mask", (q, k, v, favor), {"key_padding_mask": mask.float()}),
+        (ValueError, "key_padding_mask", (q, k, v, favor), {"key_padding_mask": mask[:, :5]}),
+        (ValueError, "causal", (q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16), favor), {"causal": True}),
+        (TypeError, "causal", (q, k, v, favor), {"causal": 1}),
+    ]
+
+
+@pytest.mark.parametrize("error,name,args,kwargs", _bad_feature_calls())
+def test_feature_attention_rejects_bad_input(error, name, args, kwargs):
+    """The public fused op names the argument and what it expected (checked before any kernel, so
+    this runs without Triton); float64 is refused rather than computed in fp32."""
+    with pytest.raises(error, match=name):
+        feature_attention(*args, **kwargs)

@@ -49,11 +49,14 @@ def check_inputs(
     causal: Any = False,
     key_padding_mask: Any = None,
     scale: Any = None,
+    mask_rows: bool = True,
 ) -> tuple[AttentionShape, float]:
     """Validate an attention call and return its sizes and the softmax scale.
 
     q: ``(B, Hq, Nq, d)``; k: ``(B, Hkv, Nk, d)``; v: ``(B, Hkv, Nk, dv)``;
     key_padding_mask: ``(B, Nk)`` bool, True = keep; scale: positive finite or None (1/√d).
+    mask_rows: also check that every batch element keeps a key (reads the mask back from its
+    device: a GPU sync); False checks only its type, shape and device.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -96,7 +99,7 @@ def check_inputs(
             raise ValueError(f"key_padding_mask: expected shape {(B, Nk)} (batch, seq_k), got {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask: expected device {q.device} like q, got {key_padding_mask.device}")
-        empty = (~key_padding_mask.any(dim=1)).nonzero()
+        empty = (~key_padding_mask.any(dim=1)).nonzero() if mask_rows else key_padding_mask[:0]
         if empty.numel():
             raise ValueError(
                 f"key_padding_mask: every batch element must keep at least one key; "

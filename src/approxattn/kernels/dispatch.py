@@ -67,6 +67,6 @@ def fast_kernel_attention(module, q, k, v, *, causal, key_padding_mask, scale):
     cfg = linear_config(module) if module.spec.name == "linear" else performer_config(module, scale)
     if not supported(cfg, q, k, v, causal):
         return None
-    from .ops import feature_attention
+    from .ops import unchecked_feature_attention  # the module checked its inputs
 
-    return feature_attention(q, k, v, cfg, causal=causal, key_padding_mask=key_padding_mask)
+    return unchecked_feature_attention(q, k, v, cfg, causal=causal, key_padding_mask=key_padding_mask)

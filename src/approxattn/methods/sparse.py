@@ -713,9 +713,9 @@ def _fast_estimator(q, k, v_aug, projection, root_scale, *, causal, key_padding_
     v_aug = v_aug.to(q.dtype)  # half operands for half inputs (see SEAAttention._estimator_attention)
     if not supported(cfg, q, k, v_aug, causal):
         return None
-    from ..kernels.ops import feature_attention
+    from ..kernels.ops import unchecked_feature_attention  # the module checked its inputs
 
-    return feature_attention(q, k, v_aug, cfg, causal=causal, key_padding_mask=key_padding_mask)
+    return unchecked_feature_attention(q, k, v_aug, cfg, causal=causal, key_padding_mask=key_padding_mask)
 
 
 # ----------------------------------------------------------------------------- cost
