@@ -137,14 +137,19 @@ def _logits(x, wt, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
 
 
 @triton.jit
-def _apply(p, offset, ratio, eps, keep, FEATURE: tl.constexpr):
+def _apply(p, offset, ratio, eps, keep, FEATURE: tl.constexpr, BASE2: tl.constexpr = False):
     """Features and ``∂φ/∂p`` from pre-activations; ``offset`` is the FAVOR stabiliser
-    (broadcastable to p), ``keep`` masks padded features and keys (zero there)."""
+    (broadcastable to p), ``keep`` masks padded features and keys (zero there). BASE2: FAVOR's
+    p and offset in base-2 units (the folded projection), ``exp2``; the factor is still ``∂φ/∂l``
+    for the natural logit l."""
     if FEATURE == 0:
         phi = tl.where(p > 0, p + 1.0, tl.exp(tl.minimum(p, 0.0)))
         factor = tl.minimum(phi, 1.0)
     elif FEATURE == 1:
-        e = tl.exp(p - offset)
+        if BASE2:
+            e = tl.exp2(p - offset)
+        else:
+            e = tl.exp(p - offset)
         phi = ratio * (e + eps)
         factor = ratio * e
     else:
@@ -194,9 +199,15 @@ def _add_input_grad_blk(dx, dl_sum, dl, wt, FEATURE: tl.constexpr, LP: tl.conste
 
 
 @triton.jit
-def _finish_input_grad(dx, dl_sum, x, xs, FEATURE: tl.constexpr):
+def _finish_input_grad(dx, dl_sum, x, xs, FEATURE: tl.constexpr, FOLDED: tl.constexpr = False):
+    """The input scale and FAVOR's norm term, once, after the feature blocks' ``dx += dl·W``.
+    FOLDED: W was the folded projection (FAVOR: xs·log2(e)·W, ReLU: xs·W), whose scale is in dx."""
     if FEATURE != 0:
-        dx = dx * xs
+        if FOLDED:
+            if FEATURE == 1:
+                dx = dx * 0.6931471805599453  # 1 / log2(e)
+        else:
+            dx = dx * xs
         if FEATURE == 1:
             dx = dx - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]
     return dx
@@ -226,17 +237,12 @@ def _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE: tl.co
 
 @triton.jit
 def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
-    """Pre-activations ``(BN, BMB)`` of one feature block (ELU: x itself, BMB == BD)."""
+    """Pre-activations ``(BN, BMB)`` of one feature block from the unfolded projection (ELU: x
+    itself, BMB == BD)."""
     if FEATURE == 0:
         return x.to(tl.float32)
     else:
-        if LP and _INTERPRET:
-            p = tl.dot(x.to(tl.float32), whi.to(tl.float32) + wlo.to(tl.float32), input_precision="ieee")
-        elif LP:
-            p = tl.dot(x, whi) + tl.dot(x, wlo)
-        else:
-            p = tl.dot(x.to(tl.float32), whi.to(tl.float32), input_precision="ieee")
-        p = p * xs
+        p = _proj_blk(x, whi, wlo, FEATURE, LP) * xs
         if FEATURE == 1:
             xf = x.to(tl.float32)
             p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=1)[:, None]
@@ -248,7 +254,9 @@ def _logits_blk(x, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
 # x_scale, and for FAVOR by log2(e) too, so a logit leaves the dot ready for ``exp2`` and each
 # element of a feature tile saves the two multiplies. FAVOR's norm term ``xs²‖x‖²/2`` (in the
 # same base-2 units, :func:`_favor_norm`) is one number per row: a row-wise offset absorbs it
-# (``exp2(p − (norm + max))``), so it is computed once per row block, not per element.
+# (``exp2(p − (norm + max))``), so it is computed once per row block, not per element. The
+# shared helpers take ``BASE2`` (:func:`_apply`) and ``FOLDED`` (:func:`_finish_input_grad`) for it;
+# :func:`_logits_blk` is the unfolded form built on the same dots.
 
 @triton.jit
 def _favor_norm(x, xs, AXIS: tl.constexpr):
@@ -284,28 +292,6 @@ def _proj_blk_t(xt, whi, wlo, FEATURE: tl.constexpr, LP: tl.constexpr):
         return tl.dot(whi.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
 
 
-@triton.jit
-def _apply2(p, offset, ratio, eps, keep, FEATURE: tl.constexpr):
-    """:func:`_apply` for folded logits: FAVOR's ``exp2(p − offset)`` (p, offset in base-2 units);
-    the factor is still ``∂φ/∂l`` for the natural logit l."""
-    if FEATURE == 1:
-        e = tl.exp2(p - offset)
-        phi = tl.where(keep, ratio * (e + eps), 0.0)
-        factor = tl.where(keep, ratio * e, 0.0)
-        return phi, factor
-    else:
-        return _apply(p, offset, ratio, eps, keep, FEATURE)
-
-
-@triton.jit
-def _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE: tl.constexpr):
-    """:func:`_finish_input_grad` after ``dx += dl·W'`` with the folded W' (FAVOR: xs·log2(e)·W,
-    ReLU: xs·W)."""
-    if FEATURE == 1:
-        dx = dx * 0.6931471805599453 - (xs * xs) * x.to(tl.float32) * dl_sum[:, None]  # 1 / log2(e)
-    return dx
-
-
 # Feature-major tiles: the key-state sweep computes pre-activations as ``(BMB, BN)`` (features
 # × keys), so the state update ``A += e·V`` takes e straight from the accumulator as the dot's
 # first operand, the pattern of flash attention's ``O += P·V``; a ``(BN, BMB)`` tile would go
@@ -334,13 +320,7 @@ def _logits_blk_t(xt, whi, wlo, xs, FEATURE: tl.constexpr, LP: tl.constexpr):
     if FEATURE == 0:
         return xt.to(tl.float32)
     else:
-        if LP and _INTERPRET:
-            p = tl.dot(whi.to(tl.float32) + wlo.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        elif LP:
-            p = tl.dot(whi, xt) + tl.dot(wlo, xt)
-        else:
-            p = tl.dot(whi.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        p = p * xs
+        p = _proj_blk_t(xt, whi, wlo, FEATURE, LP) * xs
         if FEATURE == 1:
             xf = xt.to(tl.float32)
             p = p - (0.5 * xs * xs) * tl.sum(xf * xf, axis=0)[None, :]

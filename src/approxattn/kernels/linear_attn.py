@@ -54,14 +54,13 @@ from ._feature_map import (
     FEATURE_CODES,
     _add_input_grad_blk,
     _apply,
-    _apply2,
     _below,
     _cast_out,
     _dot,
     _dot_halves,
     _dot_split,
     _favor_norm,
-    _finish_input_grad_folded,
+    _finish_input_grad,
     _load_w_blk,
     _load_w_rows,
     _logits_blk_t,
@@ -159,7 +158,7 @@ def _state_fwd(
         if FOLDED and FEATURE == 1:  # the core e alone (ratio, ε: the combine's)
             e = tl.where(keep, tl.exp2(p - offset), 0.0)
         elif FOLDED:
-            e, _ = _apply2(p, offset, 1.0, 0.0, keep, FEATURE)
+            e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE, True)
         else:
             e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE)
         acc += _dot(e, vv, LP)
@@ -302,7 +301,7 @@ def _out_fwd(
             row_max = new_max
             phi = tl.where(fmask[None, :], tl.exp2(p - row_max[:, None]), 0.0)
         else:
-            phi, _ = _apply2(p, row_max[:, None], ratio, eps, fmask[None, :], FEATURE)
+            phi, _ = _apply(p, row_max[:, None], ratio, eps, fmask[None, :], FEATURE, True)
         tile = offs_m[:, None] * dv + offs_v[None, :]
         if LP:
             S = tl.load(rec_hi + tile, mask=fmask[:, None] & vmask[None, :], other=0.0)
@@ -408,8 +407,8 @@ def _q_bwd_fused(
             tmask = fmask[:, None] & vmask[None, :]
             whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
             # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
-            phi, factor = _apply2(_proj_blk(x, whi, wlo, FEATURE, LP), row_max[:, None], ratio, eps,
-                                 rows[:, None] & fmask[None, :], FEATURE)
+            phi, factor = _apply(_proj_blk(x, whi, wlo, FEATURE, LP), row_max[:, None], ratio, eps,
+                                 rows[:, None] & fmask[None, :], FEATURE, True)
             tile = offs_m[:, None] * dv + offs_v[None, :]
             z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
             # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
@@ -431,7 +430,7 @@ def _q_bwd_fused(
                     tl.store(dS_ptrs, tl.load(dS_ptrs, mask=tmask, other=0.0) + dS_blk, mask=tmask)
                     dz_ptrs = rec + m * dv + offs_m
                     tl.store(dz_ptrs, tl.load(dz_ptrs, mask=fmask, other=0.0) + dz_blk, mask=fmask)
-        dx = _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE)
+        dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE, True)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
                  _cast_out(dx, dq_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
         if STATE and NMB > 1:
@@ -494,9 +493,9 @@ def _dstate_bwd(
         p = _proj_blk_t(xt, whi, wlo, FEATURE, LP)
         keep = fmask[:, None] & rows[None, :]
         if FEATURE == 1:
-            phi, _ = _apply2(p, row_max[None, :], ratio * inv_den[None, :], eps, keep, FEATURE)
+            phi, _ = _apply(p, row_max[None, :], ratio * inv_den[None, :], eps, keep, FEATURE, True)
         else:
-            phi, _ = _apply2(p, row_max[None, :], ratio, eps, keep, FEATURE)
+            phi, _ = _apply(p, row_max[None, :], ratio, eps, keep, FEATURE, True)
             phi = phi * inv_den[None, :]
         acc += _dot(phi, do, LP)
         zacc -= tl.sum(phi * do_o[None, :], axis=1)
@@ -555,8 +554,8 @@ def _kv_bwd(
         offs_m = mb * BMB + tl.arange(0, BMB)
         fmask = _below(offs_m, m, FULL_F)
         whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
-        phi, factor = _apply2(_proj_blk(x, whi, wlo, FEATURE, LP), offset, ratio, eps,
-                              valid[:, None] & fmask[None, :], FEATURE)
+        phi, factor = _apply(_proj_blk(x, whi, wlo, FEATURE, LP), offset, ratio, eps,
+                             valid[:, None] & fmask[None, :], FEATURE, True)
         tile = offs_m[:, None] * dv + offs_v[None, :]
         tmask = fmask[:, None] & vmask[None, :]
         dz = tl.load(drec + m * dv + offs_m, mask=fmask, other=0.0)
@@ -570,7 +569,7 @@ def _kv_bwd(
             dvv += _dot(phi, dS, LP)
         dphi += dz[None, :]
         dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
-    dx = _finish_input_grad_folded(dx, dl_sum, x, xs, FEATURE)
+    dx = _finish_input_grad(dx, dl_sum, x, xs, FEATURE, True)
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _cast_out(dx, dk_ptr.dtype.element_ty), mask=rows[:, None] & dmask[None, :])
