@@ -98,6 +98,16 @@ def _below(offs, size, FULL: tl.constexpr):
 
 
 @triton.jit
+def _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, inside, HAS_VALID: tl.constexpr):
+    """Keys of a block that count: ``inside`` (in range), and kept by the ``(B, N)`` key mask when
+    there is one (``_launch.key_valid_arg`` gives its pointer and strides)."""
+    if HAS_VALID:
+        return inside & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=inside, other=0) != 0)
+    else:
+        return inside
+
+
+@triton.jit
 def _dot_halves(a, hi, lo):
     """``a @ (hi + lo)`` for half-precision rows a and an fp32 operand given as its bf16 halves
     (split once, by the state combine): :func:`_dot_split` with ``WIDE`` and the split done."""

@@ -60,6 +60,7 @@ from ._feature_map import (
     _load_w_rows,
     _logits_blk,
     _logits_blk_t,
+    _valid_keys,
 )
 from ._launch import FeatureConfig, Launch, PlanCache, key_valid_arg, layout_key, pick_config
 from .causal_linear_attn import scan_launch, segment_length
@@ -105,9 +106,7 @@ def _key_row_max(
     offs_n = c * BT + tl.arange(0, BT)
     offs_d = tl.arange(0, BD)
     rows = offs_n < N
-    valid = rows
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
     xk = _load_tile(k_ptr, b, h, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
                     rows[:, None] & (offs_d[None, :] < d))
     best = tl.full([BT], -1.0e30, dtype=tl.float32)
@@ -170,9 +169,7 @@ def _chunk_states(
         tl.store(H_ptr + state * m * dv + tile, _cast_out(S, H_ptr.dtype.element_ty), mask=tmask)
         tl.store(Z_ptr + state * m + offs_m, z, mask=fmask)
         offs_n = n0 + offs_t
-        valid = offs_n < N
-        if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=valid, other=0) != 0)
+        valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, offs_n < N, HAS_VALID)
         xt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < N) & (offs_d[:, None] < d), other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
@@ -229,9 +226,7 @@ def _chunk_out(
     rows = offs_n < N
     dmask = offs_d < d
     vmask = offs_v < dv
-    valid = rows
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
     xq = _load_tile(q_ptr, b, h, stride_qb, stride_qh, offs_n, stride_qn, offs_d, stride_qd,
                     rows[:, None] & dmask[None, :])
     xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
@@ -334,9 +329,7 @@ def _chunk_dq(
     rows = offs_n < N
     dmask = offs_d < d
     vmask = offs_v < dv
-    valid = rows
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
     xq = _load_tile(q_ptr, b, h, stride_qb, stride_qh, offs_n, stride_qn, offs_d, stride_qd,
                     rows[:, None] & dmask[None, :])
     xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
@@ -522,9 +515,7 @@ def _chunk_dkv(
     rows = offs_n < N
     dmask = offs_d < d
     vmask = offs_v < dv
-    valid = rows
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
     upper = (offs_t[:, None] <= offs_t[None, :]) & valid[:, None]  # query i at or after valid key j
     xk = _load_tile(k_ptr, b, hk, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd,
                     rows[:, None] & dmask[None, :])

@@ -46,6 +46,7 @@ from ._feature_map import (
     _load_wt,
     _logits,
     _query_features,
+    _valid_keys,
 )
 from ._launch import FeatureConfig, Launch, PlanCache, block_sizes, key_valid_arg, layout_key, num_programs_hint, pick_config
 from .linear_attn import _contiguous_strides, _strides, feature_blocks, record_size, state_launch
@@ -196,9 +197,7 @@ def _causal_fwd(
     for c0 in range(start, stop, BC):
         offs_n = c0 + offs_c
         rows = offs_n < N
-        valid = rows
-        if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+        valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
         xq = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                      mask=rows[:, None] & dmask[None, :], other=0.0)
         xk = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -294,9 +293,7 @@ def _causal_dq(
     for c0 in range(start, stop, BC):
         offs_n = c0 + offs_c
         rows = offs_n < N
-        valid = rows
-        if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+        valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
         xq = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                      mask=rows[:, None] & dmask[None, :], other=0.0)
         xk = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -406,9 +403,7 @@ def _causal_dkv(
         c0 = start + (num_chunks - 1 - t) * BC
         offs_n = c0 + offs_c
         rows = offs_n < N
-        valid = rows
-        if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+        valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
         xk = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                      mask=rows[:, None] & dmask[None, :], other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,

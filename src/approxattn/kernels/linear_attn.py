@@ -66,6 +66,7 @@ from ._feature_map import (
     _logits_blk_t,
     _proj_blk,
     _proj_blk_t,
+    _valid_keys,
 )
 from ._launch import (
     PROGRAMS_PER_SM,
@@ -128,9 +129,7 @@ def _state_fwd(
     for n0 in range(start, stop, BN):
         offs_n = n0 + tl.arange(0, BN)
         inside = _below(offs_n, stop, FULL_N)
-        valid = inside
-        if HAS_VALID:
-            valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=inside, other=0) != 0)
+        valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, inside, HAS_VALID)
         xt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=inside[None, :] & dmask[:, None], other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
@@ -536,9 +535,7 @@ def _kv_bwd(
         offset = tl.load(S_ptr + pid_bh.to(tl.int64) * rec_size + m * dv + m + dv + 1)
     else:
         offset = 0.0
-    valid = rows
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + b * stride_mb + offs_n * stride_mn, mask=rows, other=0) != 0)
+    valid = _valid_keys(valid_ptr, stride_mb, stride_mn, b, offs_n, rows, HAS_VALID)
     x = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=rows[:, None] & dmask[None, :], other=0.0)
