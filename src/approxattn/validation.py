@@ -99,12 +99,13 @@ def check_inputs(
             raise ValueError(f"key_padding_mask: expected shape {(B, Nk)} (batch, seq_k), got {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask: expected device {q.device} like q, got {key_padding_mask.device}")
-        empty = (~key_padding_mask.any(dim=1)).nonzero() if mask_rows else key_padding_mask[:0]
-        if empty.numel():
-            raise ValueError(
-                f"key_padding_mask: every batch element must keep at least one key; "
-                f"batch element {int(empty[0, 0])} keeps none"
-            )
+        if mask_rows:
+            empty = (~key_padding_mask.any(dim=1)).nonzero()
+            if empty.numel():
+                raise ValueError(
+                    f"key_padding_mask: every batch element must keep at least one key; "
+                    f"batch element {int(empty[0, 0])} keeps none"
+                )
     if scale is None:
         scale_value = 1.0 / math.sqrt(d)
     else:
