@@ -237,7 +237,8 @@ def test_combine_writes_state_halves_and_sums():
     rec = linear_attn.record_size(m, dv)
     parts = torch.randn(outputs * sources, rec, generator=gen) * 3
     buffers = linear_attn.StateBuffers(outputs, m, dv, NMB, BDV, halves=True)
-    records, halves, sums = buffers.allocate("cpu")
+    records, halves, sums, tail = buffers.allocate("cpu")
+    assert tail.numel() == 0
     launch = linear_attn.combine_launch(outputs, sources, m, dv, BMB, BDV, NMB, mult=0.5, const=0.25,
                                         use_max=False, device=torch.device("cpu"), halves=True, sums=True)
     launch(parts.view(-1), records, halves, sums)
@@ -250,7 +251,7 @@ def test_combine_writes_state_halves_and_sums():
     hi, lo = halves.view(outputs, 2, m, dv).unbind(1)
     assert torch.equal(hi, got[:, : m * dv].view(outputs, m, dv).float().to(torch.bfloat16))
     assert rel_err(hi.double() + lo.double(), A) < 2.0**-16
-    col = sums.view(outputs, NMB, BDV + 1).double()
+    col = sums[: outputs * NMB * (BDV + 1)].view(outputs, NMB, BDV + 1).double()
     for blk in range(NMB):
         rows = slice(blk * BMB, min(m, (blk + 1) * BMB))
         assert rel_err(col[:, blk, :dv], A[:, rows].sum(1)) < 1e-6
@@ -626,3 +627,21 @@ def test_feature_attention_rejects_bad_input(error, name, args, kwargs):
     this runs without Triton); float64 is refused rather than computed in fp32."""
     with pytest.raises(error, match=name):
         feature_attention(*args, **kwargs)
+
+
+@needs_triton
+def test_state_buffers_sections_aligned_and_disjoint():
+    """The state's one allocation: records, bf16 halves, column sums and the per-row tail each start
+    128-byte aligned (the kernels' loads are specialised on it) and do not overlap."""
+    from approxattn.kernels import linear_attn
+
+    buffers = linear_attn.StateBuffers(3, 80, 16, 2, 16, halves=True, tail=2 * 77)
+    records, halves, sums, tail = buffers.allocate("cpu")
+    base = records.data_ptr()
+    views = [(records, 4), (halves, 2), (sums, 4), (tail, 4)]
+    starts = [v.data_ptr() - base for v, _ in views]
+    ends = [s + v.numel() * size for s, (v, size) in zip(starts, views)]
+    assert all(s % (4 * linear_attn.RECORD_ALIGN) == 0 for s in starts)
+    assert all(e <= s for e, s in zip(ends, starts[1:]))
+    assert records.numel() == 3 * linear_attn.record_size(80, 16) and halves.numel() == 2 * 3 * 80 * 16
+    assert sums.numel() >= 3 * 2 * 17 and tail.numel() == 2 * 77

@@ -140,7 +140,10 @@ class Launch:
         global DIRECT_LAUNCH
         if self.runner is not None:
             try:
-                self.runner(*pointers, *self.tail, stream=_raw_stream(self.device))
+                # addresses, not tensors: for a tensor Triton's launcher calls data_ptr() and asks the
+                # driver to validate the pointer (cuPointerGetAttribute), per pointer, per launch; the
+                # plan's layout key has fixed device, dtype and strides already
+                self.runner(*[p.data_ptr() for p in pointers], *self.tail, stream=_raw_stream(self.device))
                 return
             except (TypeError, ValueError, AttributeError, IndexError):  # launcher refused the arguments
                 DIRECT_LAUNCH = False

@@ -678,21 +678,29 @@ def combine_launch(outputs: int, sources: int, m: int, dv: int, BMB: int, BDV: i
                        BM=max(16, triton.next_power_of_2(m))), device)
 
 
+def _aligned(words: int) -> int:
+    return triton.cdiv(words, RECORD_ALIGN) * RECORD_ALIGN
+
+
 class StateBuffers:
     """One fp32 allocation for a combined state: the records, their bf16 halves (half-precision
-    inputs) and the per-block column sums, as views (``records``, ``halves``, ``sums``)."""
+    inputs), the per-block column sums and ``tail`` more words (the forward's per-row stats), as
+    views (``records``, ``halves``, ``sums``, ``tail``). Each section starts 128-byte aligned.
+    One allocation, not four: at small N the host time per call is what counts (run 12)."""
 
-    def __init__(self, count: int, m: int, dv: int, NMB: int, BDV: int, *, halves: bool):
+    def __init__(self, count: int, m: int, dv: int, NMB: int, BDV: int, *, halves: bool, tail: int = 0):
         self.records = count * record_size(m, dv)
-        # bf16 hi + lo of each record's m×dv tile: m·dv fp32 words; kept a multiple of RECORD_ALIGN
-        self.halves = triton.cdiv(count * m * dv, RECORD_ALIGN) * RECORD_ALIGN if halves else 0
-        self.sums = count * NMB * (BDV + 1)
+        # bf16 hi + lo of each record's m×dv tile: m·dv fp32 words
+        self.halves = _aligned(count * m * dv) if halves else 0
+        self.sums = _aligned(count * NMB * (BDV + 1))
+        self.tail = tail
 
-    def allocate(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        flat = torch.empty(self.records + self.halves + self.sums, device=device, dtype=torch.float32)
+    def allocate(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = torch.empty(self.records + self.halves + self.sums + self.tail, device=device, dtype=torch.float32)
+        at = self.records + self.halves
         records = flat[:self.records]
-        halves = flat[self.records:self.records + self.halves].view(torch.bfloat16) if self.halves else records
-        return records, halves, flat[self.records + self.halves:]
+        halves = flat[self.records:at].view(torch.bfloat16) if self.halves else records
+        return records, halves, flat[at:at + self.sums], flat[at + self.sums:]
 
 
 class _ForwardPlan:
@@ -707,7 +715,8 @@ class _ForwardPlan:
                                       use_max=cfg.use_key_max, device=q.device, halves=lp, sums=True)
         rec = record_size(m, dv)
         self.parts, self.rows = B * HKV * P * rec, B * HQ * N
-        self.buffers = StateBuffers(B * HKV, m, dv, NMB, BDV, halves=lp)
+        # the tail: each query row's denominator, then FAVOR's row offset (base 2)
+        self.buffers = StateBuffers(B * HKV, m, dv, NMB, BDV, halves=lp, tail=2 * self.rows)
         self.o_shape = (B, HQ, N, dv)
         launch = pick_config("out", m, d, dv)
         self.out = Launch(
@@ -796,9 +805,8 @@ def _forward(q, k, v, valid, cfg: FeatureConfig):
     mask = key_valid_arg(valid, k)[0]
     f32 = dict(device=q.device, dtype=torch.float32)
     parts = torch.empty(plan.parts, **f32)
-    state, halves, sums = plan.buffers.allocate(q.device)
+    state, halves, sums, stats = plan.buffers.allocate(q.device)
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype)
-    stats = torch.empty(2 * plan.rows, **f32)  # denominators, then FAVOR's query row offsets (base 2)
     plan.state(k, v, whi, wlo, mask, parts)
     plan.combine(parts, state, halves, sums)
     plan.out(q, whi, wlo, state, halves, sums, o, stats)
@@ -811,13 +819,15 @@ def _backward(do, q, k, v, o, stats, state, halves, valid, forward_key, cfg: Fea
     whi, wlo = cfg.split_weight(q, folded=True)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq = torch.empty(plan.dq_shape, device=q.device, dtype=q.dtype)
-    parts = torch.empty(plan.parts, **f32)
-    # each row's do·o, from the query sweep to _dstate_bwd (split query backward only)
-    do_o = stats if plan.dstate is None else torch.empty(plan.rows, **f32)
+    # the partial dS, dz records, then (split query backward) each row's do·o from the query sweep
+    # to _dstate_bwd: scratch, one allocation
+    scratch = torch.empty(plan.parts + (0 if plan.dstate is None else plan.rows), **f32)
+    parts = scratch[:plan.parts]
+    do_o = stats if plan.dstate is None else scratch[plan.parts:]
     plan.q_bwd(q, whi, wlo, state, halves, o, do, stats, dq, parts, do_o)
     if plan.dstate is not None:
         plan.dstate(q, whi, wlo, do_o, do, stats, parts)
-    dstate, dhalves, dsums = plan.buffers.allocate(q.device)
+    dstate, dhalves, dsums, _ = plan.buffers.allocate(q.device)
     plan.combine(parts, dstate, dhalves, dsums)
     dk = torch.empty(plan.dk_shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(plan.dv_shape, device=v.device, dtype=v.dtype)
