@@ -3,7 +3,9 @@ calls it), plus the CPU-side torch ops (torch.profiler), on the GPU machine.
 
 Usage: PYTHONPATH=src python benchmarks/host_profile.py METHOD N [option=value ...]
   e.g. benchmarks/host_profile.py flurka-performer 4096 rank=128 num_features=256
-The module runs in eval mode, as the bench runs it (HOST_PROFILE_TRAIN=1: training mode).
+The module runs in eval mode, as the bench runs it (HOST_PROFILE_TRAIN=1: training mode);
+HOST_PROFILE_FORWARD=1 times the forward alone under no_grad (inference, as the bench's SEA rows),
+HOST_PROFILE_CAUSAL=1 the causal call.
 """
 
 import cProfile
@@ -29,8 +31,15 @@ for t in (q, k, v):
     t.requires_grad_()
 
 
+causal = os.environ.get("HOST_PROFILE_CAUSAL") == "1"
+
+
 def step():
-    torch.autograd.grad(module(q, k, v, causal=False, scale=scale), (q, k, v), do)
+    if os.environ.get("HOST_PROFILE_FORWARD") == "1":
+        with torch.no_grad():
+            module(q, k, v, causal=causal, scale=scale)
+        return
+    torch.autograd.grad(module(q, k, v, causal=causal, scale=scale), (q, k, v), do)
 
 
 for _ in range(10):
@@ -43,7 +52,7 @@ for _ in range(calls):
 host = (time.perf_counter() - t0) / calls * 1e3
 torch.cuda.synchronize()
 wall = (time.perf_counter() - t0) / calls * 1e3
-print(f"{method} {options} N={n}: host {host:.3f} ms/call, wall {wall:.3f} ms/call")
+print(f"{method} {options} N={n} causal={causal}: host {host:.3f} ms/call, wall {wall:.3f} ms/call")
 
 profiler = cProfile.Profile()
 profiler.enable()

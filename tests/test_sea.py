@@ -13,7 +13,7 @@ import torch
 
 import approxattn  # noqa: E402
 from approxattn.blocks.exact import softmax_attention, softmax_attention_matrix  # noqa: E402
-from approxattn.blocks.sea_mask import row_budgets, select_cells  # noqa: E402
+from approxattn.blocks.sea_mask import host_budgets, row_budgets, select_cells  # noqa: E402
 from approxattn.blocks.sparse_attention import column_layout, dense_column_mask, nonempty_columns  # noqa: E402
 from helpers import qkv, rel_err  # noqa: E402
 
@@ -173,6 +173,36 @@ def test_host_row_lengths_select_the_same_cells(grouping, causal):
                                  row_best=probs.argmax(-1))
         assert torch.equal(with_best, expected), (n, k)
     assert column_layout(B, 9, 9, T, causal=causal, key_padding_mask=padding_mask(9)).host_row_length is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_budgets_summarise_row_budgets(seed):
+    """The host's numpy summary agrees with :func:`row_budgets` (torch): the largest budget and the run
+    of rows above one cell, on lengths with exact halves (k·T/L = 1.5, 2.5: rounded half to even),
+    zeros, runs, and gaps (no single run → None)."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = [torch.arange(1, 200), torch.full((50,), 7), torch.tensor([0, 2, 2, 4, 6, 9, 40]),
+             torch.randint(0, 60, (300,), generator=gen), torch.tensor([4, 40, 4]), torch.zeros(5, dtype=torch.int64)]
+    for length in cases:
+        for k, T in ((3, 1), (5, 1), (64, 128), (int(torch.randint(1, 40, (1,), generator=gen)), 8)):
+            budget = row_budgets(length, k, T)
+            summary = host_budgets(length, k, T)
+            assert summary.largest == int(budget.max())
+            above = (budget > 1).nonzero().flatten().tolist()
+            contiguous = bool(above) and above == list(range(above[0], above[-1] + 1))
+            assert summary.run == ((above[0], above[-1] + 1) if contiguous else None), (length, k, T)
+
+
+def test_unpadded_layouts_are_built_once_per_size():
+    """column_layout without padding returns the same layout for the same sizes (the SEA module asks
+    for it every forward) and a new one for other sizes; padded layouts are never cached."""
+    a = column_layout(2, 40, 40, 8, causal=True)
+    assert column_layout(2, 40, 40, 8, causal=True) is a
+    assert column_layout(2, 40, 40, 8, causal=False) is not a
+    assert column_layout(2, 41, 41, 8, causal=True) is not a
+    mask = padding_mask(9)
+    assert column_layout(2, 9, 9, 8, causal=True, key_padding_mask=mask) is not \
+        column_layout(2, 9, 9, 8, causal=True, key_padding_mask=mask)
 
 
 @pytest.mark.parametrize("grouping", ["query", "causal_batch"])

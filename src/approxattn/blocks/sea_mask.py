@@ -20,6 +20,10 @@ whatever the shared budget does. Both leave the total number of kept cells at th
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 from .fast_kernels import fast_kernel
@@ -37,6 +41,42 @@ def row_budgets(row_length: torch.Tensor, k: int, columns: int) -> torch.Tensor:
     length = row_length.to(torch.float64)
     budget = torch.round(k * columns / length.clamp(min=1)).clamp(min=1).to(torch.int64)
     return torch.where(row_length > 0, budget, torch.zeros_like(budget))
+
+
+class HostBudgets(NamedTuple):
+    """What the host knows of the per-row budgets of every sample (unpadded layouts): the largest,
+    and ``(start, stop)`` of the rows above one cell when they form one run (None otherwise)."""
+
+    largest: int
+    run: tuple[int, int] | None
+
+
+# (id, version, k, T) of a host length tensor → (weak reference, HostBudgets): unpadded layouts are
+# cached (``column_layout``), so their host lengths come back every call and are summarised once
+_HOST_BUDGETS: dict[tuple, tuple] = {}
+_HOST_BUDGETS_LIMIT = 64
+
+
+def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBudgets:
+    """:func:`row_budgets` of ``host_row_length (Nq,)`` (CPU) summarised, in numpy: torch's CPU ops on
+    Nq elements took 2.6–3.6 ms of host time per call at N = 16–64K on the H100 machine (its
+    intra-op thread pool), more than the GPU's whole SEA forward at 16K."""
+    key = (id(host_row_length), host_row_length._version, k, columns)
+    hit = _HOST_BUDGETS.get(key)
+    if hit is not None and hit[0]() is host_row_length:
+        return hit[1]
+    length = host_row_length.numpy()
+    # as row_budgets: float64 k·T / L rounded half to even (np.round and torch.round agree), at least 1
+    budget = np.where(length > 0, np.maximum(np.round(k * columns / np.maximum(length, 1).astype(np.float64)), 1), 0)
+    above = np.flatnonzero(budget > 1)
+    run = None
+    if above.size and int(above[-1] - above[0]) + 1 == above.size:
+        run = (int(above[0]), int(above[-1]) + 1)
+    summary = HostBudgets(int(budget.max()) if budget.size else 0, run)
+    if len(_HOST_BUDGETS) >= _HOST_BUDGETS_LIMIT:
+        _HOST_BUDGETS.clear()
+    _HOST_BUDGETS[key] = (weakref.ref(host_row_length), summary)
+    return summary
 
 
 def select_cells(
@@ -101,10 +141,10 @@ def select_cells(
         best_index = score.argmax(dim=-1, keepdim=True)
     best = torch.zeros(B, H, Nq, T, dtype=torch.bool, device=probs.device).scatter_(-1, best_index, has_candidate)
     per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
-    host_budget = None
+    host = None
     if host_row_length is not None and (not shared or query_valid is None):
-        host_budget = row_budgets(host_row_length, k, T)                   # (Nq,), every sample's
-    if (int(per_row.max()) if host_budget is None else (int(host_budget.max()) if host_budget.numel() else 0)) <= 1:
+        host = host_budgets(host_row_length, k, T)                          # every sample's
+    if (int(per_row.max()) if host is None else host.largest) <= 1:
         # one cell per row (k·T/L_i < 1.5: N ≥ 16,384 at the defaults): every group's budget is its
         # number of rows with a best cell, whose bonus ranks them first, so the best cells are the answer
         return best
@@ -126,7 +166,7 @@ def select_cells(
         return chosen if candidates is None else chosen & candidates[:, None]
     # per-row groupings: a row whose budget is one cell per head keeps its best cells (as above), so
     # only the rows with more compete: at N = 65,536 causal, the first 5,461 of 65,536 (k·T/L ≥ 1.5)
-    batch_index, row_index, largest = _competing_rows(per_row, host_budget)
+    batch_index, row_index, largest = _competing_rows(per_row, host)
     if lazy_mask:   # the competing rows' scores: masked and their best cells raised here
         rows = probs[batch_index, :, row_index].masked_fill(~candidates[batch_index, None, row_index], float("-inf"))
         bonus = has_candidate[batch_index, :, row_index].to(rows.dtype) * _BEST_CELL_BONUS        # (R, H, 1)
@@ -169,18 +209,16 @@ def _best_candidates(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Ten
     return probs.masked_fill(~candidates[:, None], float("-inf")).argmax(dim=-1)
 
 
-def _competing_rows(per_row: torch.Tensor, host_budget: torch.Tensor | None):
+def _competing_rows(per_row: torch.Tensor, host: HostBudgets | None):
     """``(batch_index, row_index, largest)`` of the rows whose budget is above one cell, and the largest
-    budget (None if unknown on the host). From ``host_budget (Nq,)`` (every sample's budgets) when
-    they form one run of rows, as in unpadded layouts (budgets fall with the length, which grows or
-    stays): indices built on the device, no sync; else ``nonzero`` on the device (one host sync)."""
-    if host_budget is not None:
-        rows = (host_budget > 1).nonzero().flatten()
-        if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():
-            B, device = per_row.shape[0], per_row.device
-            row_index = torch.arange(int(rows[0]), int(rows[-1]) + 1, device=device)
-            batch_index = torch.arange(B, device=device).repeat_interleave(row_index.numel())
-            return batch_index, row_index.repeat(B), int(host_budget.max())
+    budget (None if unknown on the host). From the host's summary when those rows form one run, as in
+    unpadded layouts (budgets fall with the length, which grows or stays): indices built on the device,
+    no sync; else ``nonzero`` on the device (one host sync)."""
+    if host is not None and host.run is not None:
+        B, device = per_row.shape[0], per_row.device
+        row_index = torch.arange(*host.run, device=device)
+        batch_index = torch.arange(B, device=device).repeat_interleave(row_index.numel())
+        return batch_index, row_index.repeat(B), host.largest
     batch_index, row_index = (per_row > 1).nonzero(as_tuple=True)
     return batch_index, row_index, None
 

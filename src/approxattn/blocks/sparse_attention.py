@@ -27,6 +27,7 @@ Both are differentiable with autograd. The Triton kernel for inference lives in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -99,16 +100,7 @@ def column_layout(
     if causal and seq_q != seq_k:
         raise ValueError(f"causal: expected self-attention (seq_q == seq_k), got seq_q={seq_q}, seq_k={seq_k}")
     if key_padding_mask is None:
-        key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
-        # built on each side: copying the host's lengths to the device would wait for the GPU
-        if causal:
-            host = torch.arange(1, seq_q + 1)
-            row_length = torch.arange(1, seq_q + 1, device=device)
-        else:
-            host = torch.full((seq_q,), seq_k, dtype=torch.int64)
-            row_length = torch.full((seq_q,), seq_k, dtype=torch.int64, device=device)
-        return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
-                            equal_lengths=not causal, host_row_length=host)
+        return _unpadded_layout(batch, seq_q, seq_k, columns, causal, _resolved(device))
     if not isinstance(key_padding_mask, torch.Tensor):
         raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
     if key_padding_mask.dtype != torch.bool:
@@ -120,6 +112,32 @@ def column_layout(
     key_rank = torch.where(valid, count - 1, torch.full_like(count, -1))
     row_length = count if causal else count[:, -1:].expand(batch, seq_q).contiguous()
     return ColumnLayout(key_rank, row_length, columns, equal_lengths=not causal)
+
+
+def _resolved(device) -> torch.device:
+    """``device`` with a CUDA index (the current device's when none is given), as a cache key."""
+    device = torch.device(device) if device is not None else torch.empty(0).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@functools.lru_cache(maxsize=16)
+def _unpadded_layout(batch: int, seq_q: int, seq_k: int, columns: int, causal: bool,
+                     device: torch.device) -> ColumnLayout:
+    """The layout of unpadded inputs: a function of the sizes alone, so built once per size (an SEA
+    module calls :func:`column_layout` every forward; building it, with its host copy of the
+    lengths, took ~0.2 ms of host time on the H100 machine). Nothing writes to a layout's tensors."""
+    key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
+    # built on each side: copying the host's lengths to the device would wait for the GPU
+    if causal:
+        host = torch.arange(1, seq_q + 1)
+        row_length = torch.arange(1, seq_q + 1, device=device)
+    else:
+        host = torch.full((seq_q,), seq_k, dtype=torch.int64)
+        row_length = torch.full((seq_q,), seq_k, dtype=torch.int64, device=device)
+    return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
+                        equal_lengths=not causal, host_row_length=host)
 
 
 def _check_layout(layout) -> None:
