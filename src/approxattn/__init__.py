@@ -8,10 +8,12 @@ Public API::
     approxattn.build(method, *, head_dim, **options) -> approxattn.AttentionModule
     approxattn.available_methods() -> {name: MethodSpec}
     approxattn.nn.MultiheadAttention(embed_dim, num_heads, method=..., **options)
+    approxattn.graphed(module) -> GraphedAttention  (inference replayed from CUDA graphs)
 """
 
 from . import linalg, nn
 from .api import attention, attention_matrices, build
+from .graphs import GraphedAttention, graphed
 from .module import AttentionModule, RandomFeatureModule
 from .registry import Cost, ExactLimit, MethodSpec, Option, available_methods, get_method
 
@@ -21,6 +23,7 @@ __all__ = [
     "AttentionModule",
     "Cost",
     "ExactLimit",
+    "GraphedAttention",
     "MethodSpec",
     "Option",
     "RandomFeatureModule",
@@ -29,6 +32,7 @@ __all__ = [
     "available_methods",
     "build",
     "get_method",
+    "graphed",
     "linalg",
     "nn",
 ]

@@ -1,0 +1,148 @@
+"""Inference through CUDA graphs: ``approxattn.graphed(module)``.
+
+An attention method's forward is a few to a hundred small launches (SEA: ~140 at 16K tokens). Below
+~16K tokens their host time, not the GPU, sets the pace: SEA's forward took 4.7–8.6 ms of host time for
+~2.2 ms of GPU work at 16K on the H100 machine. :class:`GraphedAttention` captures the forward once per
+input signature into a CUDA graph and replays it: one launch, whatever the method does inside.
+
+What it replays is the forward of a module in eval mode under ``torch.no_grad()`` or
+``torch.inference_mode()``. It calls the module itself (eagerly) when that does not hold — CPU tensors,
+grad mode on (the module's own parameters may want gradients, and a method may compute differently
+for autograd: SEA keeps its estimate in fp32 then), a module in training mode (its random features may
+be redrawn) — and for a signature whose capture
+failed (a forward that reads the device back on the host, as SEA does with a padding mask, cannot be
+captured). Each signature keeps its own graph, memory pool and static input buffers (``max_graphs``
+of them, least recently used dropped). The inputs are copied into the static buffers before each
+replay and the output is copied out of the graph's pool, so the result is the caller's to keep.
+
+The signature is everything a captured graph depends on: shapes, strides, dtypes and device of q, k,
+v and the mask, ``causal`` and ``scale``, and the address and version of every parameter and buffer
+of the module (an in-place update of a weight bumps its version: the next call re-captures, so a
+graph never replays with stale constants the forward derived from them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .module import AttentionModule
+
+
+class GraphedAttention:
+    """``GraphedAttention(module)(q, k, v, *, causal=False, key_padding_mask=None, scale=None)``:
+    ``module``'s forward (same arguments and result, ``(B, Hq, Nq, dv)``), replayed from a CUDA graph
+    per input signature where it can be (see the module doc)::
+
+        fast = approxattn.graphed(approxattn.build("sea", head_dim=64).cuda().eval())
+        with torch.no_grad():
+            out = fast(q, k, v, causal=True)
+
+    Args:
+        module (AttentionModule): the attention method (``approxattn.build(...)``).
+        max_graphs (int): signatures kept at once (each holds its graph's memory). Default: 8.
+        warmup (int): eager calls on a side stream before a capture (compiles kernels, fills caches).
+    """
+
+    def __init__(self, module: AttentionModule, *, max_graphs: int = 8, warmup: int = 2) -> None:
+        if not isinstance(module, AttentionModule):
+            raise TypeError(f"module: expected an approxattn AttentionModule (approxattn.build), "
+                            f"got {type(module).__name__}")
+        for name, value in (("max_graphs", max_graphs), ("warmup", warmup)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self.module = module
+        self.max_graphs, self.warmup = max_graphs, warmup
+        self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed
+        self.replays = self.captures = 0
+
+    def __repr__(self) -> str:
+        return f"GraphedAttention({self.module!r}, graphs={len(self._graphs)}, max_graphs={self.max_graphs})"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                 key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        call = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        if not self._replayable(q, k, v, key_padding_mask):
+            return self.module(q, k, v, **call)
+        key = self._signature(q, k, v, key_padding_mask, causal, scale)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            captured = self._graphs[key]
+        else:
+            captured = self._capture(key, q, k, v, call)
+        if captured is None:
+            return self.module(q, k, v, **call)
+        self.replays += 1
+        return captured.replay(q, k, v, key_padding_mask)
+
+    def _replayable(self, q, k, v, key_padding_mask) -> bool:
+        tensors = (q, k, v) if key_padding_mask is None else (q, k, v, key_padding_mask)
+        if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+            return False  # the module's own checks speak for bad inputs
+        return not torch.is_grad_enabled() and not self.module.training
+
+    def _signature(self, q, k, v, key_padding_mask, causal, scale) -> tuple:
+        def layout(t):
+            return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+        state = tuple((t.data_ptr(), t._version) for t in _state_tensors(self.module))
+        return (layout(q), layout(k), layout(v), layout(key_padding_mask), causal, scale, state)
+
+    def _capture(self, key, q, k, v, call) -> "_Captured | None":
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        try:
+            captured = _Captured(self.module, q, k, v, call, self.warmup)
+        except Exception as error:  # noqa: BLE001  (a forward that cannot be captured runs eagerly)
+            warnings.warn(f"approxattn.graphed: {self.module.spec.name!r} cannot be captured for this input "
+                          f"signature ({type(error).__name__}: {str(error)[:200]}); it runs eagerly",
+                          RuntimeWarning, stacklevel=3)
+            captured = None
+        self._graphs[key] = captured
+        self.captures += captured is not None
+        return captured
+
+
+def _state_tensors(module: torch.nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+class _Captured:
+    """One input signature's graph: static inputs, the captured output, the graph."""
+
+    def __init__(self, module: AttentionModule, q, k, v, call: dict, warmup: int) -> None:
+        mask = call["key_padding_mask"]
+        self.q, self.k, self.v = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                                  for t in (q, k, v))
+        self.mask = None if mask is None else mask.clone()
+        for static, given in ((self.q, q), (self.k, k), (self.v, v)):
+            static.copy_(given)
+        static_call = dict(call, key_padding_mask=self.mask)
+        with torch.no_grad():
+            side = torch.cuda.Stream(device=q.device)
+            side.wait_stream(torch.cuda.current_stream(q.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    module(self.q, self.k, self.v, **static_call)
+            torch.cuda.current_stream(q.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = module(self.q, self.k, self.v, **static_call)
+
+    def replay(self, q, k, v, mask) -> torch.Tensor:
+        self.q.copy_(q)
+        self.k.copy_(k)
+        self.v.copy_(v)
+        if mask is not None:
+            self.mask.copy_(mask)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def graphed(module: AttentionModule, **options: Any) -> GraphedAttention:
+    """``module`` wrapped for inference through CUDA graphs (:class:`GraphedAttention`)."""
+    return GraphedAttention(module, **options)

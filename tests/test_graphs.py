@@ -1,0 +1,116 @@
+"""``approxattn.graphed``: CUDA-graph replay of a module's inference forward, eager wherever replay
+does not apply. The CPU tests check the eager paths and the argument checks; the GPU tests (``-m gpu``)
+check replay against the eager module on fresh inputs, re-capture after a weight update, and the
+fallbacks (gradients, training mode, a forward that cannot be captured)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import approxattn
+from helpers import qkv, rel_err
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="module: expected an approxattn AttentionModule"):
+        approxattn.graphed(torch.nn.Linear(2, 2))
+    module = approxattn.build("linear", head_dim=8)
+    for name, value in (("max_graphs", 0), ("warmup", -1), ("max_graphs", 2.5), ("warmup", True)):
+        with pytest.raises(ValueError, match=name):
+            approxattn.graphed(module, **{name: value})
+
+
+@pytest.mark.parametrize("method", ["performer", "sea"])
+def test_cpu_calls_run_the_module(method):
+    """On the CPU nothing is captured: the result is the module's, bad inputs get the module's errors."""
+    torch.manual_seed(0)
+    module = approxattn.build(method, head_dim=16).eval()
+    fast = approxattn.graphed(module)
+    q, k, v = qkv(batch=1, heads=2, kv_heads=2, seq_q=64, head_dim=16, generator=torch.Generator().manual_seed(1))
+    for causal in (False, True):
+        assert torch.equal(fast(q, k, v, causal=causal), module(q, k, v, causal=causal))
+    assert fast.captures == fast.replays == 0 and "graphs=0" in repr(fast)
+    with pytest.raises(ValueError, match="head_dim"):
+        fast(q[..., :8], k[..., :8], v)
+
+
+gpu = pytest.mark.gpu
+# (method, options, causal, N). SEA non-causal at 8K: below ~5.5K tokens (k·T/N ≥ 1.5 at the defaults) its
+# shared-budget top-k reads the device back, and that signature runs eagerly (see the last test)
+CASES = [("performer", {}, False, 2048), ("performer", {}, True, 2048), ("linear", {}, True, 2048),
+         ("sea", {}, False, 8192), ("sea", {}, True, 2048), ("flurka-performer", {"max_len": 2048}, False, 2048)]
+
+
+def _cuda_inputs(n, seed, heads=4, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(2, heads, n, 64, generator=gen, device="cuda").to(dtype) for _ in range(3))
+
+
+@gpu
+@pytest.mark.parametrize("method,options,causal,n", CASES)
+def test_replay_matches_the_module_on_fresh_inputs(method, options, causal, n):
+    """Every replay sees its own inputs (static buffers refilled; output copied out of the pool): three
+    input sets through one graph each agree with the eager module on the same inputs, and an earlier
+    result is not overwritten by a later replay."""
+    torch.manual_seed(0)
+    module = approxattn.build(method, head_dim=64, **options).cuda().eval()
+    fast = approxattn.graphed(module)
+    results = []
+    for seed in range(3):
+        q, k, v = _cuda_inputs(n, seed)
+        with torch.no_grad():
+            expected = module(q, k, v, causal=causal)
+            got = fast(q, k, v, causal=causal)
+        assert rel_err(got.float(), expected.float()) < 1e-6, seed
+        results.append((got.clone(), got))
+    assert fast.captures == 1 and fast.replays == 3
+    assert all(torch.equal(copy, kept) for copy, kept in results)
+
+
+@gpu
+def test_weight_update_recaptures():
+    """An in-place update of a module's weight bumps its version: the next call captures again and
+    agrees with the eager module (FAVOR+'s kernels cache the projection's split by version)."""
+    module = approxattn.build("performer", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(module)
+    q, k, v = _cuda_inputs(1024, 0)
+    with torch.no_grad():
+        fast(q, k, v)
+        module.projection.mul_(0.5)
+        expected = module(q, k, v)
+        assert rel_err(fast(q, k, v).float(), expected.float()) < 1e-6
+    assert fast.captures == 2
+
+
+@gpu
+def test_eager_where_replay_does_not_apply():
+    """Grad mode (inputs or the module's own parameters may want gradients), a module in training mode
+    and SEA with a padding mask (its forward reads the mask back on the host, which a capture refuses:
+    warned once, then eager) run the module itself."""
+    module = approxattn.build("performer", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(module)
+    q, k, v = (t.requires_grad_() for t in _cuda_inputs(1024, 0))
+    fast(q, k, v).float().sum().backward()
+    assert q.grad is not None and fast.captures == 0
+    sea = approxattn.build("sea", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(sea)
+    q, k, v = _cuda_inputs(1024, 1)
+    out = fast(q, k, v)  # grad mode, plain inputs: SEA's estimator weights still get gradients
+    assert out.requires_grad and fast.captures == 0
+    sea.train()
+    with torch.no_grad():
+        fast(q, k, v)
+    assert fast.captures == 0
+    sea.eval()
+    mask = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
+    mask[1, 700:] = False
+    for call in (dict(key_padding_mask=mask), dict(causal=False)):  # the mask's rows; the shared-budget top-k
+        with torch.no_grad():
+            expected = sea(q, k, v, **call)
+            with pytest.warns(RuntimeWarning, match="cannot be captured"):
+                first = fast(q, k, v, **call)
+            second = fast(q, k, v, **call)  # remembered: no second warning, no capture
+        for got in (first, second):
+            assert rel_err(got.float(), expected.float()) < 1e-6
+    assert fast.captures == 0 and fast.replays == 0
