@@ -146,11 +146,17 @@ def test_floor_of_a_forced_sdpa_backend_is_the_softmax_floor():
 
 def test_crossover_preset_pairs_every_case_with_its_cuda_graph_twin():
     cases = presets.crossover((1024, 2048))
-    eager = [c for c in cases if not c.graphed]
+    inference = [c for c in cases if c.impl == "graphed"]
+    eager = [c for c in cases if not c.graphed and c.impl != "graphed"]
     twins = {(c.label, c.seq): c for c in cases if c.graphed}
     assert {c.label for c in eager} == {"SDPA flash", "FAVOR+ m=256 (fused)", "elu+1 linear (fused)",
                                         "SDPA flash causal", "elu+1 linear causal (fused)"}
-    assert len(twins) == len(eager) == len(cases) // 2
+    assert len(twins) == len(eager) == (len(cases) - len(inference)) // 2
+    # each fused path's inference through approxattn.graphed, forward only
+    assert {(c.label, c.method, c.causal, c.modes) for c in inference if c.seq == 1024} == {
+        ("FAVOR+ m=256 (approxattn.graphed inference)", "performer", False, ("fwd",)),
+        ("elu+1 linear (approxattn.graphed inference)", "linear", False, ("fwd",)),
+        ("elu+1 linear causal (approxattn.graphed inference)", "linear", True, ("fwd",))}
     for c in eager:
         twin = twins[(graphed_label(c.label), c.seq)]
         assert twin.key() == {**c.key(), "label": twin.label, "graphed": True}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-IMPLS = ("fused", "reference", "sdpa", "flex", "fla", "performer-pytorch",
+IMPLS = ("fused", "reference", "graphed", "sdpa", "flex", "fla", "performer-pytorch",
          "sparse-kernel", "sparse-runs", "sparse-flex", "sparse-reference")
 
 

@@ -50,7 +50,7 @@ def build(case: Case, device: str = "cuda") -> tuple[Callable, Callable[[bool, i
 
         return build_sparse(case, device)
 
-    if case.impl in ("fused", "reference"):
+    if case.impl in ("fused", "reference", "graphed"):
         import approxattn
 
         options = dict(case.options)
@@ -62,6 +62,11 @@ def build(case: Case, device: str = "cuda") -> tuple[Callable, Callable[[bool, i
         if case.impl == "fused":
             def run(q, k, v):
                 return module(q, k, v, causal=case.causal, scale=scale)
+        elif case.impl == "graphed":  # approxattn.graphed: inference replayed from CUDA graphs (fwd only)
+            fast = approxattn.graphed(module, max_graphs=16)
+
+            def run(q, k, v):
+                return fast(q, k, v, causal=case.causal, scale=scale)
         else:
             def run(q, k, v):
                 with _kernels_disabled():

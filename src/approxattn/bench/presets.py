@@ -107,13 +107,17 @@ def graphed(case: Case) -> Case:
 
 
 def crossover(seqs=CROSSOVER_SEQ) -> list[Case]:
-    """SDPA flash and the fused paths of the cross-over targets, eager and graphed."""
+    """SDPA flash and the fused paths of the cross-over targets, eager and graphed (the bench's own
+    graphs of the whole step), and the fused paths' inference through ``approxattn.graphed``."""
     wanted = ("SDPA flash", "FAVOR+ m=256 (fused)", "elu+1 linear (fused)", "SDPA flash causal",
               "elu+1 linear causal (fused)")
     cases: list[Case] = []
     for seq in seqs:
         eager = [c for c in noncausal_family(seq) + causal_family(seq) if c.label in wanted]
-        cases += eager + [graphed(c) for c in eager]
+        inference = [Case(**{**c.__dict__, "impl": "graphed", "modes": ("fwd",),
+                             "label": c.label.replace("(fused)", "(approxattn.graphed inference)")})
+                     for c in eager if c.impl == "fused"]
+        cases += eager + [graphed(c) for c in eager] + inference
     return cases
 
 

@@ -134,4 +134,6 @@ def sea(seqs=SEA_SEQ) -> list[Case]:
             if has_sea:
                 cases.append(Case("fused", f"sea module (estimator + sparse), defaults{tag}", seq, causal,
                                   method="sea", modes=fwd))
+                cases.append(Case("graphed", f"sea module, approxattn.graphed (CUDA graph replay){tag}", seq,
+                                  causal, method="sea", modes=fwd))
     return cases
