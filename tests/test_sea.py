@@ -175,6 +175,28 @@ def test_host_row_lengths_select_the_same_cells(grouping, causal):
     assert column_layout(B, 9, 9, T, causal=causal, key_padding_mask=padding_mask(9)).host_row_length is None
 
 
+@pytest.mark.parametrize("grouping", ["batch", "head"])
+def test_shared_budgets_without_host_reads_select_the_same_cells(grouping, monkeypatch):
+    """While a CUDA graph is captured the shared-budget top-k skips its candidate shortcut (which decides
+    on the host) and takes the full search with the host's budget: the same cells, groups large enough
+    for the shortcut (≥ 2¹⁶ cells) and for the bisection (≥ 2²² cells, lowered here)."""
+    from approxattn.blocks import sea_mask
+
+    B, H, T, n, k = 2, 4, 32, 600, 48
+    layout = column_layout(B, n, n, T, causal=False)
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.rand(B, H, n, T, generator=gen).softmax(-1)
+    probs[:, :, ::7] = probs[:, :, 1::7][:, :, : probs[:, :, ::7].shape[2]]   # ties between rows
+    expected = select_cells(probs, None, layout.row_length, k=k, grouping=grouping)   # device lengths only
+    monkeypatch.setattr(sea_mask, "_capturing", lambda t: True)
+    monkeypatch.setattr(sea_mask, "BISECTION_DEVICES", ("cuda", "cpu"))
+    for bisection_cells in (1 << 22, 1 << 10):
+        monkeypatch.setattr(sea_mask, "BISECTION_MIN_CELLS", bisection_cells)
+        got = select_cells(probs, None, layout.row_length, k=k, grouping=grouping,
+                           host_row_length=layout.host_row_length)
+        assert torch.equal(got, expected), bisection_cells
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_host_budgets_summarise_row_budgets(seed):
     """The host's numpy summary agrees with :func:`row_budgets` (torch): the largest budget and the run

@@ -45,9 +45,11 @@ def row_budgets(row_length: torch.Tensor, k: int, columns: int) -> torch.Tensor:
 
 class HostBudgets(NamedTuple):
     """What the host knows of the per-row budgets of every sample (unpadded layouts): the largest,
-    and ``(start, stop)`` of the rows above one cell when they form one run (None otherwise)."""
+    their sum over the rows, and ``(start, stop)`` of the rows above one cell when they form one run
+    (None otherwise)."""
 
     largest: int
+    total: int
     run: tuple[int, int] | None
 
 
@@ -72,7 +74,7 @@ def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBud
     run = None
     if above.size and int(above[-1] - above[0]) + 1 == above.size:
         run = (int(above[0]), int(above[-1]) + 1)
-    summary = HostBudgets(int(budget.max()) if budget.size else 0, run)
+    summary = HostBudgets(int(budget.max()) if budget.size else 0, int(budget.sum()), run)
     if len(_HOST_BUDGETS) >= _HOST_BUDGETS_LIMIT:
         _HOST_BUDGETS.clear()
     _HOST_BUDGETS[key] = (weakref.ref(host_row_length), summary)
@@ -162,7 +164,8 @@ def select_cells(
         else:
             rows = score.reshape(B * H, Nq, T)
             budget = per_row.sum(dim=1)[:, None].expand(B, H).reshape(-1)
-        chosen = _top_cells_of_rows(rows, budget).reshape(B, H, Nq, T) | best
+        largest = None if host is None else (H if grouping == "batch" else 1) * host.total
+        chosen = _top_cells_of_rows(rows, budget, largest=largest).reshape(B, H, Nq, T) | best
         return chosen if candidates is None else chosen & candidates[:, None]
     # per-row groupings: a row whose budget is one cell per head keeps its best cells (as above), so
     # only the rows with more compete: at N = 65,536 causal, the first 5,461 of 65,536 (k·T/L ≥ 1.5)
@@ -255,21 +258,33 @@ def _top_cells(flat: torch.Tensor, budget: torch.Tensor, *, largest: int | None 
     return chosen & (budget > 0)[:, None]
 
 
-def _top_cells_of_rows(rows: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+def _top_cells_of_rows(rows: torch.Tensor, budget: torch.Tensor, *, largest: int | None = None) -> torch.Tensor:
     """:func:`_top_cells` of each group's rows flattened: ``rows (G, R, T)``, ``budget (G,)`` → bool
     ``(G, R, T)``. Large groups first try :func:`_top_cells_by_candidates` (same cells, a fraction of
     the passes over the estimate) with 2× a row's mean budget of candidates, then 4× more each
-    time it declines."""
+    time it declines. ``largest``: every group's budget when the host knows it (unpadded layouts).
+    While a CUDA graph is being captured, with ``largest`` known, the full search runs at once: the
+    shortcut decides on the host whether its answer is exact, which a capture cannot do (same cells)."""
     groups, count, T = rows.shape
+    if largest is not None:
+        largest = min(largest, count * T)
+        if _capturing(rows):
+            return _top_cells(rows.reshape(groups, count * T), budget, largest=largest).reshape(rows.shape)
     if count * T >= CANDIDATE_MIN_CELLS and rows.dtype != torch.float64 and budget.numel():
-        largest = int(budget.clamp(max=count * T).max())
+        if largest is None:
+            largest = int(budget.clamp(max=count * T).max())
         per_row = max(2, 2 * -(-largest // count))
         while per_row < T:
             chosen = _top_cells_by_candidates(rows, budget, per_row, largest=largest)
             if chosen is not None:
                 return chosen
             per_row *= 4
-    return _top_cells(rows.reshape(groups, count * T), budget).reshape(rows.shape)
+    return _top_cells(rows.reshape(groups, count * T), budget, largest=largest).reshape(rows.shape)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work is being recorded into a CUDA graph (no host reads allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _row_top(rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
