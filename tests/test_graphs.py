@@ -114,3 +114,65 @@ def test_eager_where_replay_does_not_apply():
     for got in (first, second):
         assert rel_err(got.float(), expected.float()) < 1e-6
     assert fast.captures == 0 and fast.replays == 0
+
+
+def test_collecting_keeps_what_caches_hand_out():
+    """approxattn.cached: values handed out inside a collection are recorded (nested collections both
+    get them), outside none is."""
+    from approxattn.cached import collecting, handed_out
+
+    marker = object()
+    handed_out(marker)
+    with collecting() as outer:
+        with collecting() as inner:
+            assert handed_out(marker) is marker
+        handed_out(1)
+    assert outer == [marker, 1] and inner == [marker]
+
+
+@gpu
+def test_replay_survives_cache_eviction():
+    """A captured SEA graph reads the cached layout, split weights and resize matrix; evicting them from
+    their caches and filling fresh allocations with junk must not change the replay (the graph keeps
+    what it was handed)."""
+    from approxattn.blocks import sea_estimator, sparse_attention
+    from approxattn.blocks.sparse_attention import column_layout
+    from approxattn.kernels import config
+
+    sea = approxattn.build("sea", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(sea)
+    q, k, v = _cuda_inputs(1024, 0)
+    with torch.no_grad():
+        expected = sea(q, k, v)
+        fast(q, k, v)
+        for n in range(1000, 1040):
+            column_layout(2, n, n, 128, causal=False, device="cuda")
+        sparse_attention._unpadded_layout.cache_clear()
+        sea_estimator._cached_interpolation_matrix.cache_clear()
+        config._SPLITS.clear()
+        torch.cuda.empty_cache()
+        junk = [torch.full((1 << 20,), -5, device="cuda", dtype=torch.int64) for _ in range(64)]
+        got = fast(q, k, v)
+    del junk
+    assert fast.captures == 1 and rel_err(got.float(), expected.float()) < 1e-6
+
+
+@gpu
+def test_inference_mode_and_autocast():
+    """Captured under torch.inference_mode, replayed there, and a no_grad call of the same shapes is
+    another signature (static buffers are ordinary tensors either way); under autocast: eager."""
+    module = approxattn.build("sea", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(module)
+    q, k, v = _cuda_inputs(1024, 3)
+    with torch.no_grad():
+        expected = module(q, k, v, causal=True)
+    with torch.inference_mode():
+        first = fast(q, k, v, causal=True)
+        again = fast(q, k, v, causal=True)
+    with torch.no_grad():
+        plain = fast(q, k, v, causal=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            fast(q, k, v, causal=True)
+    for got in (first, again, plain):
+        assert rel_err(got.float(), expected.float()) < 1e-6
+    assert fast.captures == 2 and fast.replays == 3

@@ -209,10 +209,37 @@ def test_host_budgets_summarise_row_budgets(seed):
         for k, T in ((3, 1), (5, 1), (64, 128), (int(torch.randint(1, 40, (1,), generator=gen)), 8)):
             budget = row_budgets(length, k, T)
             summary = host_budgets(length, k, T)
-            assert summary.largest == int(budget.max())
+            assert summary.largest == int(budget.max()) and summary.total == int(budget.sum())
             above = (budget > 1).nonzero().flatten().tolist()
             contiguous = bool(above) and above == list(range(above[0], above[-1] + 1))
             assert summary.run == ((above[0], above[-1] + 1) if contiguous else None), (length, k, T)
+
+
+def test_host_budgets_follow_in_place_edits_and_take_inference_tensors():
+    """The cached summary is keyed by the tensor's version (an in-place edit is seen) and takes inference
+    tensors, which have no version counter."""
+    length = torch.full((40,), 300)
+    assert host_budgets(length, 64, 8).largest == 2
+    length[:10] = 30
+    assert host_budgets(length, 64, 8).largest == 17
+    with torch.inference_mode():
+        frozen = torch.full((40,), 30)
+    assert host_budgets(frozen, 64, 8) == (17, 17 * 40, (0, 40))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_under_inference_mode_then_autograd(causal):
+    """A size first met under torch.inference_mode (its layout cached then) serves later calls outside it,
+    with gradients: the cached layout is made of ordinary tensors."""
+    sea = approxattn.build("sea", head_dim=8, num_heads=2)
+    q, k, v = qkv(batch=1, heads=2, kv_heads=2, seq_q=37, head_dim=8, dtype=torch.float32,
+                  generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        first = sea(q, k, v, causal=causal)
+    q.requires_grad_()
+    out = sea(q, k, v, causal=causal)
+    out.sum().backward()
+    assert torch.equal(out.detach(), first) and q.grad is not None
 
 
 def test_unpadded_layouts_are_built_once_per_size():

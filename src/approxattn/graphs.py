@@ -16,9 +16,12 @@ of them, least recently used dropped). The inputs are copied into the static buf
 replay and the output is copied out of the graph's pool, so the result is the caller's to keep.
 
 The signature is everything a captured graph depends on: shapes, strides, dtypes and device of q, k,
-v and the mask, ``causal`` and ``scale``, and the address and version of every parameter and buffer
-of the module (an in-place update of a weight bumps its version: the next call re-captures, so a
-graph never replays with stale constants the forward derived from them).
+v and the mask, ``causal`` and ``scale``, the module's options, inference mode, the fp32 matmul
+precision, and the identity, address and version of every parameter and buffer of the module (an
+in-place update of a weight bumps its version: the next call re-captures, so a graph never replays
+with stale constants the forward derived from them). Under autocast it runs eagerly. Tensors that
+process-wide caches handed the forward (``approxattn.cached``) are kept alive with the graph, so
+evicting them from their cache cannot free memory the graph still reads.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .cached import collecting
 from .module import AttentionModule
 
 
@@ -56,7 +60,8 @@ class GraphedAttention:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.module = module
         self.max_graphs, self.warmup = max_graphs, warmup
-        self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._uncapturable: set[tuple] = set()  # signatures whose capture failed: eager, warned once
         self.replays = self.captures = 0
 
     def __repr__(self) -> str:
@@ -68,41 +73,50 @@ class GraphedAttention:
         if not self._replayable(q, k, v, key_padding_mask):
             return self.module(q, k, v, **call)
         key = self._signature(q, k, v, key_padding_mask, causal, scale)
+        if key in self._uncapturable:
+            return self.module(q, k, v, **call)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             captured = self._graphs[key]
         else:
             captured = self._capture(key, q, k, v, call)
-        if captured is None:
-            return self.module(q, k, v, **call)
+            if captured is None:
+                return self.module(q, k, v, **call)
         self.replays += 1
-        return captured.replay(q, k, v, key_padding_mask)
+        with torch.cuda.device(q.device):
+            return captured.replay(q, k, v, key_padding_mask)
 
     def _replayable(self, q, k, v, key_padding_mask) -> bool:
         tensors = (q, k, v) if key_padding_mask is None else (q, k, v, key_padding_mask)
         if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
             return False  # the module's own checks speak for bad inputs
-        return not torch.is_grad_enabled() and not self.module.training
+        return not (torch.is_grad_enabled() or self.module.training or torch.is_autocast_enabled("cuda"))
 
     def _signature(self, q, k, v, key_padding_mask, causal, scale) -> tuple:
         def layout(t):
             return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
 
-        state = tuple((t.data_ptr(), t._version) for t in _state_tensors(self.module))
-        return (layout(q), layout(k), layout(v), layout(key_padding_mask), causal, scale, state)
+        state = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                      for t in _state_tensors(self.module))
+        return (layout(q), layout(k), layout(v), layout(key_padding_mask), causal, scale, state,
+                repr(self.module.options), torch.is_inference_mode_enabled(), torch.get_float32_matmul_precision())
 
     def _capture(self, key, q, k, v, call) -> "_Captured | None":
         if len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         try:
-            captured = _Captured(self.module, q, k, v, call, self.warmup)
+            with torch.cuda.device(q.device):
+                captured = _Captured(self.module, q, k, v, call, self.warmup)
+        except torch.cuda.OutOfMemoryError:
+            return None  # not remembered: memory may be there next time
         except Exception as error:  # noqa: BLE001  (a forward that cannot be captured runs eagerly)
             warnings.warn(f"approxattn.graphed: {self.module.spec.name!r} cannot be captured for this input "
                           f"signature ({type(error).__name__}: {str(error)[:200]}); it runs eagerly",
                           RuntimeWarning, stacklevel=3)
-            captured = None
+            self._uncapturable.add(key)
+            return None
         self._graphs[key] = captured
-        self.captures += captured is not None
+        self.captures += 1
         return captured
 
 
@@ -112,17 +126,20 @@ def _state_tensors(module: torch.nn.Module):
 
 
 class _Captured:
-    """One input signature's graph: static inputs, the captured output, the graph."""
+    """One input signature's graph: static inputs, the captured output, the graph, and the cached
+    tensors the forward was handed (kept alive with the graph)."""
 
     def __init__(self, module: AttentionModule, q, k, v, call: dict, warmup: int) -> None:
         mask = call["key_padding_mask"]
-        self.q, self.k, self.v = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                                  for t in (q, k, v))
-        self.mask = None if mask is None else mask.clone()
-        for static, given in ((self.q, q), (self.k, k), (self.v, v)):
-            static.copy_(given)
+        with torch.inference_mode(False):  # refilled by copy_ whatever the caller's mode
+            self.q, self.k, self.v = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                                      for t in (q, k, v))
+            self.mask = None if mask is None else torch.empty_like(mask)
+        for static, given in ((self.q, q), (self.k, k), (self.v, v), (self.mask, mask)):
+            if static is not None:
+                static.copy_(given)
         static_call = dict(call, key_padding_mask=self.mask)
-        with torch.no_grad():
+        with torch.no_grad(), collecting() as self.cached:
             side = torch.cuda.Stream(device=q.device)
             side.wait_stream(torch.cuda.current_stream(q.device))
             with torch.cuda.stream(side):

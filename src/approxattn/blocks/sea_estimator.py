@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cached import handed_out
 from ..validation import compute_dtype
 from .fast_kernels import fast_kernel
 
@@ -85,13 +86,17 @@ def resize_width(x: torch.Tensor, width: int, *, plus: torch.Tensor | None = Non
     return torch.addmm(plus.reshape(-1, width), x.reshape(-1, x.shape[-1]), matrix).view(out_shape)
 
 
-@lru_cache(maxsize=16)
 def interpolation_matrix(source: int, width: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(source, width)``: column j holds the two linear weights of output j, read at
     ``max(0, (j + ½)·source/width − ½)`` (PyTorch's rule for ``align_corners=False``). Cached: built
     on the host, it would otherwise cost a host-to-device copy on every forward. Read-only; built
     outside inference mode so that a matrix first made under ``torch.inference_mode`` can still be
     saved for a later backward."""
+    return handed_out(_cached_interpolation_matrix(source, width, dtype, device))
+
+
+@lru_cache(maxsize=16)
+def _cached_interpolation_matrix(source: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
         return _interpolation_matrix(source, width).to(device=device, dtype=dtype)
 

@@ -63,7 +63,9 @@ def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBud
     """:func:`row_budgets` of ``host_row_length (Nq,)`` (CPU) summarised, in numpy: torch's CPU ops on
     Nq elements took 2.6–3.6 ms of host time per call at N = 16–64K on the H100 machine (its
     intra-op thread pool), more than the GPU's whole SEA forward at 16K."""
-    key = (id(host_row_length), host_row_length._version, k, columns)
+    # an inference tensor has no version counter (and cannot change outside inference mode)
+    version = -1 if host_row_length.is_inference() else host_row_length._version
+    key = (id(host_row_length), version, k, columns)
     hit = _HOST_BUDGETS.get(key)
     if hit is not None and hit[0]() is host_row_length:
         return hit[1]

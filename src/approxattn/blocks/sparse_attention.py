@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cached import handed_out
+
 # Above this many (batch · heads · Nq · Nk) mask cells, ``path="auto"`` takes the gather path.
 DENSE_CELLS_LIMIT = 1 << 25
 # The gather path sizes its row chunks so one chunk gathers at most this many (row, key) pairs.
@@ -100,7 +102,7 @@ def column_layout(
     if causal and seq_q != seq_k:
         raise ValueError(f"causal: expected self-attention (seq_q == seq_k), got seq_q={seq_q}, seq_k={seq_k}")
     if key_padding_mask is None:
-        return _unpadded_layout(batch, seq_q, seq_k, columns, causal, _resolved(device))
+        return handed_out(_unpadded_layout(batch, seq_q, seq_k, columns, causal, _resolved(device)))
     if not isinstance(key_padding_mask, torch.Tensor):
         raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
     if key_padding_mask.dtype != torch.bool:
@@ -127,17 +129,20 @@ def _unpadded_layout(batch: int, seq_q: int, seq_k: int, columns: int, causal: b
                      device: torch.device) -> ColumnLayout:
     """The layout of unpadded inputs: a function of the sizes alone, so built once per size (an SEA
     module calls :func:`column_layout` every forward; building it, with its host copy of the
-    lengths, took ~0.2 ms of host time on the H100 machine). Nothing writes to a layout's tensors."""
-    key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
-    # built on each side: copying the host's lengths to the device would wait for the GPU
-    if causal:
-        host = torch.arange(1, seq_q + 1)
-        row_length = torch.arange(1, seq_q + 1, device=device)
-    else:
-        host = torch.full((seq_q,), seq_k, dtype=torch.int64)
-        row_length = torch.full((seq_q,), seq_k, dtype=torch.int64, device=device)
-    return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
-                        equal_lengths=not causal, host_row_length=host)
+    lengths, took ~0.2 ms of host time on the H100 machine). Nothing writes to a layout's tensors.
+    Built outside inference mode: a layout first made under ``torch.inference_mode`` serves later calls
+    (autograd, version counters) too."""
+    with torch.inference_mode(False):
+        key_rank = torch.arange(seq_k, device=device).expand(batch, seq_k)
+        # built on each side: copying the host's lengths to the device would wait for the GPU
+        if causal:
+            host = torch.arange(1, seq_q + 1)
+            row_length = torch.arange(1, seq_q + 1, device=device)
+        else:
+            host = torch.full((seq_q,), seq_k, dtype=torch.int64)
+            row_length = torch.full((seq_q,), seq_k, dtype=torch.int64, device=device)
+        return ColumnLayout(key_rank.contiguous(), row_length.expand(batch, seq_q).contiguous(), columns,
+                            equal_lengths=not causal, host_row_length=host)
 
 
 def _check_layout(layout) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cached import handed_out
+
 # (id, version, dtype) of a projection → (weak reference, hi, lo): the split is redone only
 # when the projection changes (a redraw writes it in place, which bumps its version)
 _SPLITS: dict[tuple, tuple] = {}
@@ -56,7 +58,7 @@ class FeatureConfig:
         key = (id(projection), projection._version, like.dtype, projection.device, folded)
         hit = _SPLITS.get(key)
         if hit is not None and hit[0]() is projection:
-            return hit[1], hit[2]
+            return handed_out((hit[1], hit[2]))
         w = projection.detach().float().contiguous()
         if folded:
             w = w * self.weight_fold()
@@ -68,7 +70,7 @@ class FeatureConfig:
         if len(_SPLITS) >= _SPLITS_LIMIT:
             _SPLITS.clear()
         _SPLITS[key] = (weakref.ref(projection), hi, lo)
-        return hi, lo
+        return handed_out((hi, lo))
 
     def weight_fold(self) -> float:
         """The factor folded into the projection for the non-causal kernels: ``x_scale`` (the
