@@ -176,3 +176,23 @@ def test_inference_mode_and_autocast():
     for got in (first, again, plain):
         assert rel_err(got.float(), expected.float()) < 1e-6
     assert fast.captures == 2 and fast.replays == 3
+
+
+def test_tensor_keyed_cache():
+    """The cache behind FAVOR's split weights and SEA's host budgets: a hit needs the same live tensor at the
+    same version (and the same extra key parts); inference tensors (no version counter) are taken; past its
+    limit it starts afresh."""
+    from approxattn.cached import TensorKeyedCache
+
+    cache = TensorKeyedCache(limit=2)
+    t = torch.zeros(3)
+    assert cache.put(t, "a", 1) == "a" and cache.get(t, 1) == "a"
+    assert cache.get(t, 2) is None and cache.get(torch.zeros(3), 1) is None
+    t.add_(1)  # written in place: a new version, the old value is stale
+    assert cache.get(t, 1) is None
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    cache.put(frozen, "b")
+    assert cache.get(frozen) == "b"
+    cache.put(t, "c", 1)  # a third entry at the limit of two: the cache starts afresh
+    assert len(cache) == 1 and cache.get(frozen) is None and cache.get(t, 1) == "c"

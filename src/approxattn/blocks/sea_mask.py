@@ -20,12 +20,12 @@ whatever the shared budget does. Both leave the total number of kept cells at th
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..cached import TensorKeyedCache
 from .fast_kernels import fast_kernel
 
 GROUPINGS = ("batch", "head", "query", "causal_batch")
@@ -53,22 +53,18 @@ class HostBudgets(NamedTuple):
     run: tuple[int, int] | None
 
 
-# (id, version, k, T) of a host length tensor → (weak reference, HostBudgets): unpadded layouts are
-# cached (``column_layout``), so their host lengths come back every call and are summarised once
-_HOST_BUDGETS: dict[tuple, tuple] = {}
-_HOST_BUDGETS_LIMIT = 64
+# host length tensor (and k, T) → HostBudgets: unpadded layouts are cached (``column_layout``), so
+# their host lengths come back every call and are summarised once
+_HOST_BUDGETS = TensorKeyedCache(limit=64)
 
 
 def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBudgets:
     """:func:`row_budgets` of ``host_row_length (Nq,)`` (CPU) summarised, in numpy: torch's CPU ops on
     Nq elements took 2.6–3.6 ms of host time per call at N = 16–64K on the H100 machine (its
     intra-op thread pool), more than the GPU's whole SEA forward at 16K."""
-    # an inference tensor has no version counter (and cannot change outside inference mode)
-    version = -1 if host_row_length.is_inference() else host_row_length._version
-    key = (id(host_row_length), version, k, columns)
-    hit = _HOST_BUDGETS.get(key)
-    if hit is not None and hit[0]() is host_row_length:
-        return hit[1]
+    hit = _HOST_BUDGETS.get(host_row_length, k, columns)
+    if hit is not None:
+        return hit
     length = host_row_length.numpy()
     # as row_budgets: float64 k·T / L rounded half to even (np.round and torch.round agree), at least 1
     budget = np.where(length > 0, np.maximum(np.round(k * columns / np.maximum(length, 1).astype(np.float64)), 1), 0)
@@ -77,10 +73,7 @@ def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBud
     if above.size and int(above[-1] - above[0]) + 1 == above.size:
         run = (int(above[0]), int(above[-1]) + 1)
     summary = HostBudgets(int(budget.max()) if budget.size else 0, int(budget.sum()), run)
-    if len(_HOST_BUDGETS) >= _HOST_BUDGETS_LIMIT:
-        _HOST_BUDGETS.clear()
-    _HOST_BUDGETS[key] = (weakref.ref(host_row_length), summary)
-    return summary
+    return _HOST_BUDGETS.put(host_row_length, summary, k, columns)
 
 
 def select_cells(

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from ..cached import handed_out
+from ..cached import TensorKeyedCache, handed_out
 
-# (id, version, dtype) of a projection → (weak reference, hi, lo): the split is redone only
-# when the projection changes (a redraw writes it in place, which bumps its version)
-_SPLITS: dict[tuple, tuple] = {}
-_SPLITS_LIMIT = 64
+# projection (and dtype, device, folded) → (hi, lo): the split is redone only when the projection
+# changes (a redraw writes it in place, which bumps its version)
+_SPLITS = TensorKeyedCache(limit=64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,10 +53,10 @@ class FeatureConfig:
         if self.projection is None:
             return like, like
         projection = self.projection
-        key = (id(projection), projection._version, like.dtype, projection.device, folded)
-        hit = _SPLITS.get(key)
-        if hit is not None and hit[0]() is projection:
-            return handed_out((hit[1], hit[2]))
+        key = (like.dtype, projection.device, folded)
+        hit = _SPLITS.get(projection, *key)
+        if hit is not None:
+            return handed_out(hit)
         w = projection.detach().float().contiguous()
         if folded:
             w = w * self.weight_fold()
@@ -67,10 +65,7 @@ class FeatureConfig:
         else:
             hi = w.to(like.dtype)
             lo = (w - hi.float()).to(like.dtype)
-        if len(_SPLITS) >= _SPLITS_LIMIT:
-            _SPLITS.clear()
-        _SPLITS[key] = (weakref.ref(projection), hi, lo)
-        return handed_out((hi, lo))
+        return handed_out(_SPLITS.put(projection, (hi, lo), *key))
 
     def weight_fold(self) -> float:
         """The factor folded into the projection for the non-causal kernels: ``x_scale`` (the
