@@ -102,8 +102,6 @@ class GraphedAttention:
                 repr(self.module.options), torch.is_inference_mode_enabled(), torch.get_float32_matmul_precision())
 
     def _capture(self, key, q, k, v, call) -> "_Captured | None":
-        if len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
         try:
             with torch.cuda.device(q.device):
                 captured = _Captured(self.module, q, k, v, call, self.warmup)
@@ -115,6 +113,8 @@ class GraphedAttention:
                           RuntimeWarning, stacklevel=3)
             self._uncapturable.add(key)
             return None
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
         self._graphs[key] = captured
         self.captures += 1
         return captured
@@ -135,9 +135,7 @@ class _Captured:
             self.q, self.k, self.v = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
                                       for t in (q, k, v))
             self.mask = None if mask is None else torch.empty_like(mask)
-        for static, given in ((self.q, q), (self.k, k), (self.v, v), (self.mask, mask)):
-            if static is not None:
-                static.copy_(given)
+        self._fill(q, k, v, mask)
         static_call = dict(call, key_padding_mask=self.mask)
         with torch.no_grad(), collecting() as self.cached:
             side = torch.cuda.Stream(device=q.device)
@@ -150,12 +148,13 @@ class _Captured:
             with torch.cuda.graph(self.graph):
                 self.out = module(self.q, self.k, self.v, **static_call)
 
+    def _fill(self, q, k, v, mask) -> None:
+        for static, given in ((self.q, q), (self.k, k), (self.v, v), (self.mask, mask)):
+            if static is not None:
+                static.copy_(given)
+
     def replay(self, q, k, v, mask) -> torch.Tensor:
-        self.q.copy_(q)
-        self.k.copy_(k)
-        self.v.copy_(v)
-        if mask is not None:
-            self.mask.copy_(mask)
+        self._fill(q, k, v, mask)
         self.graph.replay()
         return self.out.clone()
 
