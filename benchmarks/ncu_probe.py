@@ -38,7 +38,8 @@ def sass_histogram(dump: str | None = None) -> None:
 def profile(case: str) -> None:
     import torch
 
-    from approxattn.kernels import FeatureConfig, feature_attention
+    from approxattn.kernels import FeatureConfig
+    from feature_step import fwd_bwd_step
 
     w = torch.randn(256, 64, device="cuda")
     cfgs = {
@@ -47,16 +48,7 @@ def profile(case: str) -> None:
         "favor-causal": (FeatureConfig("favor", w, x_scale=64**-0.25, ratio=256**-0.5, eps=1e-6), True),
     }
     cfg, causal = cfgs[case]
-    q, k, v, do = (torch.randn(1, 16, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
-
-    def step():
-        torch.autograd.grad(feature_attention(q, k, v, cfg, causal=causal), (q, k, v), do)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = fwd_bwd_step(cfg, causal, 65536)
     torch.cuda.cudart().cudaProfilerStart()
     step()
     torch.cuda.synchronize()

@@ -9,7 +9,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from approxattn.kernels import FeatureConfig, feature_attention
+from approxattn.kernels import FeatureConfig
+from feature_step import fwd_bwd_step
 
 dev = "cuda"
 W = torch.randn(256, 64, device=dev)
@@ -33,16 +34,7 @@ for name, cfg, causal, n in CASES:
 
         if not causal_linear_attn.SUPPORTS_PREFIX_MAX:
             continue
-    q, k, v, do = (torch.randn(1, 16, n, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
-
-    def step():
-        torch.autograd.grad(feature_attention(q, k, v, cfg, causal=causal), (q, k, v), do)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = fwd_bwd_step(cfg, causal, n, device=dev)
     t0 = time.perf_counter()
     for _ in range(10):
         step()
