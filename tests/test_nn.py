@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import approxattn
 from approxattn.nn import MultiheadAttention
 from helpers import METHODS, example, rel_err
 

@@ -121,7 +121,7 @@ def plot_pareto(plan, rows, path: Path) -> str:
         ax.grid(True, which="both", alpha=0.25)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles, labels = {}, []
+    handles: dict = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

@@ -467,7 +467,6 @@ class CompareResult:
 def run_compare(config: CompareConfig, *, console: Any = None, progress: bool = True) -> CompareResult:
     """Run the comparison described by ``config`` and write its report folder."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     start = time.perf_counter()
     console = console or Console(stderr=True)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..module import AttentionModule
-from ..registry import ExactLimit, MethodSpec, Shape, Cost, get_method, int_option, register
+from ..registry import ExactLimit, MethodSpec, Shape, Cost, get_method, register
 from ..validation import AttentionShape, check_inputs, compute_dtype
 from .kernel import performer_options
 from .lowrank import add_costs, build_projection, infer_max_len, projection_cost, projection_options

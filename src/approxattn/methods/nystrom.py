@@ -143,7 +143,7 @@ class NystromformerAttention(AttentionModule):
 
 
 def nystromformer_cost(shape: Shape, options: dict) -> Cost:
-    b, h, hk, d, dv = shape.batch, shape.heads, shape.kv_heads, shape.head_dim, shape.value_dim
+    b, h, d, dv = shape.batch, shape.heads, shape.head_dim, shape.value_dim
     mq, mk = min(options["landmarks"], shape.seq_q), min(options["landmarks"], shape.seq_k)
     nq, nk = shape.seq_q, shape.seq_k
     iterations = 0 if options["pinv"] == "exact" else options["pinv_iterations"]
