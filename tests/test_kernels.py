@@ -557,6 +557,19 @@ def test_gpu_cached_launches(causal):
 @gpu
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("feature,causal", [("favor", False), ("relu", True)], ids=["noncausal", "causal"])
+def test_gpu_wide_values(feature, causal, dtype):
+    """SEA's estimator shape: values with the positional probe (dv = 2d = 128) and 33 features, in fp32
+    as distillation runs it. The state sweep's tuned launch (BN 128, 3 stages) asked for 240 KiB of
+    shared memory there (an H200 has 227): launches now retry with fewer stages."""
+    check(feature, dtype, causal=causal, B=1, HQ=4, HKV=2, N=2048, d=64, dv=128, m=33, padding=100,
+          device="cuda")
+
+
+@gpu
+@needs_cuda
+@needs_triton
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_gpu_fp16_and_odd_sizes(causal):
     check("elu", torch.float16, causal=causal, B=1, HQ=4, HKV=1, N=1000, d=60, dv=48, device="cuda")

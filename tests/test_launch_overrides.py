@@ -26,3 +26,48 @@ def test_bad_overrides_name_the_variable(value):
     done = _overrides(value)
     assert done.returncode != 0
     assert "ValueError: APPROXATTN_LAUNCH_OVERRIDES" in done.stderr
+
+
+class _FakeKernel:
+    """Stands in for a jitted kernel: ``fn[grid](*args, **meta)`` fails for more than ``fits`` stages
+    as Triton does when the pipelined tiles exceed the device's shared memory."""
+
+    arg_names = ("x", "n", "BN")
+
+    def __init__(self, fits: int):
+        self.fits, self.tried = fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            from approxattn.kernels._launch import OutOfResources
+
+            self.tried.append(meta.get("num_stages"))
+            if meta.get("num_stages", 1) > self.fits:
+                raise OutOfResources(245760, 232448, "shared memory")
+            return "compiled"
+        return launch
+
+
+@pytest.mark.parametrize("fits, tried", [(3, [3]), (2, [3, 2]), (1, [3, 2, 1])])
+def test_launch_retries_with_fewer_stages_when_shared_memory_runs_out(fits, tried):
+    import torch
+
+    from approxattn.kernels._launch import Launch
+
+    fake = _FakeKernel(fits)
+    launch = Launch(fake, (1,), (4,), {"BN": 16, "num_warps": 4, "num_stages": 3}, torch.device("cpu"))
+    launch(torch.zeros(4))
+    assert fake.tried == tried
+    assert launch.meta["num_stages"] == fits   # later launches keep the config that fitted
+    launch(torch.zeros(4))
+    assert fake.tried[-1] == fits
+
+
+def test_launch_raises_when_one_stage_does_not_fit():
+    import torch
+
+    from approxattn.kernels._launch import Launch, OutOfResources
+
+    launch = Launch(_FakeKernel(0), (1,), (4,), {"BN": 16, "num_warps": 4, "num_stages": 2}, torch.device("cpu"))
+    with pytest.raises(OutOfResources):
+        launch(torch.zeros(4))

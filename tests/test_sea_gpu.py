@@ -52,3 +52,21 @@ def test_fused_module_agrees_with_the_reference_path(monkeypatch, causal, dtype,
         same &= mask[:, None, :]
     assert same.float().mean() > (0.9 if mask is None else 0.6)
     assert rel_err(fused.output[same].float(), ref.output[same].float()) < 2e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("columns", [128, 256])
+def test_training_step_runs_on_the_fused_estimator(causal, columns):
+    """A distillation step's shape of work: train mode, grad on, bf16 inputs (the estimate kept fp32
+    under autograd, so the estimator kernels get fp32 operands with dv = 2d). Session 17's distillation
+    crashed here (shared memory) before its first step. Gradients finite and reaching every input."""
+    torch.manual_seed(5)
+    q, k, v = (t.requires_grad_() for t in _inputs(16, 16, 2048, 64, torch.bfloat16, seed=11))
+    sea = approxattn.build("sea", head_dim=64, columns=columns).cuda().train()
+    details = sea.forward_with_details(q, k, v, causal=causal)
+    loss = details.output.float().square().mean() + details.estimated_logits.float().logsumexp(-1).mean()
+    loss.backward()
+    for name, t in {"q": q, "k": k, "v": v, **dict(sea.named_parameters())}.items():
+        if t.grad is not None:
+            assert torch.isfinite(t.grad).all(), name
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))

@@ -11,6 +11,11 @@ import os
 import torch
 import triton
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older Triton
+    from triton.runtime.autotuner import OutOfResources
+
 from .config import FeatureConfig  # noqa: F401  (re-exported for the ops)
 
 
@@ -148,9 +153,23 @@ class Launch:
             except (TypeError, ValueError, AttributeError, IndexError):  # launcher refused the arguments
                 DIRECT_LAUNCH = False
                 self.runner = None
-        compiled = self.fn[self.grid](*pointers, *self.consts, **self.meta)
+        compiled = self._first_launch(pointers)
         if DIRECT_LAUNCH and self.device is not None and not interpreting():
             self._bind(compiled, len(pointers))
+
+    def _first_launch(self, pointers):
+        """The ordinary launch (it compiles). The configs were tuned for half inputs: fp32 operands or a
+        wider value head can need more shared memory than the device has for the pipelined loads (an
+        fp32 state sweep with dv = 128 asked for 240 KiB of an H200's 227), so on OutOfResources the
+        launch retries with one pipeline stage fewer, down to one, and keeps what fitted."""
+        while True:
+            try:
+                return self.fn[self.grid](*pointers, *self.consts, **self.meta)
+            except OutOfResources:
+                stages = self.meta.get("num_stages", 1)
+                if stages <= 1:
+                    raise
+                self.meta = {**self.meta, "num_stages": stages - 1}
 
     def _bind(self, compiled, num_pointers: int) -> None:
         global DIRECT_LAUNCH
