@@ -12,6 +12,7 @@ fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
 from __future__ import annotations
 
 import math
+import weakref
 from functools import lru_cache
 
 import torch
@@ -222,6 +223,27 @@ class CausalConv2d(nn.Module):
         return out, window[:, :, 1:]
 
 
+def conv_row_matrices(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """``(KH, Ci·W, Co·W)``: a KH×3 convolution (width padding 1, stride 1 across the width) of maps
+    ``(Ci, rows, W)`` as one matrix per row tap, so that output row r = Σ_kr (input row r + kr − pad)
+    flattened channel-major ``(ci·W + w)`` @ matrix[kr] (flattened ``co·W + w``): entry
+    ``[ci·W + w_in, co·W + w_out] = weight[co, ci, kr, kc]`` where ``w_in = w_out + kc − 1`` lies in the
+    width (zero padding). In the weight's dtype."""
+    co, ci, kh, kw = weight.shape
+    if kw != 3:
+        raise ValueError(f"weight: expected 3 columns (width padding 1), got shape {tuple(weight.shape)}")
+    taps = []
+    for kr in range(kh):
+        tap = weight.new_zeros(ci * width, co * width)
+        for kc in range(kw):
+            # shift[w_in, w_out] = 1 where w_in = w_out + kc − 1, i.e. on diagonal (1 − kc)
+            offset = 1 - kc
+            shift = torch.diag(weight.new_ones(width - abs(offset)), diagonal=offset)
+            tap += torch.kron(weight[:, :, kr, kc].t().contiguous(), shift)
+        taps.append(tap)
+    return torch.stack(taps)
+
+
 def _split_channels(x: torch.Tensor, splits: int, mix_heads: bool) -> torch.Tensor:
     """``(B, H, N, splits·W)`` → CNN input: ``(B, H·splits, N, W)`` (heads as channels) or
     ``(B·H, splits, N, W)`` (heads in the batch). SEA's ``ChannelSplit``: channel = h·splits + s."""
@@ -236,6 +258,11 @@ def _check_heads(num_heads: int | None, heads: int) -> None:
             f"q: expected {num_heads} heads (the SEA module was built with num_heads={num_heads}, whose "
             f"decoder CNN has heads as channels), got {heads}; build with num_heads=None for any head count"
         )
+
+
+# decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
+# outside the module so that it pickles and copies as before
+_ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 class NonCausalDecoder(nn.Module):
@@ -279,8 +306,11 @@ class NonCausalDecoder(nn.Module):
         one CNN per head, the output conv, resize, residual and softmax run as one Triton kernel
         (``kernels.sea_decoder_head``: unfused they were seven passes over ``(B, H, N, T)`` maps)."""
         B, H, N, _ = e.shape
-        y = self._middle(e)
         T = self.columns
+        fused = self._row_gemm_logits_and_probs(e, histogram, n_valid, floor) if probs_dtype == torch.float32 else None
+        if fused is not None:
+            return fused
+        y = self._middle(e)
         fast = None
         if self.num_heads is None and probs_dtype == torch.float32:
             fast = fast_kernel("sea_decoder_head", "fast_decoder_head")
@@ -296,6 +326,63 @@ class NonCausalDecoder(nn.Module):
         residual = None if histogram is None else probe_histogram_logits(histogram, n_valid, T, floor=floor)
         logits = self._head(y, (B, H, N), residual)
         return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype), None
+
+    def _row_gemm_logits_and_probs(self, e, histogram, n_valid, floor):
+        """:meth:`logits_and_probs` as three row-window GEMMs (``kernels.row_window_gemm``), or None where
+        they do not apply (half maps at inference, one CNN per head, a kernel-enabled device): the row
+        linear folded into the strided conv, the middle conv, and the output conv over the rows ×2
+        with the width resize folded in, then the residual, softmax and argmax in the last one's
+        epilogue. No ``(B, H, N, 4·W)`` map is written, and the convolutions run on tensor cores
+        (as direct convolutions they were ~2–4× their memory floor on an H100)."""
+        applies = fast_kernel("row_window_gemm", "applies")
+        if (applies is None or self.num_heads is not None or e.dtype not in (torch.float16, torch.bfloat16)
+                or not applies(e, *self.parameters())):
+            return None
+        from ..kernels.row_window_gemm import window_gemm, window_gemm_softmax
+
+        B, H, N, width = e.shape
+        T = self.columns
+        first, first_taps, first_bias, middle, middle_bias, head, head_bias = self._row_gemm_matrices(e.dtype, e.device)
+        rows = (N + 1) // 2                     # the strided conv's output rows
+        y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
+                        virtual_rows=N, out_rows=rows, relu=True)
+        y = window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+        hist = weights = None
+        if histogram is not None:
+            weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
+            hist = histogram.reshape(B * H, N, -1)
+        logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N,
+                                                  out_rows=N, histogram=hist, hist_weights=weights, heads=H,
+                                                  floor=floor)
+        return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
+
+    def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The three GEMMs' weights, built in fp32 from the layers and cached until a parameter changes:
+        (first ``(3, 2d, 4W)``, its per-tap bias ``(3, 4W)`` (the row linear's bias through the
+        strided conv), bias ``(4W,)``; middle ``(3, 4W, 4W)``, bias; head ``(3, 4W, T)`` (output conv
+        then the resize), bias ``(T,)``). The first two in the maps' dtype, the head's in fp32 (TF32
+        dots: its logits rank cells)."""
+        params = tuple(self.parameters())
+        key = (tuple(-1 if p.is_inference() else p._version for p in params), dtype, device)
+        cached = _ROW_GEMM_CACHE.get(self)
+        if cached is not None and cached[1] == key and all(r() is p for r, p in zip(cached[0], params)):
+            return handed_out(cached[2])
+        with torch.inference_mode(False), torch.no_grad():
+            W = self.width
+            f32 = {"dtype": torch.float32, "device": device}
+            down = conv_row_matrices(self.down.weight.to(**f32), W)
+            row_weight, row_bias = self.row.weight.to(**f32), self.row.bias.to(**f32)
+            first = row_weight.t() @ down                                        # (3, 2d, 4W)
+            first_taps = row_bias @ down                                         # (3, 4W)
+            first_bias = self.down.bias.to(**f32).repeat_interleave(W)
+            middle = conv_row_matrices(self.middle.weight.to(**f32), W)
+            middle_bias = self.middle.bias.to(**f32).repeat_interleave(W)
+            interp = _interpolation_matrix(W, self.columns).to(**f32)           # (W, T)
+            head = conv_row_matrices(self.out.weight.to(**f32), W) @ interp      # (3, 4W, T)
+            head_bias = self.out.bias.to(**f32) * interp.sum(0)
+            value = (first.to(dtype), first_taps, first_bias, middle.to(dtype), middle_bias, head, head_bias)
+        _ROW_GEMM_CACHE[self] = (tuple(weakref.ref(p) for p in params), key, value)
+        return handed_out(value)
 
     def _head(self, y: torch.Tensor, shape, plus: torch.Tensor | None) -> torch.Tensor:
         """The output conv over the rows ×2 and the width resize (+ ``plus``): ``_middle``'s map →
