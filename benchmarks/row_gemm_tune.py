@@ -1,0 +1,110 @@
+"""SEA's non-causal decoder at real size: the three row-window GEMMs (each alone, under a few launch
+configs) beside the layers they replace (row linear + two direct convs + the fused head kernel), same
+inputs, one process. Forward only, bf16 maps, B=1, H=16, d=64.
+
+    PYTHONPATH=src python benchmarks/row_gemm_tune.py --seq 65536 [--columns 128] [--json out.json]
+
+Prints medians of ``triton.testing.do_bench`` in ms and each GEMM's bytes / time against the measured
+copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from triton.testing import do_bench
+
+from approxattn.blocks.sea_estimator import NonCausalDecoder, histogram_resampling
+from approxattn.kernels import row_window_gemm as rwg
+from approxattn.kernels.sea_decoder_head import fast_decoder_head
+
+CONFIGS = {
+    "gemm": [{"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2},
+             {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 2}, {"BM": 128, "BN": 256, "num_warps": 8, "num_stages": 2},
+             {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}],
+    "softmax": [{"BM": 64, "num_warps": 8, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 2},
+                {"BM": 64, "num_warps": 4, "num_stages": 2}, {"BM": 128, "num_warps": 8, "num_stages": 2},
+                {"BM": 32, "num_warps": 8, "num_stages": 3}],
+}
+
+
+def ms(fn) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--columns", type=int, default=128)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev = "cuda"
+    N, H, T = args.seq, 16, args.columns
+    decoder = NonCausalDecoder(64, T, None, zero_last=True).to(dev).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.normal_(std=0.1)
+    e = torch.randn(1, H, N, 128, device=dev).bfloat16()
+    context = torch.rand(1, H, N, 128, device=dev).bfloat16()
+    hist = context[..., :64]
+    n_valid = torch.tensor([N], device=dev)
+    src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 2 / (ms(lambda: dst.copy_(src)) * 1e-3)
+    del src, dst
+    rows = {}
+    with torch.no_grad():
+        # the layers the GEMMs replace (what logits_and_probs ran before): row linear + convs, then the head kernel
+        y = decoder._middle(e)
+        weights = histogram_resampling(n_valid, 64, T, torch.float32)
+        from approxattn.blocks.sea_estimator import interpolation_matrix
+
+        interp = interpolation_matrix(decoder.width, T, dtype=y.dtype, device=y.device)
+        rows["old: row linear + down + middle conv"] = ms(lambda: decoder._middle(e))
+        rows["old: head kernel"] = ms(lambda: fast_decoder_head(y, decoder.out.weight, decoder.out.bias, interp, rows=N,
+                                                                histogram=hist.reshape(H, N, -1), hist_weights=weights,
+                                                                heads=H))
+        rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
+                                                                                          n_valid=n_valid))
+        first, taps, first_bias, middle, middle_bias, head, head_bias = decoder._row_gemm_matrices(e.dtype, e.device)
+        R = (N + 1) // 2
+        x = e.reshape(H, N, 128)
+        y1 = rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N, out_rows=R, relu=True)
+        y2 = rwg.window_gemm(y1, middle, middle_bias, step=1, pad=1, virtual_rows=R, out_rows=R, relu=True)
+        steps = {
+            "first": (lambda: rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N,
+                                              out_rows=R, relu=True), "gemm", x.numel() * 2 + y1.numel() * 2),
+            "middle": (lambda: rwg.window_gemm(y1, middle, middle_bias, step=1, pad=1, virtual_rows=R, out_rows=R,
+                                               relu=True), "gemm", 2 * y1.numel() * 2),
+            "head": (lambda: rwg.window_gemm_softmax(y2, head, head_bias, up=2, virtual_rows=N, out_rows=N,
+                                                     histogram=hist.reshape(H, N, -1), hist_weights=weights, heads=H),
+                     "softmax", y2.numel() * 2 + H * N * 64 * 2 + H * N * T * (2 + 4 + 0) + H * N * 8),
+        }
+        for name, (fn, kind, nbytes) in steps.items():
+            for cfg in [None] + CONFIGS[kind]:
+                rwg.OVERRIDE.clear()
+                if cfg is not None:
+                    rwg.OVERRIDE[kind] = cfg
+                try:
+                    t = ms(fn)
+                except Exception as error:  # noqa: BLE001  (a config past the device's resources)
+                    print(f"{name} {cfg}: failed ({type(error).__name__}: {str(error)[:80]})", flush=True)
+                    continue
+                label = f"new: {name} {'default' if cfg is None else cfg}"
+                rows[label] = t
+                print(f"{label:80s} {t:8.3f} ms  floor {nbytes / bandwidth * 1e3:6.3f} ms", flush=True)
+            rwg.OVERRIDE.clear()
+    print(f"{torch.cuda.get_device_name()}  N={N} H={H} T={T}  copy {bandwidth / 1e12:.2f} TB/s")
+    for label, t in rows.items():
+        print(f"{label:80s} {t:8.3f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "seq": N, "heads": H, "columns": T,
+                       "bandwidth": bandwidth, "ms": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
