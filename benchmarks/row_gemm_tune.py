@@ -11,7 +11,9 @@ copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 
 import torch
 from triton.testing import do_bench
@@ -24,9 +26,9 @@ CONFIGS = {
     "gemm": [{"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2},
              {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 2}, {"BM": 128, "BN": 256, "num_warps": 8, "num_stages": 2},
              {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}],
-    "softmax": [{"BM": 64, "num_warps": 8, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 2},
-                {"BM": 64, "num_warps": 4, "num_stages": 2}, {"BM": 128, "num_warps": 8, "num_stages": 2},
-                {"BM": 32, "num_warps": 8, "num_stages": 3}],
+    "softmax": [{"BM": 32, "num_warps": 4, "num_stages": 2}, {"BM": 16, "num_warps": 4, "num_stages": 2},
+                {"BM": 16, "num_warps": 2, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 1},
+                {"BM": 32, "num_warps": 4, "BK": 32, "num_stages": 2}],
 }
 
 
@@ -53,7 +55,7 @@ def main() -> None:
     n_valid = torch.tensor([N], device=dev)
     src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=dev)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 2 / (ms(lambda: dst.copy_(src)) * 1e-3)
+    bandwidth = 2 * src.numel() * 2 / (ms(functools.partial(dst.copy_, src)) * 1e-3)
     del src, dst
     rows = {}
     with torch.no_grad():
@@ -67,8 +69,12 @@ def main() -> None:
         rows["old: head kernel"] = ms(lambda: fast_decoder_head(y, decoder.out.weight, decoder.out.bias, interp, rows=N,
                                                                 histogram=hist.reshape(H, N, -1), hist_weights=weights,
                                                                 heads=H))
+        rows["new: logits_and_probs (two GEMMs + head kernel)"] = ms(
+            lambda: decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid))
+        os.environ["APPROXATTN_SEA_HEAD"] = "gemm"
         rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
                                                                                           n_valid=n_valid))
+        os.environ["APPROXATTN_SEA_HEAD"] = "kernel"
         first, taps, first_bias, middle, middle_bias, head, head_bias = decoder._row_gemm_matrices(e.dtype, e.device)
         R = (N + 1) // 2
         x = e.reshape(H, N, 128)
@@ -83,7 +89,10 @@ def main() -> None:
                                                      histogram=hist.reshape(H, N, -1), hist_weights=weights, heads=H),
                      "softmax", y2.numel() * 2 + H * N * 64 * 2 + H * N * T * (2 + 4 + 0) + H * N * 8),
         }
-        for name, (fn, kind, nbytes) in steps.items():
+        variants = [(name, fn, kind, nbytes, False) for name, (fn, kind, nbytes) in steps.items()]
+        variants.append(("head, half dots", steps["head"][0], "softmax", steps["head"][2], True))
+        for name, fn, kind, nbytes, half_dots in variants:
+            rwg.HALF_SOFTMAX_DOTS = half_dots
             for cfg in [None] + CONFIGS[kind]:
                 rwg.OVERRIDE.clear()
                 if cfg is not None:
@@ -97,6 +106,7 @@ def main() -> None:
                 rows[label] = t
                 print(f"{label:80s} {t:8.3f} ms  floor {nbytes / bandwidth * 1e3:6.3f} ms", flush=True)
             rwg.OVERRIDE.clear()
+        rwg.HALF_SOFTMAX_DOTS = False
     print(f"{torch.cuda.get_device_name()}  N={N} H={H} T={T}  copy {bandwidth / 1e12:.2f} TB/s")
     for label, t in rows.items():
         print(f"{label:80s} {t:8.3f} ms")

@@ -100,11 +100,13 @@ def _decoder(columns, gen):
 
 
 @needs_triton
+@pytest.mark.parametrize("head", ["kernel", "gemm"])
 @pytest.mark.parametrize("columns,n", [(12, 21), (12, 20), (40, 9), (9, 16)])
-def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, monkeypatch, columns, n):
+def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, monkeypatch, columns, n, head):
     """Half maps: the three GEMMs against the unfused layers on the same bf16 input, both measured
     against the layers in fp32 (the GEMMs skip the row linear's rounding to bf16, so they are as close
     or closer); rows whose two best cells are not near-tied select the same column."""
+    monkeypatch.setenv("APPROXATTN_SEA_HEAD", head)
     gen = torch.Generator().manual_seed(columns + n)
     decoder = _decoder(columns, gen)
     e = torch.randn(2, 3, n, 16, generator=gen).bfloat16()
@@ -187,11 +189,13 @@ def test_errors_name_the_argument(forced_kernels):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head", ["kernel", "gemm"])
 @pytest.mark.parametrize("columns,n", [(128, 8192), (256, 4097)])
-def test_decoder_at_real_size_on_gpu(monkeypatch, columns, n):
+def test_decoder_at_real_size_on_gpu(monkeypatch, columns, n, head):
     """SEA's decoder shapes (16 heads, d = 64, T = 128 and the paper's 256, an odd row count) on CUDA
     through the compiled kernels: the GEMMs against the layers in fp32, as on CPU."""
     monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
+    monkeypatch.setenv("APPROXATTN_SEA_HEAD", head)
     gen = torch.Generator(device="cuda").manual_seed(columns)
     decoder = NonCausalDecoder(64, columns, None, zero_last=True).cuda().eval()
     with torch.no_grad():

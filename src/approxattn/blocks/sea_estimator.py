@@ -12,6 +12,7 @@ fp32/fp64 inputs; callers feed fp32 for half-precision inputs.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from functools import lru_cache
 
@@ -328,12 +329,13 @@ class NonCausalDecoder(nn.Module):
         return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype), None
 
     def _row_gemm_logits_and_probs(self, e, histogram, n_valid, floor):
-        """:meth:`logits_and_probs` as three row-window GEMMs (``kernels.row_window_gemm``), or None where
+        """:meth:`logits_and_probs` through row-window GEMMs (``kernels.row_window_gemm``), or None where
         they do not apply (half maps at inference, one CNN per head, a kernel-enabled device): the row
-        linear folded into the strided conv, the middle conv, and the output conv over the rows ×2
-        with the width resize folded in, then the residual, softmax and argmax in the last one's
-        epilogue. No ``(B, H, N, 4·W)`` map is written, and the convolutions run on tensor cores
-        (as direct convolutions they were ~2–4× their memory floor on an H100)."""
+        linear folded into the strided conv, then the middle conv, on tensor cores (no ``(B, H, N, 4·W)``
+        map is written; on an H100 at N = 65,536 the two took 1.0 ms against 1.8 for the linear and
+        two direct convolutions). The head is the fused head kernel over that map, or with
+        ``APPROXATTN_SEA_HEAD=gemm`` a third GEMM with the width resize folded in and the residual,
+        softmax and argmax in its epilogue (slower as tuned so far)."""
         applies = fast_kernel("row_window_gemm", "applies")
         if (applies is None or self.num_heads is not None or e.dtype not in (torch.float16, torch.bfloat16)
                 or not applies(e, *self.parameters())):
@@ -351,9 +353,19 @@ class NonCausalDecoder(nn.Module):
         if histogram is not None:
             weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
             hist = histogram.reshape(B * H, N, -1)
-        logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N,
-                                                  out_rows=N, histogram=hist, hist_weights=weights, heads=H,
-                                                  floor=floor)
+        out = None
+        if os.environ.get("APPROXATTN_SEA_HEAD", "kernel") == "kernel":
+            # the fused head kernel over the map as (B·H, 4, rows, W) (a strided view, read in place): on an
+            # H100 at N = 65,536 it took 1.76 ms against 2.5 ms for the head as a third GEMM (run 13)
+            head_kernel = fast_kernel("sea_decoder_head", "fast_decoder_head")
+            if head_kernel is not None:
+                out = head_kernel(y.view(B * H, rows, self.splits, self.width).permute(0, 2, 1, 3), self.out.weight,
+                                  self.out.bias, interpolation_matrix(self.width, T, dtype=y.dtype, device=y.device),
+                                  rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)
+        if out is None:
+            out = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
+                                      histogram=hist, hist_weights=weights, heads=H, floor=floor)
+        logits, probs, best = out
         return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
 
     def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:

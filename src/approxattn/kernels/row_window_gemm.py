@@ -44,6 +44,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TAPS = 3
 MAX_SOFTMAX_COLUMNS = 256
 MAX_HISTOGRAM = 128
+# the softmax form's dots on half operands (its weights rounded to x's dtype) instead of TF32: a tuning switch
+HALF_SOFTMAX_DOTS = os.environ.get("APPROXATTN_ROW_GEMM_HALF_SOFTMAX", "0") == "1"
 OVERRIDE: dict[str, dict[str, int]] = {}   # tuning runs set this: {"gemm" | "softmax": {BM, BN, BK, num_warps, num_stages}}
 
 
@@ -275,7 +277,7 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
     if S == 0:
         return (out, probs, best) if softmax else out
     half = x.dtype in (torch.float16, torch.bfloat16)
-    mode = 2 if not half else (1 if softmax else 0)
+    mode = 2 if not half else (1 if softmax and not HALF_SOFTMAX_DOTS else 0)
     weights = weights.to(x.dtype if mode == 0 else torch.float32).contiguous()
     bias = bias.to(torch.float32).contiguous()
     c = tap_bias.to(torch.float32).contiguous() if tap_bias is not None else bias   # never read without TAP_BIAS
