@@ -94,20 +94,22 @@ def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) ->
     return virtual_rows, natural if out_rows is None else _int("out_rows", out_rows, 1)
 
 
-def _check_histogram(x, weights, out_rows, histogram, hist_weights, heads, floor) -> None:
-    S, T = x.shape[0], weights.shape[2]
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or S % heads:
-        raise ValueError(f"heads: expected a positive int dividing the {S} samples, got {heads!r}")
+def check_histogram(samples: int, rows: int, columns: int, histogram, hist_weights, heads, floor) -> None:
+    """The log-histogram residual's arguments (shared with ``sea_decoder_head``): heads divides the
+    samples; histogram ``(samples, rows, d)`` and hist_weights ``(samples // heads, d, columns)``, both or
+    neither; floor > 0."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or samples % heads:
+        raise ValueError(f"heads: expected a positive int dividing the {samples} samples, got {heads!r}")
     if (histogram is None) != (hist_weights is None):
         raise ValueError("histogram, hist_weights: expected both or neither")
     if histogram is None:
         return
-    if not isinstance(histogram, torch.Tensor) or histogram.dim() != 3 or tuple(histogram.shape[:2]) != (S, out_rows):
-        raise ValueError(f"histogram: expected a ({S}, {out_rows}, d) tensor, got "
+    if not isinstance(histogram, torch.Tensor) or histogram.dim() != 3 or tuple(histogram.shape[:2]) != (samples, rows):
+        raise ValueError(f"histogram: expected a ({samples}, {rows}, d) tensor, got "
                          f"{tuple(histogram.shape) if isinstance(histogram, torch.Tensor) else type(histogram).__name__}")
     d = histogram.shape[2]
-    if not isinstance(hist_weights, torch.Tensor) or tuple(hist_weights.shape) != (S // heads, d, T):
-        raise ValueError(f"hist_weights: expected shape ({S // heads}, {d}, {T}) (batch, d, T), got "
+    if not isinstance(hist_weights, torch.Tensor) or tuple(hist_weights.shape) != (samples // heads, d, columns):
+        raise ValueError(f"hist_weights: expected shape ({samples // heads}, {d}, {columns}) (batch, d, T), got "
                          f"{tuple(hist_weights.shape) if isinstance(hist_weights, torch.Tensor) else hist_weights}")
     if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and floor > 0):
         raise ValueError(f"floor: expected a number > 0, got {floor!r}")
@@ -144,7 +146,7 @@ def window_gemm_softmax_reference(x, weights, bias, *, step=1, pad=1, up=1, virt
     """The PyTorch twin of :func:`window_gemm_softmax`: ``(logits in x's dtype, probs fp32 (fp64 for
     fp64 x), best int64)``."""
     virtual_rows, out_rows = _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows)
-    _check_histogram(x, weights, out_rows, histogram, hist_weights, heads, floor)
+    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     logits = _reference_sum(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, compute)
     if histogram is not None:
@@ -322,7 +324,7 @@ def window_gemm_softmax(x, weights, bias, *, step=1, pad=1, up=1, virtual_rows=N
     or neither), then the softmax over the columns and each row's argmax. Returns ``(logits in x's
     dtype, probs fp32, best int64 (S, out_rows))``, contiguous."""
     virtual_rows, out_rows = _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows)
-    _check_histogram(x, weights, out_rows, histogram, hist_weights, heads, floor)
+    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor)
     error = _limit(x, weights, histogram, softmax=True)
     if error is not None:
         raise error

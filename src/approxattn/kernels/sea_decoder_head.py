@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import HAS_TRITON, kernels_enabled
+from .row_window_gemm import check_histogram
 
 if HAS_TRITON:
     import triton
@@ -70,21 +71,7 @@ def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
         raise ValueError(f"interp: expected shape ({W}, T) (y's width first), got {tuple(interp.shape)}")
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 2 * R:
         raise ValueError(f"rows: expected an int in [1, {2 * R}] (y's {R} rows upsampled ×2), got {rows!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or S % heads:
-        raise ValueError(f"heads: expected a positive int dividing the {S} samples, got {heads!r}")
-    if (histogram is None) != (hist_weights is None):
-        raise ValueError("histogram, hist_weights: expected both or neither")
-    if histogram is not None:
-        T = interp.shape[1]
-        if not isinstance(histogram, torch.Tensor) or histogram.dim() != 3 or histogram.shape[:2] != (S, rows):
-            raise ValueError(f"histogram: expected a ({S}, {rows}, d) tensor, got "
-                             f"{tuple(histogram.shape) if isinstance(histogram, torch.Tensor) else type(histogram).__name__}")
-        d = histogram.shape[2]
-        if not isinstance(hist_weights, torch.Tensor) or tuple(hist_weights.shape) != (S // heads, d, T):
-            raise ValueError(f"hist_weights: expected shape ({S // heads}, {d}, {T}) (batch, d, T), got "
-                             f"{tuple(hist_weights.shape) if isinstance(hist_weights, torch.Tensor) else hist_weights}")
-        if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and floor > 0):
-            raise ValueError(f"floor: expected a number > 0, got {floor!r}")
+    check_histogram(S, rows, interp.shape[1], histogram, hist_weights, heads, floor)
 
 
 def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
