@@ -34,16 +34,16 @@ class _FakeKernel:
 
     arg_names = ("x", "n", "BN")
 
-    def __init__(self, fits: int):
-        self.fits, self.tried = fits, []
+    def __init__(self, fits: int, resource: str = "shared memory"):
+        self.fits, self.tried, self.resource = fits, [], resource
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             from approxattn.kernels._launch import OutOfResources
 
-            self.tried.append(meta.get("num_stages"))
-            if meta.get("num_stages", 1) > self.fits:
-                raise OutOfResources(245760, 232448, "shared memory")
+            self.tried.append(meta.get("num_stages", 3))
+            if meta.get("num_stages", 3) > self.fits:
+                raise OutOfResources(245760, 232448, self.resource)
             return "compiled"
         return launch
 
@@ -71,3 +71,22 @@ def test_launch_raises_when_one_stage_does_not_fit():
     launch = Launch(_FakeKernel(0), (1,), (4,), {"BN": 16, "num_warps": 4, "num_stages": 2}, torch.device("cpu"))
     with pytest.raises(OutOfResources):
         launch(torch.zeros(4))
+
+
+def test_launch_retries_only_what_fewer_stages_can_fix(monkeypatch):
+    import torch
+
+    from approxattn.kernels import _launch
+    from approxattn.kernels._launch import Launch, OutOfResources
+
+    threads = _FakeKernel(0, resource="threads")
+    with pytest.raises(OutOfResources):
+        Launch(threads, (1,), (4,), {"BN": 16, "num_stages": 3}, torch.device("cpu"))(torch.zeros(4))
+    assert threads.tried == [3]
+    unnamed = _FakeKernel(2)                                   # no num_stages: Triton's default, 3
+    Launch(unnamed, (1,), (4,), {"BN": 16}, torch.device("cpu"))(torch.zeros(4))
+    assert unnamed.tried == [3, 2]
+    monkeypatch.setattr(_launch, "OVERRIDES", {"state": {"BN": 16, "num_warps": 4, "num_stages": 3}})
+    tuned = _FakeKernel(2)                                     # a tuning run sees its config fail
+    with pytest.raises(OutOfResources):
+        Launch(tuned, (1,), (4,), {"BN": 16, "num_stages": 3}, torch.device("cpu"))(torch.zeros(4))

@@ -91,6 +91,17 @@ def test_window_gemm_softmax_matches_its_twin(forced_kernels, dtype, histogram):
     assert torch.equal(best, probs.argmax(-1))
 
 
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """Counts the row-window GEMM launches the decoder makes (the old layers give the same answers)."""
+    from approxattn.kernels import row_window_gemm
+
+    calls = []
+    original = row_window_gemm.window_gemm
+    monkeypatch.setattr(row_window_gemm, "window_gemm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
 def _decoder(columns, gen):
     decoder = NonCausalDecoder(8, columns, None, zero_last=True).eval()
     with torch.no_grad():
@@ -102,10 +113,10 @@ def _decoder(columns, gen):
 @needs_triton
 @pytest.mark.parametrize("head", ["kernel", "gemm"])
 @pytest.mark.parametrize("columns,n", [(12, 21), (12, 20), (40, 9), (9, 16)])
-def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, monkeypatch, columns, n, head):
-    """Half maps: the three GEMMs against the unfused layers on the same bf16 input, both measured
-    against the layers in fp32 (the GEMMs skip the row linear's rounding to bf16, so they are as close
-    or closer); rows whose two best cells are not near-tied select the same column."""
+def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, gemm_calls, monkeypatch, columns, n, head):
+    """Half maps: the GEMMs against the layers in fp32, within 1e-2 (logits) / 2e-2 (probabilities) or
+    1.5× the unfused bf16 layers' own error, whichever is larger; rows whose two best cells are not
+    near-tied select the same column."""
     monkeypatch.setenv("APPROXATTN_SEA_HEAD", head)
     gen = torch.Generator().manual_seed(columns + n)
     decoder = _decoder(columns, gen)
@@ -118,6 +129,7 @@ def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, monkeypatc
             mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
             half_logits, half_probs, _ = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
             exact_logits, exact_probs, _ = decoder.logits_and_probs(e.float(), histogram=hist.float(), n_valid=n_valid)
+    assert len(gemm_calls) == 2                       # the GEMM path ran (the layers give the same answers)
     assert logits.shape == (2, 3, n, columns) and logits.dtype == torch.bfloat16
     assert torch.isfinite(probs).all() and torch.equal(best, probs.argmax(-1))
     assert rel_err(logits.float(), exact_logits) < max(1e-2, 1.5 * rel_err(half_logits.float(), exact_logits))
@@ -128,18 +140,52 @@ def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, monkeypatc
 
 
 @needs_triton
-def test_decoder_gemm_weights_follow_parameter_updates(forced_kernels, monkeypatch):
+@pytest.mark.parametrize("update", ["in place", "load_state_dict", ".data ="])
+def test_decoder_gemm_weights_follow_parameter_updates(forced_kernels, gemm_calls, monkeypatch, update):
     gen = torch.Generator().manual_seed(3)
     decoder = _decoder(12, gen)
     e = torch.randn(1, 2, 15, 16, generator=gen).bfloat16()
     with torch.no_grad():
         before = decoder.logits_and_probs(e)[0]
-        decoder.middle.weight.mul_(-1.0)                           # in place: a new version
+        flipped = -decoder.middle.weight
+        if update == "in place":
+            decoder.middle.weight.mul_(-1.0)                       # a new version
+        elif update == "load_state_dict":
+            decoder.load_state_dict({**decoder.state_dict(), "middle.weight": flipped})
+        else:
+            decoder.middle.weight.data = flipped.clone()           # same version, another address
         after = decoder.logits_and_probs(e)[0]
         with monkeypatch.context() as mp:
             mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
             layers = decoder.logits_and_probs(e.float())[0]
+    assert len(gemm_calls) == 4
     assert rel_err(after.float(), layers) < 1e-2 and rel_err(before.float(), layers) > 1e-1
+
+
+@needs_triton
+def test_decoder_past_the_heads_limits_runs_its_layers(forced_kernels, gemm_calls, monkeypatch):
+    """T > 256 (past both heads) or a histogram that wants a gradient: the layers, not an error."""
+    gen = torch.Generator().manual_seed(8)
+    decoder = _decoder(320, gen)
+    e = torch.randn(1, 2, 9, 16, generator=gen).bfloat16()
+    with torch.no_grad():
+        logits = decoder.logits_and_probs(e)[0]
+        monkeypatch.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+        layers = decoder.logits_and_probs(e)[0]
+    assert not gemm_calls and rel_err(logits.float(), layers.float()) < 1e-2
+    monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS")
+    small = _decoder(12, gen).requires_grad_(False)
+    hist = torch.rand(1, 2, 9, 8, generator=gen).bfloat16().requires_grad_()
+    logits = small.logits_and_probs(e, histogram=hist, n_valid=torch.tensor([9]))[0]
+    assert not gemm_calls and logits.requires_grad
+
+
+@needs_triton
+def test_bad_head_choice_names_the_variable(forced_kernels, monkeypatch):
+    monkeypatch.setenv("APPROXATTN_SEA_HEAD", "fast")
+    decoder = _decoder(12, torch.Generator().manual_seed(1))
+    with torch.no_grad(), pytest.raises(ValueError, match="APPROXATTN_SEA_HEAD"):
+        decoder.logits_and_probs(torch.randn(1, 1, 5, 16).bfloat16())
 
 
 @needs_triton
@@ -186,12 +232,17 @@ def test_errors_name_the_argument(forced_kernels):
         window_gemm_softmax(x, weights, bias, histogram=torch.rand(2, 5, 4))
     with pytest.raises(ValueError, match="columns"):
         window_gemm_softmax(x, torch.randn(3, 8, 300), torch.randn(300))
+    with pytest.raises(ValueError, match="taps"):
+        window_gemm(x[:, :1], weights, bias, pad=0)              # one row, three taps, no padding
+    with pytest.raises(ValueError, match="histogram"):
+        window_gemm_softmax(x, weights, bias, out_rows=5, histogram=torch.rand(2, 5, 4, device="meta"),
+                            hist_weights=torch.rand(2, 4, 6))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head", ["kernel", "gemm"])
 @pytest.mark.parametrize("columns,n", [(128, 8192), (256, 4097)])
-def test_decoder_at_real_size_on_gpu(monkeypatch, columns, n, head):
+def test_decoder_at_real_size_on_gpu(monkeypatch, gemm_calls, columns, n, head):
     """SEA's decoder shapes (16 heads, d = 64, T = 128 and the paper's 256, an odd row count) on CUDA
     through the compiled kernels: the GEMMs against the layers in fp32, as on CPU."""
     monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
@@ -208,6 +259,7 @@ def test_decoder_at_real_size_on_gpu(monkeypatch, columns, n, head):
         logits, probs, best = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
         monkeypatch.setenv("APPROXATTN_DISABLE_KERNELS", "1")
         exact_logits, exact_probs, _ = decoder.logits_and_probs(e.float(), histogram=hist.float(), n_valid=n_valid)
+    assert len(gemm_calls) == 2
     assert torch.isfinite(probs).all() and torch.equal(best, probs.argmax(-1))
     assert rel_err(logits.float(), exact_logits) < 1e-2
     assert rel_err(probs, exact_probs) < 2e-2

@@ -59,7 +59,8 @@ def test_fused_module_agrees_with_the_reference_path(monkeypatch, causal, dtype,
 def test_training_step_runs_on_the_fused_estimator(causal, columns):
     """A distillation step's shape of work: train mode, grad on, bf16 inputs (the estimate kept fp32
     under autograd, so the estimator kernels get fp32 operands with dv = 2d). Session 17's distillation
-    crashed here (shared memory) before its first step. Gradients finite and reaching every input."""
+    crashed here (shared memory) before its first step. Every gradient that exists is finite, and q, k, v
+    get non-zero ones."""
     torch.manual_seed(5)
     q, k, v = (t.requires_grad_() for t in _inputs(16, 16, 2048, 64, torch.bfloat16, seed=11))
     sea = approxattn.build("sea", head_dim=64, columns=columns).cuda().train()

@@ -338,12 +338,25 @@ class NonCausalDecoder(nn.Module):
         softmax and argmax in its epilogue (slower as tuned so far)."""
         applies = fast_kernel("row_window_gemm", "applies")
         if (applies is None or self.num_heads is not None or e.dtype not in (torch.float16, torch.bfloat16)
-                or not applies(e, *self.parameters())):
+                or not applies(e, histogram, *self.parameters())):
             return None
-        from ..kernels.row_window_gemm import window_gemm, window_gemm_softmax
+        from ..kernels.row_window_gemm import (
+            MAX_HISTOGRAM,
+            MAX_SAMPLES,
+            MAX_SOFTMAX_COLUMNS,
+            window_gemm,
+            window_gemm_softmax,
+        )
 
         B, H, N, width = e.shape
         T = self.columns
+        # both heads' limits (T ≤ 256 keeps the width ≤ 128 for the head kernel); past them, the layers
+        if T > MAX_SOFTMAX_COLUMNS or B * H > MAX_SAMPLES or (histogram is not None
+                                                               and histogram.shape[-1] > MAX_HISTOGRAM):
+            return None
+        head_choice = os.environ.get("APPROXATTN_SEA_HEAD", "kernel")
+        if head_choice not in ("kernel", "gemm"):
+            raise ValueError(f"APPROXATTN_SEA_HEAD: expected 'kernel' or 'gemm', got {head_choice!r}")
         first, first_taps, first_bias, middle, middle_bias, head, head_bias = self._row_gemm_matrices(e.dtype, e.device)
         rows = (N + 1) // 2                     # the strided conv's output rows
         y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
@@ -354,7 +367,7 @@ class NonCausalDecoder(nn.Module):
             weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
             hist = histogram.reshape(B * H, N, -1)
         out = None
-        if os.environ.get("APPROXATTN_SEA_HEAD", "kernel") == "kernel":
+        if head_choice == "kernel":
             # the fused head kernel over the map as (B·H, 4, rows, W) (a strided view, read in place): on an
             # H100 at N = 65,536 it took 1.76 ms against 2.5 ms for the head as a third GEMM (run 13)
             head_kernel = fast_kernel("sea_decoder_head", "fast_decoder_head")
@@ -369,13 +382,16 @@ class NonCausalDecoder(nn.Module):
         return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
 
     def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The three GEMMs' weights, built in fp32 from the layers and cached until a parameter changes:
+        """The three GEMMs' weights, built in fp32 from the layers and cached until a parameter's version or
+        address changes:
         (first ``(3, 2d, 4W)``, its per-tap bias ``(3, 4W)`` (the row linear's bias through the
         strided conv), bias ``(4W,)``; middle ``(3, 4W, 4W)``, bias; head ``(3, 4W, T)`` (output conv
         then the resize), bias ``(T,)``). The first two in the maps' dtype, the head's in fp32 (TF32
         dots: its logits rank cells)."""
         params = tuple(self.parameters())
-        key = (tuple(-1 if p.is_inference() else p._version for p in params), dtype, device)
+        # version and address: in-place updates and `.data =` replacements; writes through `.data` in place, or
+        # to inference tensors (no version counter), are not seen
+        key = (tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in params), dtype, device)
         cached = _ROW_GEMM_CACHE.get(self)
         if cached is not None and cached[1] == key and all(r() is p for r, p in zip(cached[0], params)):
             return handed_out(cached[2])

@@ -4,9 +4,11 @@ A 3×3 convolution (padding 1) over maps ``(S, C, R, W)`` whose width is small i
 sum over its three row taps of ``input row (C·W) @ M_tap (C·W × Co·W)``, with M_tap a banded matrix
 built from the conv weights (zero where a column shift leaves the width). Written that way it runs on
 the tensor cores, reads each input row once per tap from cache, and composes with the linear maps
-around it: SEA's non-causal decoder (row linear → strided conv → conv → conv over rows upsampled ×2 →
-width resize) becomes three such GEMMs, the row linear folded into the first and the resize into the
-last (``blocks.sea_estimator.NonCausalDecoder``). Inference only (no backward).
+around it: in SEA's non-causal decoder (row linear → strided conv → conv → conv over rows upsampled ×2 →
+width resize) the row linear and the two convs after it are two such GEMMs (the linear folded into the
+first); the head can be a third with the resize folded in (``window_gemm_softmax``), though the fused
+head kernel of ``sea_decoder_head`` is the default (faster as tuned; ``blocks.sea_estimator.NonCausalDecoder``).
+Inference only (no backward).
 
 Two ops, each with a PyTorch twin::
 
@@ -44,6 +46,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TAPS = 3
 MAX_SOFTMAX_COLUMNS = 256
 MAX_HISTOGRAM = 128
+MAX_SAMPLES = 65535     # the grid's third dimension
 # the softmax form's dots on half operands (its weights rounded to x's dtype) instead of TF32: a tuning switch
 HALF_SOFTMAX_DOTS = os.environ.get("APPROXATTN_ROW_GEMM_HALF_SOFTMAX", "0") == "1"
 OVERRIDE: dict[str, dict[str, int]] = {}   # tuning runs set this: {"gemm" | "softmax": {BM, BN, BK, num_warps, num_stages}}
@@ -90,11 +93,15 @@ def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) ->
     if virtual_rows > x.shape[1] * up:
         raise ValueError(f"virtual_rows: expected at most {x.shape[1] * up} (x's {x.shape[1]} rows × up={up}), "
                          f"got {virtual_rows}")
-    natural = _natural_rows(virtual_rows, weights.shape[0], step, pad)
+    natural = (virtual_rows + 2 * pad - weights.shape[0]) // step + 1
+    if out_rows is None and natural < 1:
+        raise ValueError(f"x: {virtual_rows} virtual rows padded by {pad} on each side are fewer than the "
+                         f"{weights.shape[0]} taps (give out_rows to read zero rows past the end)")
     return virtual_rows, natural if out_rows is None else _int("out_rows", out_rows, 1)
 
 
-def check_histogram(samples: int, rows: int, columns: int, histogram, hist_weights, heads, floor) -> None:
+def check_histogram(samples: int, rows: int, columns: int, histogram, hist_weights, heads, floor,
+                    device: torch.device | None = None) -> None:
     """The log-histogram residual's arguments (shared with ``sea_decoder_head``): heads divides the
     samples; histogram ``(samples, rows, d)`` and hist_weights ``(samples // heads, d, columns)``, both or
     neither; floor > 0."""
@@ -108,9 +115,13 @@ def check_histogram(samples: int, rows: int, columns: int, histogram, hist_weigh
         raise ValueError(f"histogram: expected a ({samples}, {rows}, d) tensor, got "
                          f"{tuple(histogram.shape) if isinstance(histogram, torch.Tensor) else type(histogram).__name__}")
     d = histogram.shape[2]
+    if device is not None and histogram.device != device:
+        raise ValueError(f"histogram: expected a tensor on {device} (x's device), got {histogram.device}")
     if not isinstance(hist_weights, torch.Tensor) or tuple(hist_weights.shape) != (samples // heads, d, columns):
         raise ValueError(f"hist_weights: expected shape ({samples // heads}, {d}, {columns}) (batch, d, T), got "
                          f"{tuple(hist_weights.shape) if isinstance(hist_weights, torch.Tensor) else hist_weights}")
+    if device is not None and hist_weights.device != device:
+        raise ValueError(f"hist_weights: expected a tensor on {device} (x's device), got {hist_weights.device}")
     if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and floor > 0):
         raise ValueError(f"floor: expected a number > 0, got {floor!r}")
 
@@ -124,7 +135,7 @@ def _reference_sum(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_
     for t in range(weights.shape[0]):
         v = r * step + t - pad
         valid = (v >= 0) & (v < virtual_rows)
-        rows = x.to(compute)[:, v.clamp(0, virtual_rows - 1) // up] * valid[None, :, None]
+        rows = torch.where(valid[None, :, None], x.to(compute)[:, v.clamp(0, virtual_rows - 1) // up], 0.0)
         term = rows @ weights[t].to(compute)
         if tap_bias is not None:
             term = term + valid[None, :, None] * tap_bias[t].to(compute)
@@ -146,7 +157,7 @@ def window_gemm_softmax_reference(x, weights, bias, *, step=1, pad=1, up=1, virt
     """The PyTorch twin of :func:`window_gemm_softmax`: ``(logits in x's dtype, probs fp32 (fp64 for
     fp64 x), best int64)``."""
     virtual_rows, out_rows = _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows)
-    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor)
+    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor, x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     logits = _reference_sum(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, compute)
     if histogram is not None:
@@ -154,11 +165,6 @@ def window_gemm_softmax_reference(x, weights, bias, *, step=1, pad=1, up=1, virt
         logits = logits + torch.log(torch.clamp_min(counts, floor))
     probs = torch.softmax(logits, dim=-1)
     return logits.to(x.dtype), probs, probs.argmax(dim=-1)
-
-
-def _natural_rows(virtual_rows: int, taps: int, step: int, pad: int) -> int:
-    """Output rows of a convolution of ``taps`` rows, padding ``pad`` on both sides, stride ``step``."""
-    return max(1, (virtual_rows + 2 * pad - taps) // step + 1)
 
 
 # ---------------------------------------------------------------- kernel
@@ -247,8 +253,11 @@ def launch_config(kind: str, nout: int, k: int) -> dict[str, int]:
     if _interpreting():
         return {"BM": 16, "BN": BN, "BK": BK}
     BM = 64 if kind == "gemm" or BN <= 128 else 32
-    return {"BM": BM, "BN": BN, "BK": BK, "num_warps": 4 if kind == "gemm" else 8, "num_stages": 2,
-            **OVERRIDE.get(kind, {})}
+    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": 4 if kind == "gemm" else 8, "num_stages": 2,
+           **OVERRIDE.get(kind, {})}
+    if kind == "softmax" and cfg["BN"] < nout:
+        raise ValueError(f"OVERRIDE['softmax']: BN must hold the whole row ({nout} columns), got {cfg['BN']}")
+    return cfg
 
 
 def _limit(x, weights, histogram=None, softmax=False) -> Exception | None:
@@ -258,6 +267,8 @@ def _limit(x, weights, histogram=None, softmax=False) -> Exception | None:
     if softmax and weights.shape[2] > MAX_SOFTMAX_COLUMNS:
         return ValueError(f"weights: expected at most {MAX_SOFTMAX_COLUMNS} columns for the softmax, got "
                           f"{weights.shape[2]}")
+    if x.shape[0] > MAX_SAMPLES:
+        return ValueError(f"x: expected at most {MAX_SAMPLES} samples, got {x.shape[0]}")
     if histogram is not None and histogram.shape[2] > MAX_HISTOGRAM:
         return ValueError(f"histogram: expected at most {MAX_HISTOGRAM} bins, got {histogram.shape[2]}")
     return None
@@ -324,7 +335,7 @@ def window_gemm_softmax(x, weights, bias, *, step=1, pad=1, up=1, virtual_rows=N
     or neither), then the softmax over the columns and each row's argmax. Returns ``(logits in x's
     dtype, probs fp32, best int64 (S, out_rows))``, contiguous."""
     virtual_rows, out_rows = _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows)
-    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor)
+    check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor, x.device)
     error = _limit(x, weights, histogram, softmax=True)
     if error is not None:
         raise error

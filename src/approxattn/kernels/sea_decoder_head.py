@@ -71,7 +71,7 @@ def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
         raise ValueError(f"interp: expected shape ({W}, T) (y's width first), got {tuple(interp.shape)}")
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 2 * R:
         raise ValueError(f"rows: expected an int in [1, {2 * R}] (y's {R} rows upsampled ×2), got {rows!r}")
-    check_histogram(S, rows, interp.shape[1], histogram, hist_weights, heads, floor)
+    check_histogram(S, rows, interp.shape[1], histogram, hist_weights, heads, floor, y.device)
 
 
 def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
