@@ -312,18 +312,10 @@ class NonCausalDecoder(nn.Module):
         if fused is not None:
             return fused
         y = self._middle(e)
-        fast = None
         if self.num_heads is None and probs_dtype == torch.float32:
-            fast = fast_kernel("sea_decoder_head", "fast_decoder_head")
-        if fast is not None:
-            weights = None
-            if histogram is not None:
-                weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
-            out = fast(y, self.out.weight, self.out.bias, interpolation_matrix(self.width, T, dtype=y.dtype, device=y.device),
-                       rows=N, histogram=None if histogram is None else histogram.reshape(B * H, N, -1),
-                       hist_weights=weights, heads=H, floor=floor)
-            if out is not None:
-                return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
+            fast = self._kernel_head(y, e.shape[:3], histogram, n_valid, floor)
+            if fast is not None:
+                return fast
         residual = None if histogram is None else probe_histogram_logits(histogram, n_valid, T, floor=floor)
         logits = self._head(y, (B, H, N), residual)
         return logits, torch.softmax(logits, dim=-1, dtype=probs_dtype), None
@@ -362,24 +354,41 @@ class NonCausalDecoder(nn.Module):
         y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
                         virtual_rows=N, out_rows=rows, relu=True)
         y = window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
-        hist = weights = None
-        if histogram is not None:
-            weights = histogram_resampling(n_valid, histogram.shape[-1], T, compute_dtype(histogram.dtype))
-            hist = histogram.reshape(B * H, N, -1)
-        out = None
         if head_choice == "kernel":
             # the fused head kernel over the map as (B·H, 4, rows, W) (a strided view, read in place): on an
             # H100 at N = 65,536 it took 1.76 ms against 2.5 ms for the head as a third GEMM (run 13)
-            head_kernel = fast_kernel("sea_decoder_head", "fast_decoder_head")
-            if head_kernel is not None:
-                out = head_kernel(y.view(B * H, rows, self.splits, self.width).permute(0, 2, 1, 3), self.out.weight,
-                                  self.out.bias, interpolation_matrix(self.width, T, dtype=y.dtype, device=y.device),
-                                  rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)
-        if out is None:
-            out = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
-                                      histogram=hist, hist_weights=weights, heads=H, floor=floor)
-        logits, probs, best = out
+            fast = self._kernel_head(y.view(B * H, rows, self.splits, self.width).permute(0, 2, 1, 3), (B, H, N),
+                                     histogram, n_valid, floor)
+            if fast is not None:
+                return fast
+        hist, weights = self._head_histogram(histogram, n_valid)
+        logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
+                                                  histogram=hist, hist_weights=weights, heads=H, floor=floor)
         return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
+
+    def _head_histogram(self, histogram, n_valid):
+        """The fused heads' residual inputs: histogram ``(B, H, N, d)`` as ``(B·H, N, d)`` and its resampling
+        weights ``(B, d, T)``, or (None, None)."""
+        if histogram is None:
+            return None, None
+        weights = histogram_resampling(n_valid, histogram.shape[-1], self.columns, compute_dtype(histogram.dtype))
+        return histogram.flatten(0, 1), weights
+
+    def _kernel_head(self, y, shape, histogram, n_valid, floor):
+        """The fused head kernel (``kernels.sea_decoder_head``) over the map ``y (B·H, 4, rows, W)`` (any
+        strides) for ``shape = (B, H, N)``: (logits, probs, best) shaped ``(B, H, N, ·)``, or None where it
+        does not apply."""
+        fast = fast_kernel("sea_decoder_head", "fast_decoder_head")
+        if fast is None:
+            return None
+        B, H, N = shape
+        T = self.columns
+        hist, weights = self._head_histogram(histogram, n_valid)
+        out = fast(y, self.out.weight, self.out.bias, interpolation_matrix(self.width, T, dtype=y.dtype, device=y.device),
+                   rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)
+        if out is None:
+            return None
+        return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
 
     def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The three GEMMs' weights, built in fp32 from the layers and cached until a parameter's version or

@@ -160,11 +160,18 @@ def window_gemm_softmax_reference(x, weights, bias, *, step=1, pad=1, up=1, virt
     check_histogram(x.shape[0], out_rows, weights.shape[2], histogram, hist_weights, heads, floor, x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     logits = _reference_sum(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, compute)
+    return residual_softmax_reference(logits, histogram, hist_weights, heads, floor, x.dtype)
+
+
+def residual_softmax_reference(logits, histogram, hist_weights, heads, floor, out_dtype):
+    """The fused heads' epilogue in PyTorch (shared with ``sea_decoder_head``): ``logits (S, R, T)`` in their
+    compute dtype, plus ``log(max(histogram @ hist_weights[s // heads], floor))`` when a histogram is given;
+    returns (logits in ``out_dtype``, their softmax, each row's argmax)."""
     if histogram is not None:
-        counts = histogram.to(compute) @ hist_weights.to(compute).repeat_interleave(heads, dim=0)
+        counts = histogram.to(logits.dtype) @ hist_weights.to(logits.dtype).repeat_interleave(heads, dim=0)
         logits = logits + torch.log(torch.clamp_min(counts, floor))
     probs = torch.softmax(logits, dim=-1)
-    return logits.to(x.dtype), probs, probs.argmax(dim=-1)
+    return logits.to(out_dtype), probs, probs.argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- kernel
@@ -352,5 +359,5 @@ def applies(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-__all__ = ["applies", "window_gemm", "window_gemm_reference", "window_gemm_softmax",
+__all__ = ["applies", "residual_softmax_reference", "window_gemm", "window_gemm_reference", "window_gemm_softmax",
            "window_gemm_softmax_reference"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import HAS_TRITON, kernels_enabled
-from .row_window_gemm import check_histogram
+from .row_window_gemm import check_histogram, residual_softmax_reference
 
 if HAS_TRITON:
     import triton
@@ -83,12 +83,8 @@ def decoder_head_reference(y, weight, bias, interp, *, rows, histogram=None, his
     v = y.to(compute).repeat_interleave(2, dim=2)[:, :, :rows]
     conv = F.conv2d(v, weight.to(y.dtype).to(compute), bias.to(y.dtype).to(compute), padding=1)[:, 0]   # (S, rows, W)
     logits = conv @ interp.to(compute)
-    if histogram is not None:
-        weights = hist_weights.to(compute).repeat_interleave(heads, dim=0)               # (S, d, T)
-        counts = histogram.to(y.dtype).to(compute) @ weights
-        logits = logits + torch.log(torch.clamp_min(counts, floor))
-    probs = torch.softmax(logits, dim=-1)
-    return logits.to(y.dtype), probs, probs.argmax(dim=-1)
+    hist = None if histogram is None else histogram.to(y.dtype)     # the kernel reads the histogram in y's dtype
+    return residual_softmax_reference(logits, hist, hist_weights, heads, floor, y.dtype)
 
 
 if HAS_TRITON:
