@@ -114,6 +114,34 @@ def test_eager_where_replay_does_not_apply():
     for got in (first, second):
         assert rel_err(got.float(), expected.float()) < 1e-6
     assert fast.captures == 0 and fast.replays == 0
+    # the refusal left the process usable: random draws on the device, the caller's stream current
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(8, device="cuda").normal_()
+
+
+@gpu
+def test_failed_capture_leaves_rng_and_stream_usable():
+    """torch.cuda.graph leaves the device's generator in capture mode after a capture that failed
+    (a host sync inside it), so every later random op raises; approxattn.graphs.capture restores it,
+    and the caller's stream, and still captures and replays random ops when nothing fails."""
+    from approxattn.graphs import capture
+
+    x = torch.ones(16, device="cuda")
+    with pytest.raises(Exception):  # noqa: B017  (the CUDA error's type varies across torch versions)
+        capture(torch.cuda.CUDAGraph(), lambda: (x * 2).sum().item())
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.manual_seed(0)
+    first = torch.rand(4, device="cuda")
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(4, device="cuda"), first)  # same seed, same draws: the state is intact
+    graph = torch.cuda.CUDAGraph()
+    out = capture(graph, lambda: torch.rand(1024, device="cuda") + x.sum())
+    draws = []
+    for _ in range(2):
+        graph.replay()
+        draws.append(out.clone())
+    assert not torch.equal(draws[0], draws[1])  # the captured draw advances per replay
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
 
 
 def test_collecting_keeps_what_caches_hand_out():

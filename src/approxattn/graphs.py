@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,8 +146,7 @@ class _Captured:
                     module(self.q, self.k, self.v, **static_call)
             torch.cuda.current_stream(q.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = module(self.q, self.k, self.v, **static_call)
+            self.out = capture(self.graph, lambda: module(self.q, self.k, self.v, **static_call))
 
     def _fill(self, q, k, v, mask) -> None:
         for static, given in ((self.q, q), (self.k, k), (self.v, v), (self.mask, mask)):
@@ -157,6 +157,42 @@ class _Captured:
         self._fill(q, k, v, mask)
         self.graph.replay()
         return self.out.clone()
+
+
+def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = None) -> Any:
+    """``fn()`` captured into ``graph`` on a side stream, as ``torch.cuda.graph`` does; returns what
+    ``fn`` returned (tensors in the graph's memory pool, or ``pool``).
+
+    Unlike ``torch.cuda.graph``, a capture that fails leaves the process as it was: the caller's stream
+    is current again and the device's default random generator leaves capture mode. torch's context
+    manager stops at the failed ``capture_end``; its generator then stays in capture mode and every
+    later random op on the device raises "Offset increment outside graph capture encountered
+    unexpectedly" (a sync inside the capture, e.g. ``.item()``, is enough)."""
+    device = torch.cuda.current_device()
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    failure: BaseException | None = None
+    ended = False
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            result = fn()
+        except BaseException as error:  # noqa: BLE001  (re-raised below, after the capture is closed)
+            failure = error
+        try:
+            graph.capture_end()
+            ended = True
+        except Exception as error:  # noqa: BLE001  (an invalidated capture: cause reported below)
+            failure = failure or error
+    if not ended:
+        # capture_end raised before the generator's epilogue: give it a fresh copy of its own state
+        # (same seed and offset, out of capture mode)
+        generator = torch.cuda.default_generators[device]
+        generator.graphsafe_set_state(generator.clone_state())
+    if failure is not None:
+        raise failure
+    return result
 
 
 def graphed(module: AttentionModule, **options: Any) -> GraphedAttention:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..graphs import capture
 from .case import Case
 from .impls import build
 
@@ -162,8 +163,7 @@ def graphed_step(body, sets: list[tuple]):
     graphs = []
     for inputs in sets:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            body(inputs)
+        capture(graph, functools.partial(body, inputs), pool=pool)  # a failed capture leaves the RNG usable
         graphs.append(graph)
     cycle = itertools.cycle(graphs)
     return lambda: next(cycle).replay()
