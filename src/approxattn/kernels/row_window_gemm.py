@@ -250,18 +250,23 @@ if HAS_TRITON:
             tl.store(best_ptr + s * R_out + offs_r, best.to(tl.int64), mask=r_ok)
 
 
-def launch_config(kind: str, nout: int, k: int) -> dict[str, int]:
-    """Block sizes. ``gemm``: 64 rows × up to 128 columns, K in blocks of 64; ``softmax``: the whole
-    row (BN ≥ NOUT), 32 rows past 128 columns. 16-row blocks under the interpreter."""
+def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = False) -> dict[str, int]:
+    """Block sizes. ``gemm``: 64 rows × up to 128 columns, K in blocks of 64, 4 warps; with half
+    operands 128 rows and 8 warps, and up to 256 columns for a strided (``step`` 2) window — the H100
+    sweep of SEA's decoder at N = 65,536, T = 128 (benchmarks/results/h100/run13/decoder): strided
+    0.53 → 0.46 ms, middle 0.56 → 0.52 ms. ``softmax``: the whole row (BN ≥ NOUT), 32 rows past 128
+    columns. 16-row blocks under the interpreter."""
     BN = max(16, triton.next_power_of_2(nout))
     BK = min(64, max(16, triton.next_power_of_2(k)))
     if kind == "gemm":
-        BN = min(BN, 128)
+        BN = min(BN, 256 if half and step == 2 else 128)
     if _interpreting():
-        return {"BM": 16, "BN": BN, "BK": BK}
-    BM = 64 if kind == "gemm" or BN <= 128 else 32
-    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": 4 if kind == "gemm" else 8, "num_stages": 2,
-           **OVERRIDE.get(kind, {})}
+        return {"BM": 16, "BN": min(BN, 128) if kind == "gemm" else BN, "BK": BK}
+    if kind == "gemm" and half:
+        BM, warps = 128, 8
+    else:
+        BM, warps = (64 if kind == "gemm" or BN <= 128 else 32), (4 if kind == "gemm" else 8)
+    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2, **OVERRIDE.get(kind, {})}
     if kind == "softmax" and cfg["BN"] < nout:
         raise ValueError(f"OVERRIDE['softmax']: BN must hold the whole row ({nout} columns), got {cfg['BN']}")
     return cfg
@@ -306,7 +311,7 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
         h, D, hstrides = histogram, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, hstrides = x, x, 1, (0, 0, 0)   # never read
-    cfg = launch_config("softmax" if softmax else "gemm", nout, K)
+    cfg = launch_config("softmax" if softmax else "gemm", nout, K, step=step, half=half)
     BD = max(16, triton.next_power_of_2(D))
     grid = (triton.cdiv(out_rows, cfg["BM"]), triton.cdiv(nout, cfg["BN"]), S)
     _window_gemm_fwd[grid](
