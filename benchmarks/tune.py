@@ -3,7 +3,9 @@
 For each kernel kind, every candidate (BN, num_warps, num_stages) is timed with the other
 kinds at their defaults; prints the fastest per kind (copy them into kernels/_launch.py).
 Usage: PYTHONPATH=src python benchmarks/tune.py [N] [KIND ...]   (only these kinds, e.g. q_bwd_fused;
-TUNE_SETTINGS=favor: only the settings whose name starts so)
+TUNE_SETTINGS=favor: only the settings whose name starts so; TUNE_MAXNREG=128,168: instead of the
+BN/warps/stages grid, each kind's default config under each register cap, Triton's ``maxnreg``,
+beside none: more programs per multiprocessor for kernels that hold ~255 registers a thread)
 Launch plans are cached per layout, so the caches are cleared before each candidate.
 """
 
@@ -20,6 +22,7 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 ONLY = set(sys.argv[2:])
 CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3), (128, 4, 3),
            (32, 4, 1), (32, 8, 1), (64, 4, 1), (64, 8, 1)]
+MAXNREG = [int(x) for x in os.environ.get("TUNE_MAXNREG", "").split(",") if x.strip()]
 dev = "cuda"
 gen = torch.Generator(device=dev).manual_seed(0)
 q, k, v, do = (torch.randn(1, 16, N, 64, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -67,23 +70,29 @@ for name, cfg, causal, kinds in SETTINGS:
     for kind in kinds:
         best = None
         seen = set()
-        for bn, warps, stages in CONFIGS:
+        if MAXNREG:
+            default = _launch.pick_config(kind, 256, 64, 64)
+            candidates = [(default["BN"], default["num_warps"], default["num_stages"], cap) for cap in [None, *MAXNREG]]
+        else:
+            candidates = [(bn, warps, stages, None) for bn, warps, stages in CONFIGS]
+        for bn, warps, stages, cap in candidates:
             # the chunk-parallel kernels share the chunk length of kind "chunk", which uses nothing else
             same = bn if kind == "chunk" else (warps, stages) if kind.startswith("chunk_") else (bn, warps, stages)
-            if same in seen:
+            if (same, cap) in seen:
                 continue
-            seen.add(same)
-            override(kind, {"BN": bn, "num_warps": warps, "num_stages": stages})
+            seen.add((same, cap))
+            override(kind, {"BN": bn, "num_warps": warps, "num_stages": stages,
+                            **({"maxnreg": cap} if cap else {})})
             try:
                 out = feature_attention(q, k, v, cfg, causal=causal).float()
                 diff = float((out - base_out).norm() / base_out.norm())
                 f, b = timed(cfg, causal)
             except Exception as e:  # noqa: BLE001
-                print(f"   {kind} {bn},{warps},{stages}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                print(f"   {kind} {bn},{warps},{stages},maxnreg={cap}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 continue
-            print(f"   {kind:<10} BN={bn:<4} warps={warps} stages={stages}: fwd {f:.3f} fwd+bwd {b:.3f} "
+            print(f"   {kind:<10} BN={bn:<4} warps={warps} stages={stages} maxnreg={cap}: fwd {f:.3f} fwd+bwd {b:.3f} "
                   f"(diff {diff:.1e})", flush=True)
             score = b
             if best is None or score < best[0]:
-                best = (score, bn, warps, stages)
+                best = (score, bn, warps, stages, cap)
         print(f" best {name} {kind}: {best}", flush=True)
