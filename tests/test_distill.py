@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -133,6 +134,8 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     resumed = distill(teacher, tokens, config, out_dir=tmp_path / "split")
     assert resumed.step_count == 6
     assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+    stamps = [r["unix_time"] for r in resumed.history]   # when each step ended, kept across the resume
+    assert stamps == sorted(stamps) and stamps[2] == part.history[2]["unix_time"]
     for (name, a), b in zip(whole.student.state_dict().items(), resumed.student.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
@@ -304,6 +307,9 @@ def test_cli_run_and_report_on_minilm(tmp_path, capsys):
     args = ["run", "--teacher", "minilm", "--layers", "1", "--methods", "linear", "--steps", "2", "--seq-len", "32",
             "--eval-windows", "2", "--precision", "fp32", "--no-progress", "--out", str(out)]
     assert distill_main(args) == 0
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert logged and all(re.match(r"\[ *\d+ s\] ", line) for line in logged)   # seconds since the start
+    assert any("distilling linear" in line for line in logged)
     results = json.loads((out / "results.json").read_text())
     row = results["methods"]["linear"]
     assert row["steps"] == 2 and 0.0 < row["eval"]["token_cosine"] <= 1.0

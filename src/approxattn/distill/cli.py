@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,18 @@ def run_command(args: argparse.Namespace) -> int:
             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
             checkpoint_every=args.checkpoint_every, weights=weights, hidden_loss=args.hidden_loss,
         )
+        started = time.perf_counter()
+
+        def log(message: str) -> None:  # seconds since the command started: where a call's time went
+            print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
         with sigterm_as_interrupt():
             results = run_experiment(
                 teacher=args.teacher, methods=[(m, options[m]) for m in methods], config=config, out_dir=args.out,
                 eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
                 device=args.device, progress=not args.no_progress,
                 command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
-                train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher,
+                train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher, log=log,
             )
     except (ValueError, TypeError, NotImplementedError) as error:
         print(f"approxattn distill: {error}", file=sys.stderr)

@@ -217,8 +217,8 @@ class Distiller:
         return terms
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimisation step; returns the loss terms (floats), the gradient norm, the lr factor
-        and the step's wall seconds (the loss floats wait for the device)."""
+        """One optimisation step; returns the loss terms (floats), the gradient norm, the lr factor,
+        the step's wall seconds (the loss floats wait for the device) and when it ended (``unix_time``)."""
         started = time.perf_counter()
         self.student.train()
         terms = self.losses(input_ids, attention_mask)
@@ -235,6 +235,8 @@ class Distiller:
         row["lr_factor"] = factor
         row["seconds"] = time.perf_counter() - started
         row["step"] = self.step_count
+        # when the step ended (Unix seconds): across resumed calls, the gaps are what loading cost
+        row["unix_time"] = time.time()
         self.history.append(row)
         return row
 
