@@ -35,6 +35,83 @@ def test_cpu_calls_run_the_module(method):
         fast(q[..., :8], k[..., :8], v)
 
 
+class _FakeCuda:
+    """The torch.cuda calls ``approxattn.graphs.capture`` makes, recorded, with a graph whose
+    ``capture_end`` can fail the way an invalidated capture does."""
+
+    def __init__(self, monkeypatch, *, end_fails=False, release_fails=False):
+        import contextlib
+
+        import approxattn.graphs as graphs
+
+        self.calls: list[str] = []
+        fake = self
+
+        class Graph:
+            def capture_begin(self, pool=None):
+                fake.calls.append(f"begin {pool}")
+
+            def capture_end(self):
+                fake.calls.append("end")
+                if end_fails and len([c for c in fake.calls if c == "end"]) == 1:   # the probe's end succeeds
+                    raise RuntimeError("operation failed due to a previous error during capture")
+
+        def release(device, pool):
+            fake.calls.append(f"release {pool}")
+            if release_fails:
+                raise RuntimeError("no such pool")
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
+        for name, value in (("current_device", lambda: 0), ("graph_pool_handle", lambda: "pool"),
+                            ("synchronize", lambda device=None: None), ("empty_cache", lambda: None),
+                            ("current_stream", lambda device=None: None), ("Stream", Stream),
+                            ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda device, pool: fake.calls.append(f"stop {pool}"),
+                            raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool", release, raising=False)
+        monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(1))   # the probe's scratch, on the CPU
+        self.Graph = Graph
+
+
+def test_capture_control_flow(monkeypatch):
+    """Without a GPU, with torch.cuda faked: a capture that succeeds returns fn's value and recovers
+    nothing; fn's own error is the one raised when capture_end then fails too, after the allocator's
+    routing is stopped and released and a probe capture (the generator's reset) has run; a recovery
+    step that fails only warns; a Python error inside a valid capture needs no recovery."""
+    from approxattn.graphs import capture
+
+    fake = _FakeCuda(monkeypatch)
+    assert capture(fake.Graph(), lambda: 42) == 42
+    assert fake.calls == ["begin pool", "end"]
+
+    fake = _FakeCuda(monkeypatch, end_fails=True)
+
+    def syncs():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="not permitted"):
+        capture(fake.Graph(), syncs)
+    assert fake.calls == ["begin pool", "end", "stop pool", "release pool", "begin None", "end"]
+
+    fake = _FakeCuda(monkeypatch, end_fails=True, release_fails=True)
+    with pytest.warns(RuntimeWarning, match="memory pool"), pytest.raises(RuntimeError, match="previous error"):
+        capture(fake.Graph(), lambda: 1)
+    assert fake.calls[-2:] == ["begin None", "end"]   # the generator's reset still ran
+
+    fake = _FakeCuda(monkeypatch)
+    with pytest.raises(KeyError):
+        capture(fake.Graph(), lambda: {}["missing"])
+    assert fake.calls == ["begin pool", "end"]
+
+
 gpu = pytest.mark.gpu
 # (method, options, causal, N). SEA non-causal at 2K: several cells a row (k·T/N = 4), its shared-budget top-k,
 # which under capture takes the full search with the host's budget; at 8K: one cell a row
@@ -122,11 +199,14 @@ def test_eager_where_replay_does_not_apply():
 @gpu
 def test_failed_capture_leaves_rng_and_stream_usable():
     """torch.cuda.graph leaves the device's generator in capture mode after a capture that failed
-    (a host sync inside it), so every later random op raises; approxattn.graphs.capture restores it,
-    and the caller's stream, and still captures and replays random ops when nothing fails."""
+    (a host sync inside it), so every later random op raised, and its allocator still routing to the
+    failed capture's pool; approxattn.graphs.capture restores the generator (for graphs captured
+    before the failure too), the allocator and the caller's stream."""
     from approxattn.graphs import capture
 
     x = torch.ones(16, device="cuda")
+    earlier = torch.cuda.CUDAGraph()
+    earlier_out = capture(earlier, lambda: torch.rand(1024, device="cuda") + x.sum())
     with pytest.raises(Exception):  # noqa: B017  (the CUDA error's type varies across torch versions)
         capture(torch.cuda.CUDAGraph(), lambda: (x * 2).sum().item())
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
@@ -134,13 +214,21 @@ def test_failed_capture_leaves_rng_and_stream_usable():
     first = torch.rand(4, device="cuda")
     torch.manual_seed(0)
     assert torch.equal(torch.rand(4, device="cuda"), first)  # same seed, same draws: the state is intact
-    graph = torch.cuda.CUDAGraph()
-    out = capture(graph, lambda: torch.rand(1024, device="cuda") + x.sum())
     draws = []
-    for _ in range(2):
-        graph.replay()
-        draws.append(out.clone())
-    assert not torch.equal(draws[0], draws[1])  # the captured draw advances per replay
+    for graph, out in ((earlier, earlier_out), (torch.cuda.CUDAGraph(), None)):
+        if out is None:
+            out = capture(graph, lambda: torch.rand(1024, device="cuda") + x.sum())
+        for _ in range(2):
+            graph.replay()   # the graph captured before the failure replays too
+            draws.append(out.clone())
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[2], draws[3])  # fresh draws per replay
+    # the allocator is out of capture mode: empty_cache hands a freed block back
+    torch.cuda.synchronize()
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    reserved = torch.cuda.memory_reserved()
+    del block
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() < reserved
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
 
 

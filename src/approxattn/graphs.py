@@ -159,40 +159,93 @@ class _Captured:
         return self.out.clone()
 
 
-def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = None) -> Any:
-    """``fn()`` captured into ``graph`` on a side stream, as ``torch.cuda.graph`` does; returns what
-    ``fn`` returned (tensors in the graph's memory pool, or ``pool``).
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
-    Unlike ``torch.cuda.graph``, a capture that fails leaves the process as it was: the caller's stream
-    is current again and the device's default random generator leaves capture mode. torch's context
-    manager stops at the failed ``capture_end``; its generator then stays in capture mode and every
-    later random op on the device raises "Offset increment outside graph capture encountered
-    unexpectedly" (a sync inside the capture, e.g. ``.item()``, is enough)."""
+
+def _capture_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every capture, as ``torch.cuda.graph`` keeps one: graphs that
+    share a memory pool reuse each other's freed blocks only when captured on the same stream."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _CAPTURE_STREAMS[device]
+
+
+def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = None) -> Any:
+    """``fn()`` captured into ``graph`` on the device's capture stream, as ``torch.cuda.graph`` does
+    (same synchronisation and cache release first); returns what ``fn`` returned (tensors in the
+    graph's memory pool: ``pool``, else a pool of its own).
+
+    Unlike ``torch.cuda.graph``, a capture that fails (a host sync inside ``fn``, e.g. ``.item()``)
+    leaves the process usable: the caller's stream is current again, the caching allocator stops
+    routing allocations to the capture's pool and releases it, and the device's random generator
+    leaves capture mode. torch's context manager stops at the failed ``capture_end``, before those
+    steps. Measured on torch 2.11: every later random op on the device raised "Offset increment
+    outside graph capture encountered unexpectedly" until some other capture succeeded. Read in
+    torch's source, not measured: replays of graphs captured earlier raise the same way (they share
+    the generator state), and ``torch.cuda.empty_cache()`` keeps every cached block while the
+    allocator believes a capture is under way."""
     device = torch.cuda.current_device()
+    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    stream = _capture_stream(device)
     torch.cuda.synchronize(device)
-    stream = torch.cuda.Stream(device=device)
+    torch.cuda.empty_cache()   # cached blocks cannot be handed back while a capture is under way
     stream.wait_stream(torch.cuda.current_stream(device))
     failure: BaseException | None = None
     ended = False
+    # errors are re-raised below, once the process is usable again; fn's own error first (it is the
+    # cause when capture_end then fails too, as it does for a capture that a sync invalidated)
     with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool)
         try:
-            result = fn()
-        except BaseException as error:  # noqa: BLE001  (re-raised below, after the capture is closed)
+            graph.capture_begin(pool=pool)
+        except BaseException as error:  # noqa: BLE001
             failure = error
-        try:
-            graph.capture_end()
-            ended = True
-        except Exception as error:  # noqa: BLE001  (an invalidated capture: cause reported below)
-            failure = failure or error
+        else:
+            try:
+                result = fn()
+            except BaseException as error:  # noqa: BLE001
+                failure = error
+            try:
+                graph.capture_end()
+                ended = True
+            except BaseException as error:  # noqa: BLE001
+                failure = failure or error
     if not ended:
-        # capture_end raised before the generator's epilogue: give it a fresh copy of its own state
-        # (same seed and offset, out of capture mode)
-        generator = torch.cuda.default_generators[device]
-        generator.graphsafe_set_state(generator.clone_state())
+        _recover_from_failed_capture(device, pool, stream)
     if failure is not None:
         raise failure
     return result
+
+
+def _recover_from_failed_capture(device: int, pool: Any, stream: torch.cuda.Stream) -> None:
+    """What ``CUDAGraph.capture_end`` skips when it raises: the allocator's routing to ``pool`` ends
+    (and the failed capture's use of the pool is released), and the generator state that
+    ``capture_begin`` put in capture mode leaves it, through a throwaway capture of one in-place op
+    (its epilogue clears the flag on that same state object, which graphs captured earlier share)."""
+    # every step is best effort: the caller must see the capture's own error, not one of these
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except Exception:  # noqa: BLE001  (capture_begin failed before routing allocations to the pool)
+        pass
+    else:
+        try:
+            torch._C._cuda_releasePool(device, pool)   # this capture's use of the pool, as reset() would
+        except Exception as error:  # noqa: BLE001
+            _warn_unrecovered("release the failed capture's memory pool", error)
+    try:
+        scratch = torch.zeros(1, device=f"cuda:{device}")
+        stream.wait_stream(torch.cuda.current_stream(device))
+        probe = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            probe.capture_begin()
+            scratch.add_(1)
+            probe.capture_end()
+    except Exception as error:  # noqa: BLE001
+        _warn_unrecovered("take the random generator out of capture mode", error)
+
+
+def _warn_unrecovered(what: str, error: Exception) -> None:
+    warnings.warn(f"approxattn.graphs.capture: after a failed capture, could not {what} "
+                  f"({type(error).__name__}: {str(error)[:200]})", RuntimeWarning, stacklevel=4)
 
 
 def graphed(module: AttentionModule, **options: Any) -> GraphedAttention:
