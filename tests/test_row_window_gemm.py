@@ -202,6 +202,45 @@ def test_decoder_keeps_its_layers_under_autograd(forced_kernels):
 
 
 @needs_triton
+@pytest.mark.parametrize("fits", [True, False])
+def test_half_gemm_falls_back_to_the_narrower_config_when_shared_memory_runs_out(forced_kernels, monkeypatch, fits):
+    """The GPU config of half-operand GEMMs (128 rows, 8 warps, 256 columns when strided) was tuned on an
+    H100; where a launch of it runs out of shared memory the GEMM launches the 64-row / 4-warp one
+    instead. A fake kernel stands in (the interpreter never runs out), with the GPU configs."""
+    from approxattn.kernels import row_window_gemm as rwg
+    from approxattn.kernels._launch import OutOfResources
+
+    tried = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tried.append((meta["BM"], meta["BN"], meta["num_warps"]))
+                if meta["BM"] == 128 and not fits:
+                    raise OutOfResources(196608, 101376, "shared memory")
+            return launch
+
+    original = rwg.launch_config
+
+    def gpu_config(*args, **kwargs):   # the configs a GPU gets, not the interpreter's
+        with monkeypatch.context() as patch:
+            patch.setattr(rwg, "_interpreting", lambda: False)
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(rwg, "_window_gemm_fwd", FakeKernel())
+    monkeypatch.setattr(rwg, "launch_config", gpu_config)
+    x = torch.randn(2, 16, 24).to(torch.bfloat16)
+    weights, bias = torch.randn(3, 24, 256), torch.randn(256)
+    window_gemm(x, weights, bias, step=2, pad=1, virtual_rows=16, out_rows=8)
+    assert tried[0] == (128, 256, 8)
+    assert tried[1:] == ([] if fits else [(64, 128, 4)])
+    monkeypatch.setattr(rwg, "OVERRIDE", {"gemm": {"num_warps": 8}})   # a tuning run sees its config fail
+    if not fits:
+        with pytest.raises(OutOfResources):
+            window_gemm(x, weights, bias, step=2, pad=1, virtual_rows=16, out_rows=8)
+
+
+@needs_triton
 def test_errors_name_the_argument(forced_kernels):
     gen = torch.Generator().manual_seed(6)
     x = _strided(2, 5, 8, torch.float32, gen)

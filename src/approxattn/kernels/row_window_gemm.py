@@ -39,8 +39,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._feature_map import _INTERPRET, _cast_out, _dot
+    from ._launch import OutOfResources
 else:  # pragma: no cover - the module still imports, the fast_ ops return None
     triton = None
+
+    class OutOfResources(Exception):  # noqa: N818  (Triton's name)
+        pass
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TAPS = 3
@@ -311,15 +315,28 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
         h, D, hstrides = histogram, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, hstrides = x, x, 1, (0, 0, 0)   # never read
-    cfg = launch_config("softmax" if softmax else "gemm", nout, K, step=step, half=half)
+    kind = "softmax" if softmax else "gemm"
+    cfg = launch_config(kind, nout, K, step=step, half=half)
     BD = max(16, triton.next_power_of_2(D))
-    grid = (triton.cdiv(out_rows, cfg["BM"]), triton.cdiv(nout, cfg["BN"]), S)
-    _window_gemm_fwd[grid](
-        x, weights, c, bias, out, h, hw, probs if softmax else out, best if softmax else out,
-        *x.stride(), *hstrides, out_rows, virtual_rows, K, nout, D, heads, float(floor),
-        TAPS=taps, STEP=step, UP=up, PAD=pad, MODE=mode, TAP_BIAS=tap_bias is not None, RELU=bool(relu),
-        SOFTMAX=softmax, HAS_HISTOGRAM=histogram is not None, BD=BD, **cfg,
-    )
+
+    def launch(cfg):
+        grid = (triton.cdiv(out_rows, cfg["BM"]), triton.cdiv(nout, cfg["BN"]), S)
+        _window_gemm_fwd[grid](
+            x, weights, c, bias, out, h, hw, probs if softmax else out, best if softmax else out,
+            *x.stride(), *hstrides, out_rows, virtual_rows, K, nout, D, heads, float(floor),
+            TAPS=taps, STEP=step, UP=up, PAD=pad, MODE=mode, TAP_BIAS=tap_bias is not None, RELU=bool(relu),
+            SOFTMAX=softmax, HAS_HISTOGRAM=histogram is not None, BD=BD, **cfg,
+        )
+
+    try:
+        launch(cfg)
+    except OutOfResources:
+        # the half-operand GEMM config was tuned where a block may take 227 KiB of shared memory (H100);
+        # a part with less (99 KiB on sm_86/89) gets the narrower one. A tuning override fails as it is.
+        narrower = launch_config(kind, nout, K, step=step, half=False)
+        if narrower == cfg or kind in OVERRIDE:
+            raise
+        launch(narrower)
     return (out, probs, best) if softmax else out
 
 
