@@ -112,7 +112,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
         started = time.perf_counter()
 
-        def log(message: str) -> None:  # seconds since the command started: where a call's time went
+        def log(message: str) -> None:  # seconds since the run began (after the imports): where a call's time went
             print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
         with sigterm_as_interrupt():

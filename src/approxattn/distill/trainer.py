@@ -235,7 +235,7 @@ class Distiller:
         row["lr_factor"] = factor
         row["seconds"] = time.perf_counter() - started
         row["step"] = self.step_count
-        # when the step ended (Unix seconds): across resumed calls, the gaps are what loading cost
+        # when the step ended (Unix seconds): across resumed calls the gaps hold each call's loading (and any idle time)
         row["unix_time"] = time.time()
         self.history.append(row)
         return row
