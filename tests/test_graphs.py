@@ -36,16 +36,18 @@ def test_cpu_calls_run_the_module(method):
 
 
 class _FakeCuda:
-    """The torch.cuda calls ``approxattn.graphs.capture`` makes, recorded, with a graph whose
-    ``capture_end`` can fail the way an invalidated capture does."""
+    """The torch.cuda calls ``approxattn.graphs.capture`` makes, recorded, with graphs whose
+    ``capture_end`` can fail the way an invalidated capture does (``end_fails``: how many of the
+    first ends fail) and a pool release that can fail. Pool handles are pool1, pool2, ..."""
 
-    def __init__(self, monkeypatch, *, end_fails=False, release_fails=False):
+    def __init__(self, monkeypatch, *, end_fails=0, release_fails=False):
         import contextlib
 
         import approxattn.graphs as graphs
 
         self.calls: list[str] = []
         fake = self
+        ends = []
 
         class Graph:
             def capture_begin(self, pool=None):
@@ -53,7 +55,8 @@ class _FakeCuda:
 
             def capture_end(self):
                 fake.calls.append("end")
-                if end_fails and len([c for c in fake.calls if c == "end"]) == 1:   # the probe's end succeeds
+                ends.append(1)
+                if len(ends) <= end_fails:
                     raise RuntimeError("operation failed due to a previous error during capture")
 
         def release(device, pool):
@@ -68,8 +71,11 @@ class _FakeCuda:
             def wait_stream(self, other):
                 pass
 
+        handles = iter(f"pool{i}" for i in range(1, 100))
         monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
-        for name, value in (("current_device", lambda: 0), ("graph_pool_handle", lambda: "pool"),
+        monkeypatch.setattr(graphs, "_FAILED_POOLS", set())
+        monkeypatch.setattr(graphs, "_FAILED_GRAPHS", [])
+        for name, value in (("current_device", lambda: 0), ("graph_pool_handle", lambda: next(handles)),
                             ("synchronize", lambda device=None: None), ("empty_cache", lambda: None),
                             ("current_stream", lambda device=None: None), ("Stream", Stream),
                             ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph)):
@@ -78,38 +84,58 @@ class _FakeCuda:
                             raising=False)
         monkeypatch.setattr(torch._C, "_cuda_releasePool", release, raising=False)
         monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(1))   # the probe's scratch, on the CPU
-        self.Graph = Graph
+        self.Graph, self.graphs = Graph, graphs
+
+
+def _syncs():
+    raise RuntimeError("operation not permitted when stream is capturing")
 
 
 def test_capture_control_flow(monkeypatch):
     """Without a GPU, with torch.cuda faked: a capture that succeeds returns fn's value and recovers
-    nothing; fn's own error is the one raised when capture_end then fails too, after the allocator's
-    routing is stopped and released and a probe capture (the generator's reset) has run; a recovery
-    step that fails only warns; a Python error inside a valid capture needs no recovery."""
+    nothing; a Python error inside a valid capture needs no recovery; when fn fails and so does
+    capture_end, fn's error is raised (capture_end's as a note) after the allocator's routing to the
+    pool is stopped and released and a probe capture (the generator's reset) has run in a pool of its
+    own; the failed pool is refused afterwards."""
     from approxattn.graphs import capture
 
     fake = _FakeCuda(monkeypatch)
     assert capture(fake.Graph(), lambda: 42) == 42
-    assert fake.calls == ["begin pool", "end"]
-
-    fake = _FakeCuda(monkeypatch, end_fails=True)
-
-    def syncs():
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    with pytest.raises(RuntimeError, match="not permitted"):
-        capture(fake.Graph(), syncs)
-    assert fake.calls == ["begin pool", "end", "stop pool", "release pool", "begin None", "end"]
-
-    fake = _FakeCuda(monkeypatch, end_fails=True, release_fails=True)
-    with pytest.warns(RuntimeWarning, match="memory pool"), pytest.raises(RuntimeError, match="previous error"):
-        capture(fake.Graph(), lambda: 1)
-    assert fake.calls[-2:] == ["begin None", "end"]   # the generator's reset still ran
+    assert fake.calls == ["begin pool1", "end"]
 
     fake = _FakeCuda(monkeypatch)
     with pytest.raises(KeyError):
         capture(fake.Graph(), lambda: {}["missing"])
-    assert fake.calls == ["begin pool", "end"]
+    assert fake.calls == ["begin pool1", "end"]
+
+    fake = _FakeCuda(monkeypatch, end_fails=1)
+    with pytest.raises(RuntimeError, match="not permitted") as raised:
+        capture(fake.Graph(), _syncs)
+    assert fake.calls == ["begin pool1", "end", "stop pool1", "release pool1", "begin pool2", "end"]
+    assert any("capture_end" in note for note in raised.value.__notes__)
+    assert "pool1" in fake.graphs._FAILED_POOLS and len(fake.graphs._FAILED_GRAPHS) == 1
+    with pytest.raises(ValueError, match="pool: expected a memory pool no failed capture used"):
+        capture(fake.Graph(), lambda: 1, pool="pool1")
+
+
+def test_capture_recovery_problems_become_notes(monkeypatch):
+    """What the recovery cannot do is added to the capture's error, never raised in its place: a pool
+    release that fails; a probe capture that fails too (its pool's routing is ended, and the capture
+    stream, which may still be capturing, is dropped for a fresh one)."""
+    from approxattn.graphs import capture
+
+    fake = _FakeCuda(monkeypatch, end_fails=1, release_fails=True)
+    with pytest.raises(RuntimeError, match="previous error") as raised:
+        capture(fake.Graph(), lambda: 1)
+    assert any("memory pool" in note for note in raised.value.__notes__)
+    assert fake.calls[-2:] == ["begin pool2", "end"]   # the generator's reset still ran
+
+    fake = _FakeCuda(monkeypatch, end_fails=2)
+    with pytest.raises(RuntimeError, match="not permitted") as raised:
+        capture(fake.Graph(), _syncs)
+    assert any("random generator" in note for note in raised.value.__notes__)
+    assert fake.calls[-4:] == ["begin pool2", "end", "stop pool2", "release pool2"]
+    assert fake.graphs._CAPTURE_STREAMS == {} and {"pool1", "pool2"} <= fake.graphs._FAILED_POOLS
 
 
 gpu = pytest.mark.gpu

@@ -26,6 +26,7 @@ evicting them from their cache cannot free memory the graph still reads.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -160,6 +161,11 @@ class _Captured:
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+# Captures that failed keep their graph objects alive and their pools out of use: the pinned-host
+# allocator still routes to such a pool (no Python call ends that), through a filter that points at
+# the graph. A few hundred bytes each, and GraphedAttention tries each signature once.
+_FAILED_GRAPHS: list[torch.cuda.CUDAGraph] = []
+_FAILED_POOLS: set = set()
 
 
 def _capture_stream(device: int) -> torch.cuda.Stream:
@@ -176,14 +182,19 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = N
     graph's memory pool: ``pool``, else a pool of its own).
 
     Unlike ``torch.cuda.graph``, a capture that fails (a host sync inside ``fn``, e.g. ``.item()``)
-    leaves the process usable: the caller's stream is current again, the caching allocator stops
+    leaves the process usable: the caller's stream is current again, the device allocator stops
     routing allocations to the capture's pool and releases it, and the device's random generator
     leaves capture mode. torch's context manager stops at the failed ``capture_end``, before those
     steps. Measured on torch 2.11: every later random op on the device raised "Offset increment
     outside graph capture encountered unexpectedly" until some other capture succeeded. Read in
     torch's source, not measured: replays of graphs captured earlier raise the same way (they share
     the generator state), and ``torch.cuda.empty_cache()`` keeps every cached block while the
-    allocator believes a capture is under way."""
+    allocator believes a capture is under way. The pinned-host allocator's routing to a failed pool
+    cannot be ended from Python, so such a pool is not accepted again (ValueError). The error raised
+    is ``fn``'s own when it raised; what the recovery could not do is added to it as notes."""
+    if pool is not None and pool in _FAILED_POOLS:
+        raise ValueError(f"pool: expected a memory pool no failed capture used, got {pool!r} (a capture into it "
+                         "failed; use torch.cuda.graph_pool_handle() for a new one)")
     device = torch.cuda.current_device()
     pool = torch.cuda.graph_pool_handle() if pool is None else pool
     stream = _capture_stream(device)
@@ -192,12 +203,10 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = N
     stream.wait_stream(torch.cuda.current_stream(device))
     failure: BaseException | None = None
     ended = False
-    # errors are re-raised below, once the process is usable again; fn's own error first (it is the
-    # cause when capture_end then fails too, as it does for a capture that a sync invalidated)
     with torch.cuda.stream(stream):
         try:
             graph.capture_begin(pool=pool)
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:  # noqa: BLE001  (raised below, once the process is usable again)
             failure = error
         else:
             try:
@@ -205,47 +214,71 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = N
             except BaseException as error:  # noqa: BLE001
                 failure = error
             try:
-                graph.capture_end()
+                with torch.cuda.stream(stream):   # where it began, whatever stream fn left current
+                    graph.capture_end()
                 ended = True
             except BaseException as error:  # noqa: BLE001
-                failure = failure or error
+                if failure is None:
+                    failure = error
+                else:   # fn's error is the cause (a sync invalidates the capture); this one follows from it
+                    failure.add_note(f"then capture_end: {type(error).__name__}: {str(error)[:200]}")
     if not ended:
-        _recover_from_failed_capture(device, pool, stream)
-    if failure is not None:
-        raise failure
-    return result
-
-
-def _recover_from_failed_capture(device: int, pool: Any, stream: torch.cuda.Stream) -> None:
-    """What ``CUDAGraph.capture_end`` skips when it raises: the allocator's routing to ``pool`` ends
-    (and the failed capture's use of the pool is released), and the generator state that
-    ``capture_begin`` put in capture mode leaves it, through a throwaway capture of one in-place op
-    (its epilogue clears the flag on that same state object, which graphs captured earlier share)."""
-    # every step is best effort: the caller must see the capture's own error, not one of these
+        _FAILED_GRAPHS.append(graph)
+        _FAILED_POOLS.add(pool)
+        for problem in _recover_from_failed_capture(device, pool, stream):
+            failure.add_note(f"approxattn.graphs.capture could not {problem}")
+    if failure is None:
+        return result
     try:
-        torch._C._cuda_endAllocateToPool(device, pool)
-    except Exception:  # noqa: BLE001  (capture_begin failed before routing allocations to the pool)
-        pass
-    else:
+        raise failure
+    finally:
+        failure = None   # the traceback holds this frame: no cycle keeping fn's tensors alive
+
+
+def _recover_from_failed_capture(device: int, pool: Any, stream: torch.cuda.Stream) -> list[str]:
+    """What ``CUDAGraph.capture_end`` skips when it raises: the device allocator's routing to ``pool``
+    ends (and the failed capture's use of the pool is released), and the generator state that
+    ``capture_begin`` put in capture mode leaves it, through a throwaway capture of one in-place op
+    (its epilogue clears the flag on that same state object, which graphs captured earlier share).
+    Best effort: returns what it could not do, for the caller's error."""
+    problems = []
+    if _end_routing(device, pool):
         try:
             torch._C._cuda_releasePool(device, pool)   # this capture's use of the pool, as reset() would
         except Exception as error:  # noqa: BLE001
-            _warn_unrecovered("release the failed capture's memory pool", error)
+            problems.append(f"release the failed capture's memory pool ({type(error).__name__}: {error})")
+    probe, probe_pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+    ended = False
     try:
         scratch = torch.zeros(1, device=f"cuda:{device}")
         stream.wait_stream(torch.cuda.current_stream(device))
-        probe = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
-            probe.capture_begin()
-            scratch.add_(1)
-            probe.capture_end()
+            probe.capture_begin(pool=probe_pool)
+            try:
+                scratch.add_(1)
+            finally:
+                probe.capture_end()
+                ended = True
     except Exception as error:  # noqa: BLE001
-        _warn_unrecovered("take the random generator out of capture mode", error)
+        problems.append(f"take the random generator out of capture mode ({type(error).__name__}: {error})")
+        if not ended:
+            _FAILED_GRAPHS.append(probe)
+            _FAILED_POOLS.add(probe_pool)
+            if _end_routing(device, probe_pool):
+                with contextlib.suppress(Exception):
+                    torch._C._cuda_releasePool(device, probe_pool)
+            _CAPTURE_STREAMS.pop(device, None)   # it may still be capturing: later captures get a fresh one
+    return problems
 
 
-def _warn_unrecovered(what: str, error: Exception) -> None:
-    warnings.warn(f"approxattn.graphs.capture: after a failed capture, could not {what} "
-                  f"({type(error).__name__}: {str(error)[:200]})", RuntimeWarning, stacklevel=4)
+def _end_routing(device: int, pool: Any) -> bool:
+    """Ends the device allocator's routing to ``pool``; False where there was none (capture_begin
+    failed before it) or it could not be ended."""
+    try:
+        torch._C._cuda_endAllocateToPool(device, pool)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def graphed(module: AttentionModule, **options: Any) -> GraphedAttention:
