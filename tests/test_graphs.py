@@ -223,6 +223,44 @@ def test_eager_where_replay_does_not_apply():
 
 
 @gpu
+def test_replays_from_other_streams_and_threads():
+    """A replay on one stream waits for the previous replay's copies on another (they share the static
+    inputs), and calls from two threads are taken one at a time: every output is its own input's."""
+    import threading
+
+    module = approxattn.build("performer", head_dim=64).cuda().eval()
+    fast = approxattn.graphed(module)
+    inputs = [_cuda_inputs(4096, seed) for seed in range(4)]
+    with torch.no_grad():
+        expected = [module(*x) for x in inputs]
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        outs = []
+        for i, x in enumerate(inputs * 3):
+            with torch.cuda.stream(streams[i % 2]):
+                outs.append(fast(*x))
+        torch.cuda.synchronize()
+        for i, out in enumerate(outs):
+            assert rel_err(out.float(), expected[i % 4].float()) < 1e-6, i
+        results: dict[int, list] = {0: [], 1: []}
+
+        def work(worker):
+            with torch.no_grad(), torch.cuda.stream(streams[worker]):
+                for i in range(8):
+                    results[worker].append((i % 4, fast(*inputs[i % 4])))
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        torch.cuda.synchronize()
+    assert fast.captures == 1 and all(len(r) == 8 for r in results.values())
+    for worker_results in results.values():
+        for index, out in worker_results:
+            assert rel_err(out.float(), expected[index].float()) < 1e-6
+
+
+@gpu
 def test_failed_capture_leaves_rng_and_stream_usable():
     """torch.cuda.graph leaves the device's generator in capture mode after a capture that failed
     (a host sync inside it), so every later random op raised, and its allocator still routing to the

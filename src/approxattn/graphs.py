@@ -27,6 +27,7 @@ evicting them from their cache cannot free memory the graph still reads.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,6 +65,7 @@ class GraphedAttention:
         self.max_graphs, self.warmup = max_graphs, warmup
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._uncapturable: set[tuple] = set()  # signatures whose capture failed: eager, warned once
+        self._lock = threading.Lock()
         self.replays = self.captures = 0
 
     def __repr__(self) -> str:
@@ -75,18 +77,19 @@ class GraphedAttention:
         if not self._replayable(q, k, v, key_padding_mask):
             return self.module(q, k, v, **call)
         key = self._signature(q, k, v, key_padding_mask, causal, scale)
-        if key in self._uncapturable:
-            return self.module(q, k, v, **call)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            captured = self._graphs[key]
-        else:
-            captured = self._capture(key, q, k, v, call)
-            if captured is None:
-                return self.module(q, k, v, **call)
-        self.replays += 1
-        with torch.cuda.device(q.device):
-            return captured.replay(q, k, v, key_padding_mask)
+        with self._lock:   # one caller at a time: a graph's static buffers are shared
+            if key in self._graphs:
+                self._graphs.move_to_end(key)
+                captured = self._graphs[key]
+            elif key in self._uncapturable:
+                captured = None
+            else:
+                captured = self._capture(key, q, k, v, call)
+            if captured is not None:
+                self.replays += 1
+                with torch.cuda.device(q.device):
+                    return captured.replay(q, k, v, key_padding_mask)
+        return self.module(q, k, v, **call)
 
     def _replayable(self, q, k, v, key_padding_mask) -> bool:
         tensors = (q, k, v) if key_padding_mask is None else (q, k, v, key_padding_mask)
@@ -148,6 +151,7 @@ class _Captured:
             torch.cuda.current_stream(q.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             self.out = capture(self.graph, lambda: module(self.q, self.k, self.v, **static_call))
+        self.done = torch.cuda.Event()   # recorded after each replay's output copy
 
     def _fill(self, q, k, v, mask) -> None:
         for static, given in ((self.q, q), (self.k, k), (self.v, v), (self.mask, mask)):
@@ -155,9 +159,15 @@ class _Captured:
                 static.copy_(given)
 
     def replay(self, q, k, v, mask) -> torch.Tensor:
+        """On the caller's stream, after the previous replay's copies (which may have run on another
+        stream: its static inputs and pool must not be overwritten under it)."""
+        stream = torch.cuda.current_stream()
+        stream.wait_event(self.done)   # a no-op before the first record
         self._fill(q, k, v, mask)
         self.graph.replay()
-        return self.out.clone()
+        out = self.out.clone()
+        self.done.record(stream)
+        return out
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -192,6 +202,14 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = N
     allocator believes a capture is under way. The pinned-host allocator's routing to a failed pool
     cannot be ended from Python, so such a pool is not accepted again (ValueError). The error raised
     is ``fn``'s own when it raised; what the recovery could not do is added to it as notes."""
+    with _CAPTURE_LOCK:   # one capture at a time in the process (global capture mode, one stream per device)
+        return _capture(graph, fn, pool)
+
+
+_CAPTURE_LOCK = threading.RLock()
+
+
+def _capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], pool: Any) -> Any:
     if pool is not None and pool in _FAILED_POOLS:
         raise ValueError(f"pool: expected a memory pool no failed capture used, got {pool!r} (a capture into it "
                          "failed; use torch.cuda.graph_pool_handle() for a new one)")
