@@ -1,10 +1,17 @@
-"""Shared test helpers: random inputs and relative errors."""
+"""Shared test helpers: random inputs, relative errors, the Triton skip mark."""
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 
 import approxattn
+
+
+# kernel tests that run under TRITON_INTERPRET=1 on the CPU need triton itself
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def qkv(

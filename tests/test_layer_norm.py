@@ -8,12 +8,11 @@ marked ``gpu``.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import needs_triton, rel_err
 
 from approxattn.kernels.layer_norm import (
     fast_layer_norm,
@@ -21,7 +20,6 @@ from approxattn.kernels.layer_norm import (
     layer_norm_reference,
 )
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 

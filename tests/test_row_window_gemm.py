@@ -7,12 +7,11 @@ On CPU the kernel runs under ``TRITON_INTERPRET=1`` at small sizes, with ``torch
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import needs_triton, rel_err
 
 from approxattn.blocks.sea_estimator import NonCausalDecoder, conv_row_matrices, histogram_resampling
 from approxattn.kernels.row_window_gemm import (
@@ -22,7 +21,6 @@ from approxattn.kernels.row_window_gemm import (
     window_gemm_softmax_reference,
 )
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

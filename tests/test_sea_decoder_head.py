@@ -7,11 +7,10 @@ On CPU the kernel runs under ``TRITON_INTERPRET=1`` at small sizes, with ``torch
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import needs_triton, rel_err
 
 from approxattn.blocks.sea_estimator import (
     NonCausalDecoder,
@@ -23,7 +22,6 @@ from approxattn.blocks.sea_estimator import (
 )
 from approxattn.kernels.sea_decoder_head import decoder_head, decoder_head_reference, fast_decoder_head
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 

@@ -5,16 +5,13 @@ On CPU the kernel runs under ``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from helpers import needs_triton
 
 from approxattn.blocks.sea_mask import select_cells
 from approxattn.blocks.sparse_attention import column_layout, nonempty_columns
 from approxattn.kernels.sea_select import fast_masked_row_argmax, masked_row_argmax, masked_row_argmax_reference
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @needs_triton

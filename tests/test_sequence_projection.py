@@ -6,11 +6,10 @@ so an output or gradient element a kernel never writes fails the comparison; the
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import needs_triton, rel_err
 
 import approxattn
 from approxattn.kernels import sequence_projection as projection_kernels
@@ -20,7 +19,6 @@ from approxattn.kernels.sequence_projection import (
     sequence_projection_reference,
 )
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 

@@ -8,17 +8,15 @@ case is marked ``gpu``.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import needs_triton, rel_err
 
 # conftest.py switches Triton to its interpreter on CPU, before any test module is imported
 from approxattn.kernels.small_conv import fast_small_conv2d, small_conv2d, small_conv2d_reference
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

@@ -3,7 +3,6 @@ gradients, errors, and the Triton kernel under the interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -22,7 +21,7 @@ from approxattn.blocks.sparse_attention import (
     key_columns,
     nonempty_columns,
 )
-from helpers import qkv, rel_err
+from helpers import needs_triton, qkv, rel_err
 
 
 def naive_sparse_attention(q, k, v, selected, layout, scale):
@@ -275,7 +274,6 @@ def test_bad_inputs():
 
 # ---------------------------------------------------------------- Triton kernel (interpreter on CPU)
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 KERNEL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
