@@ -40,6 +40,12 @@ def collecting() -> Iterator[list]:
         del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is keep)]
 
 
+def version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter; −1 for an inference tensor, which has none (and cannot
+    change outside inference mode)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class TensorKeyedCache:
     """Values derived from a tensor (and a few more key parts), valid while the tensor lives and is not
     written in place: entries are keyed by ``id`` and version and checked against a weak reference
@@ -51,8 +57,7 @@ class TensorKeyedCache:
 
     @staticmethod
     def _key(tensor: torch.Tensor, extra: tuple) -> tuple:
-        # an inference tensor has no version counter (and cannot change outside inference mode)
-        return (id(tensor), -1 if tensor.is_inference() else tensor._version, *extra)
+        return (id(tensor), version(tensor), *extra)
 
     def get(self, tensor: torch.Tensor, *extra) -> Any | None:
         hit = self._entries.get(self._key(tensor, extra))

@@ -37,6 +37,15 @@ class AttentionShape:
         return x.reshape(self.batch, self.heads, *x.shape[3:])
 
 
+def int_arg(name: str, value, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) ≥ ``minimum``; else TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
+    return value
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 

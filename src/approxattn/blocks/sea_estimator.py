@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cached import handed_out
+from ..cached import handed_out, version
 from ..validation import compute_dtype
 from .fast_kernels import fast_kernel
 
@@ -400,7 +400,7 @@ class NonCausalDecoder(nn.Module):
         params = tuple(self.parameters())
         # version and address: in-place updates and `.data =` replacements; writes through `.data` in place, or
         # to inference tensors (no version counter), are not seen
-        key = (tuple((-1 if p.is_inference() else p._version, p.data_ptr()) for p in params), dtype, device)
+        key = (tuple((version(p), p.data_ptr()) for p in params), dtype, device)
         cached = _ROW_GEMM_CACHE.get(self)
         if cached is not None and cached[1] == key and all(r() is p for r, p in zip(cached[0], params)):
             return handed_out(cached[2])

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from ..validation import int_arg
 from .dispatch import HAS_TRITON, kernels_enabled
 
 if HAS_TRITON:
@@ -40,6 +41,7 @@ if HAS_TRITON:
 
     from ._feature_map import _INTERPRET, _cast_out, _dot
     from ._launch import OutOfResources
+    from ._launch import interpreting as _interpreting
 else:  # pragma: no cover - the module still imports, the fast_ ops return None
     triton = None
 
@@ -54,18 +56,6 @@ MAX_SAMPLES = 65535     # the grid's third dimension
 # the softmax form's dots on half operands (its weights rounded to x's dtype) instead of TF32: a tuning switch
 HALF_SOFTMAX_DOTS = os.environ.get("APPROXATTN_ROW_GEMM_HALF_SOFTMAX", "0") == "1"
 OVERRIDE: dict[str, dict[str, int]] = {}   # tuning runs set this: {"gemm" | "softmax": {BM, BN, BK, num_warps, num_stages}}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
-    return value
 
 
 def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) -> tuple[int, int]:
@@ -90,10 +80,10 @@ def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) ->
     for name, t in (("weights", weights), ("bias", bias), ("tap_bias", tap_bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device), got {t.device}")
-    _int("step", step, 1)
-    _int("pad", pad, 0)
-    _int("up", up, 1)
-    virtual_rows = x.shape[1] * up if virtual_rows is None else _int("virtual_rows", virtual_rows, 1)
+    int_arg("step", step, 1)
+    int_arg("pad", pad, 0)
+    int_arg("up", up, 1)
+    virtual_rows = x.shape[1] * up if virtual_rows is None else int_arg("virtual_rows", virtual_rows, 1)
     if virtual_rows > x.shape[1] * up:
         raise ValueError(f"virtual_rows: expected at most {x.shape[1] * up} (x's {x.shape[1]} rows × up={up}), "
                          f"got {virtual_rows}")
@@ -101,7 +91,7 @@ def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) ->
     if out_rows is None and natural < 1:
         raise ValueError(f"x: {virtual_rows} virtual rows padded by {pad} on each side are fewer than the "
                          f"{weights.shape[0]} taps (give out_rows to read zero rows past the end)")
-    return virtual_rows, natural if out_rows is None else _int("out_rows", out_rows, 1)
+    return virtual_rows, natural if out_rows is None else int_arg("out_rows", out_rows, 1)
 
 
 def check_histogram(samples: int, rows: int, columns: int, histogram, hist_weights, heads, floor,

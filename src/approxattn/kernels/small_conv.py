@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..validation import int_arg
 from .dispatch import HAS_TRITON, kernels_enabled
 
 if HAS_TRITON:
@@ -54,20 +55,12 @@ def _interpreting() -> bool:
 # ---------------------------------------------------------------- checks and geometry
 
 
-def _int_arg(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
-    return value
-
-
 def _dilation_pair(dilation) -> tuple[int, int]:
     if isinstance(dilation, (tuple, list)):
         if len(dilation) != 2:
             raise ValueError(f"dilation: expected an int or a pair (rows, width), got {tuple(dilation)}")
-        return _int_arg("dilation", dilation[0], 1), _int_arg("dilation", dilation[1], 1)
-    d = _int_arg("dilation", dilation, 1)
+        return int_arg("dilation", dilation[0], 1), int_arg("dilation", dilation[1], 1)
+    d = int_arg("dilation", dilation, 1)
     return d, d
 
 
@@ -108,12 +101,12 @@ def _geometry(x, weight, bias, *, stride_rows, dilation, pad_top, pad_bottom, pa
             raise ValueError(f"bias: expected shape ({Co},) (weight.shape[0]), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias: expected a tensor on {x.device} (x's device), got {bias.device}")
-    stride_rows = _int_arg("stride_rows", stride_rows, 1)
+    stride_rows = int_arg("stride_rows", stride_rows, 1)
     dil_r, dil_c = _dilation_pair(dilation)
-    pads = [_int_arg(name, value, 0) for name, value in
+    pads = [int_arg(name, value, 0) for name, value in
             (("pad_top", pad_top), ("pad_bottom", pad_bottom), ("pad_left", pad_left), ("pad_right", pad_right))]
-    upsample_rows = _int_arg("upsample_rows", upsample_rows, 1)
-    V = R * upsample_rows if virtual_rows is None else _int_arg("virtual_rows", virtual_rows, 1)
+    upsample_rows = int_arg("upsample_rows", upsample_rows, 1)
+    V = R * upsample_rows if virtual_rows is None else int_arg("virtual_rows", virtual_rows, 1)
     if V > R * upsample_rows:
         raise ValueError(f"virtual_rows: expected at most {R * upsample_rows} (x's {R} rows × upsample_rows="
                          f"{upsample_rows}), got {V}")
@@ -127,7 +120,7 @@ def _geometry(x, weight, bias, *, stride_rows, dilation, pad_top, pad_bottom, pa
                          f"{dil_c * (KW - 1) + 1} (dilation {dil_c})")
     rows_out = (rows_in - 1) // stride_rows + 1
     if out_rows is not None:
-        out_rows = _int_arg("out_rows", out_rows, 1)
+        out_rows = int_arg("out_rows", out_rows, 1)
         if out_rows > rows_out:
             raise ValueError(f"out_rows: expected at most {rows_out} (the convolution's output rows), got {out_rows}")
         rows_out = out_rows
