@@ -26,7 +26,6 @@ evicting them from their cache cannot free memory the graph still reads.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .cached import collecting
+from .cached import collecting, version
 from .module import AttentionModule
 
 
@@ -101,8 +100,7 @@ class GraphedAttention:
         def layout(t):
             return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
 
-        state = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
-                      for t in _state_tensors(self.module))
+        state = tuple((id(t), t.data_ptr(), version(t)) for t in _state_tensors(self.module))
         return (layout(q), layout(k), layout(v), layout(key_padding_mask), causal, scale, state,
                 repr(self.module.options), torch.is_inference_mode_enabled(), torch.get_float32_matmul_precision())
 
@@ -176,6 +174,7 @@ _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 # the graph. A few hundred bytes each, and GraphedAttention tries each signature once.
 _FAILED_GRAPHS: list[torch.cuda.CUDAGraph] = []
 _FAILED_POOLS: set = set()
+_CAPTURE_LOCK = threading.RLock()
 
 
 def _capture_stream(device: int) -> torch.cuda.Stream:
@@ -204,9 +203,6 @@ def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], *, pool: Any = N
     is ``fn``'s own when it raised; what the recovery could not do is added to it as notes."""
     with _CAPTURE_LOCK:   # one capture at a time in the process (global capture mode, one stream per device)
         return _capture(graph, fn, pool)
-
-
-_CAPTURE_LOCK = threading.RLock()
 
 
 def _capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], pool: Any) -> Any:
@@ -260,11 +256,9 @@ def _recover_from_failed_capture(device: int, pool: Any, stream: torch.cuda.Stre
     (its epilogue clears the flag on that same state object, which graphs captured earlier share).
     Best effort: returns what it could not do, for the caller's error."""
     problems = []
-    if _end_routing(device, pool):
-        try:
-            torch._C._cuda_releasePool(device, pool)   # this capture's use of the pool, as reset() would
-        except Exception as error:  # noqa: BLE001
-            problems.append(f"release the failed capture's memory pool ({type(error).__name__}: {error})")
+    error = _end_routing(device, pool)
+    if error is not None:
+        problems.append(f"release the failed capture's memory pool ({type(error).__name__}: {error})")
     probe, probe_pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
     ended = False
     try:
@@ -282,21 +276,24 @@ def _recover_from_failed_capture(device: int, pool: Any, stream: torch.cuda.Stre
         if not ended:
             _FAILED_GRAPHS.append(probe)
             _FAILED_POOLS.add(probe_pool)
-            if _end_routing(device, probe_pool):
-                with contextlib.suppress(Exception):
-                    torch._C._cuda_releasePool(device, probe_pool)
+            _end_routing(device, probe_pool)
             _CAPTURE_STREAMS.pop(device, None)   # it may still be capturing: later captures get a fresh one
     return problems
 
 
-def _end_routing(device: int, pool: Any) -> bool:
-    """Ends the device allocator's routing to ``pool``; False where there was none (capture_begin
-    failed before it) or it could not be ended."""
+def _end_routing(device: int, pool: Any) -> Exception | None:
+    """Ends the device allocator's routing to ``pool`` and releases the failed capture's use of it, as
+    ``reset()`` would after a capture that ended; nothing where there was no routing (capture_begin
+    failed before it). Returns the release's error, if any."""
     try:
         torch._C._cuda_endAllocateToPool(device, pool)
     except Exception:  # noqa: BLE001
-        return False
-    return True
+        return None
+    try:
+        torch._C._cuda_releasePool(device, pool)
+    except Exception as error:  # noqa: BLE001
+        return error
+    return None
 
 
 def graphed(module: AttentionModule, **options: Any) -> GraphedAttention:
