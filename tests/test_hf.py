@@ -53,6 +53,29 @@ def test_patched_softmax_reproduces_the_model_with_padding():
     assert all(name.endswith(".self_attn") for name, _ in hf.attention_modules(model))
 
 
+@pytest.mark.parametrize("method", ["softmax", "performer", "sea"])
+def test_patched_model_runs_under_autocast(method):
+    # transformers' rotary embedding promotes q, k to fp32 beside autocast's bf16 v
+    model = tiny_llama()
+    ids, mask = _ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(ids, attention_mask=mask).logits.float()
+        hf.patch_model(model, method)
+        patched = model(ids, attention_mask=mask).logits.float()
+    keep = mask.bool()
+    assert torch.isfinite(patched[keep]).all()
+    if method == "softmax":
+        assert rel_err(patched[keep], reference[keep]) < 2e-2
+
+
+def test_mixed_dtypes_outside_autocast_stay_an_error():
+    model = tiny_llama(layers=1)
+    hf.patch_model(model, "softmax")
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        hf.approxattn_attention(model.model.layers[0].self_attn, q, q[:, :2], q[:, :2].bfloat16(), None)
+
+
 def test_unpatch_restores_the_model():
     model = tiny_llama()
     before = model.config._attn_implementation

@@ -207,6 +207,21 @@ def exact_attention_with_probabilities(
     return context, probabilities
 
 
+def _autocast_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, q, k, v in the autocast dtype when their dtypes differ.
+
+    transformers' rotary embedding multiplies the projections (autocast: bf16) by fp32 cos/sin, so
+    q and k arrive in fp32 beside a bf16 v; SDPA and HF's eager attention would compute in the
+    autocast dtype, and so do the methods. Outside autocast, mixed dtypes stay an error."""
+    device_type = query.device.type
+    if query.dtype == key.dtype == value.dtype or not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def approxattn_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -222,6 +237,7 @@ def approxattn_attention(
     query ``(B, Hq, Nq, d)``, key/value ``(B, Hkv, Nk, d)`` → ``((B, Nq, Hq, dv), None)``.
     Attention dropout is not applied (approximate methods have no attention matrix to drop).
     """
+    query, key, value = _autocast_inputs(query, key, value)
     batch, _, seq_q, head_dim = query.shape
     seq_k = key.shape[2]
     causal = kwargs.get("is_causal")
