@@ -6,7 +6,8 @@ step's cost does not depend on them, and no model file is needed) distilled into
 then one step under torch.profiler: summed CPU self time of aten ops and their count, summed CUDA
 kernel time, and the top CUDA ops. Prints a table and writes ``distill_step_profile.json``.
 
-    python benchmarks/distill_step_profile.py --out DIR [--batch 2] [--seq 1024] [--steps 3]
+    python benchmarks/distill_step_profile.py --out DIR [--batch 2] [--seq 1024] [--steps 3] \
+        [--methods softmax,sea] [--option sea.columns=256 --option sea.half_estimate=False]
 
 Run it as the distillation runs do (``APPROXATTN_DISABLE_KERNELS=1``: the students' PyTorch paths)
 or without, to see what the Triton kernels change.
@@ -65,7 +66,11 @@ def profile_student(teacher, method: str, options: dict, batch: int, seq: int, s
         "aten_calls": sum(e.count for e in aten),
         "aten_cpu_self_s": sum(e.self_cpu_time_total for e in aten) / 1e6,
         "cuda_kernel_s": sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6,
-        "top_cuda_ops": [(e.key[:90], e.self_device_time_total / 1e3, e.count) for e in device_ops[:20]],
+        "top_cuda_ops": [(e.key[:90], e.self_device_time_total / 1e3, e.count) for e in device_ops[:40]],
+        # user ranges (record_function labels such as sea.select): their device time includes their children
+        "ranges": sorted(((e.key, e.device_time_total / 1e3, e.cpu_time_total / 1e3, e.count) for e in events
+                          if "." in e.key and not e.key.startswith(("aten::", "cuda", "Optimizer", "void", "Memcpy"))),
+                         key=lambda r: -r[1])[:30],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
     del distiller
@@ -83,16 +88,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--methods", default="softmax,sea")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                        help="a student option, as the distill CLI takes it (default sea.k=64)")
     args = parser.parse_args()
     teacher = smollm2_shaped(args.layers, args.device)
+    options_of: dict[str, dict] = {"sea": {"k": 64}}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        method, _, name = key.partition(".")
+        options_of.setdefault(method, {})[name] = json.loads(value.lower()) if value.lower() in ("true", "false") \
+            or value.lstrip("-").replace(".", "", 1).isdigit() else value
     results = []
-    for method, options in (("softmax", {}), ("sea", {"k": 64})):
+    for method, options in ((m, options_of.get(m, {})) for m in args.methods.split(",")):
         r = profile_student(teacher, method, options, args.batch, args.seq, args.steps, args.device)
         results.append(r)
         print(f"{method}: step {r['step_s']:.3f} s wall | aten calls {r['aten_calls']}, CPU self {r['aten_cpu_self_s']:.3f} s"
               f" | CUDA kernels {r['cuda_kernel_s']:.3f} s | peak {r['peak_gib'] or 0:.1f} GiB", flush=True)
         for name, ms, count in r["top_cuda_ops"]:
             print(f"    {ms:9.2f} ms  x{count:<5d} {name}", flush=True)
+        print("  ranges (device ms incl. children, CPU ms, count):", flush=True)
+        for name, dev_ms, cpu_ms, count in r["ranges"]:
+            print(f"    {dev_ms:9.2f} {cpu_ms:9.2f}  x{count:<5d} {name}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": args.batch, "seq": args.seq,

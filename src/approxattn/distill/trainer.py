@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .. import hf
 from ..registry import get_method
@@ -198,19 +199,23 @@ class Distiller:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
         valid = attention_mask.bool()
-        with torch.no_grad(), autocast(device, self.config.precision), hf.capture(self.teacher) as teacher_layers:
+        with torch.no_grad(), autocast(device, self.config.precision), hf.capture(self.teacher) as teacher_layers, \
+                record_function("distill.teacher"):
             self.teacher.eval()
             teacher_out = _forward(self.teacher, input_ids, attention_mask)
-        with autocast(device, self.config.precision), hf.capture(self.student) as student_layers:
+        with autocast(device, self.config.precision), hf.capture(self.student) as student_layers, \
+                record_function("distill.student"):
             student_out = _forward(self.student, input_ids, attention_mask)
         if len(teacher_layers) != len(student_layers):
             raise RuntimeError(f"teacher and student ran {len(teacher_layers)} and {len(student_layers)} attention layers")
-        terms = model_losses(teacher_out, student_out, input_ids=input_ids, valid=valid, causal=self.causal,
-                             weights=self.weights, hidden_loss=self.config.hidden_loss)
+        with record_function("distill.model_losses"):
+            terms = model_losses(teacher_out, student_out, input_ids=input_ids, valid=valid, causal=self.causal,
+                                 weights=self.weights, hidden_loss=self.config.hidden_loss)
         per_layer: dict[str, list[torch.Tensor]] = {}
-        for t, s in zip(teacher_layers, student_layers):
-            for name, value in layer_losses(t, s, self.weights).items():
-                per_layer.setdefault(name, []).append(value)
+        with record_function("distill.layer_losses"):
+            for t, s in zip(teacher_layers, student_layers):
+                for name, value in layer_losses(t, s, self.weights).items():
+                    per_layer.setdefault(name, []).append(value)
         for name, values in per_layer.items():
             terms[name] = torch.stack(values).mean()
         terms["total"] = torch.stack(list(terms.values())).sum()
@@ -223,12 +228,14 @@ class Distiller:
         self.student.train()
         terms = self.losses(input_ids, attention_mask)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
-        factor = lr_factor(self.config, self.step_count)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.peak_lr[group["name"]] * factor
-        self.optimizer.step()
+        with record_function("distill.backward"):
+            terms["total"].backward()
+        with record_function("distill.optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+            factor = lr_factor(self.config, self.step_count)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.peak_lr[group["name"]] * factor
+            self.optimizer.step()
         self.step_count += 1
         row = {name: float(value.detach()) for name, value in terms.items()}
         row["grad_norm"] = float(grad_norm)
