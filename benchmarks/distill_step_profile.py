@@ -89,9 +89,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--methods", default="softmax,sea")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                         help="a student option, as the distill CLI takes it (default sea.k=64)")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     teacher = smollm2_shaped(args.layers, args.device)
     options_of: dict[str, dict] = {"sea": {"k": 64}}
     for item in args.option:
@@ -113,7 +115,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": args.batch, "seq": args.seq,
-            "layers": args.layers, "kernels_disabled": os.environ.get("APPROXATTN_DISABLE_KERNELS") == "1"}
+            "layers": args.layers, "cudnn_benchmark": args.cudnn_benchmark, "kernels_disabled": os.environ.get("APPROXATTN_DISABLE_KERNELS") == "1"}
     (args.out / "distill_step_profile.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 

@@ -464,6 +464,16 @@ def test_run_distils_from_a_finetuned_teacher_and_keeps_runs_apart(tmp_path, mon
     (out / "teacher_finetuned" / "checkpoint.pt").unlink()           # the recorded teacher's weights are gone
     with pytest.raises(ValueError, match="is gone"):
         experiment.run_experiment(out_dir=out, finetune_teacher_steps=8, **run)
+    # the students at batch 4 from a teacher fine-tuned at batch 2 (the table says so)
+    larger = run | {"config": DistillConfig(steps=2, batch_size=4, seq_len=32, lr=2e-2, precision="fp32")}
+    wide = experiment.run_experiment(out_dir=tmp_path / "wide", finetune_teacher_steps=8, finetune_batch_size=2,
+                                     **larger)
+    assert wide["teacher_finetune"]["batch_size"] == 2 and wide["config"]["batch_size"] == 4
+    # the same teacher as the batch-2 run's (evaluated in batches of 4: the last digits may differ)
+    assert wide["teacher"]["ppl"] == pytest.approx(results["teacher"]["ppl"], rel=1e-5)
+    assert "fine-tuned 8 steps of batch 2 on the train split" in (tmp_path / "wide" / "table.md").read_text()
+    with pytest.raises(ValueError, match="--finetune-batch-size"):
+        experiment.run_experiment(out_dir=tmp_path / "bad", finetune_teacher_steps=8, finetune_batch_size=0, **run)
     plain = experiment.run_experiment(out_dir=tmp_path / "plain", **run)
     assert "teacher_finetune" not in plain and "base teacher" not in (tmp_path / "plain" / "table.md").read_text()
     with pytest.raises(ValueError, match="fine-tuned for 8 steps in one run and 0"):

@@ -111,6 +111,12 @@ def run_command(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, weights=weights, hidden_loss=args.hidden_loss,
         )
         started = time.perf_counter()
+        # every step has the same shapes, so cuDNN's per-shape algorithm search pays: SEA's causal decoder
+        # convolutions' weight gradients (bf16 under autocast) otherwise take a slow implicit-GEMM kernel
+        # (H100 2026-11-25, SmolLM2-shaped SEA step: 0.712 → 0.664 s median; benchmarks/distill_step_profile.py)
+        import torch
+
+        torch.backends.cudnn.benchmark = True
 
         def log(message: str) -> None:  # seconds since the run began (after the imports): where a call's time went
             print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
@@ -121,7 +127,8 @@ def run_command(args: argparse.Namespace) -> int:
                 eval_max_windows=args.eval_windows, num_layers=args.layers, time_budget=args.time_budget,
                 device=args.device, progress=not args.no_progress,
                 command="approxattn " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
-                train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher, log=log,
+                train_split=args.train_split, finetune_teacher_steps=args.finetune_teacher,
+                finetune_batch_size=args.finetune_batch_size, log=log,
             )
     except (ValueError, TypeError, NotImplementedError) as error:
         print(f"approxattn distill: {error}", file=sys.stderr)
@@ -174,6 +181,9 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
                      help="first fine-tune the (causal) teacher on the train split with the next-token loss alone for "
                           "STEPS steps of the same recipe, then distil from it, as the SEA paper did (its teachers "
                           "are domain fine-tunes); cached in --out/teacher_finetuned (default 0: the teacher as loaded)")
+    run.add_argument("--finetune-batch-size", type=int, default=None, metavar="N",
+                     help="the teacher fine-tune's batch (default: --batch-size), e.g. to keep an earlier run's teacher "
+                          "while the students take larger batches")
     run.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE", help="a method option (repeatable)")
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--batch-size", type=int, default=1)

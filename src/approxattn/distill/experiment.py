@@ -126,8 +126,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines.append(f"| base teacher ({results['teacher_name']}, not fine-tuned) | - | - | {_fmt(base)} | "
                          f"{_fmt(base / teacher['ppl'], 3)} | - | - |")
         if teacher:
-            name = results["teacher_name"] + (f", fine-tuned {tuned_steps} steps on the {_train_split_name(results)} "
-                                              f"split" if tuned_steps else "")
+            tuned_batch = (results.get("teacher_finetune") or {}).get("batch_size")
+            batch_note = f" of batch {tuned_batch}" if tuned_batch not in (None, results.get("config", {}).get(
+                "batch_size")) else ""
+            name = results["teacher_name"] + (f", fine-tuned {tuned_steps} steps{batch_note} on the "
+                                              f"{_train_split_name(results)} split" if tuned_steps else "")
             lines.append(f"| teacher ({name}, exact softmax) | - | - | {_fmt(teacher.get('ppl'))} | 1.000 | - | - |")
         for row in results.get("methods", {}).values():
             ratio = row["eval"]["ppl"] / teacher["ppl"] if teacher.get("ppl") else None
@@ -247,6 +250,7 @@ def run_experiment(
     command: str | None = None,
     train_split: str = "train",
     finetune_teacher_steps: int = 0,
+    finetune_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the comparison; returns the results dict also written to ``out_dir``.
     ``train_split``: the text the students train on, 'train' (the lab's 96 K-token KJV excerpt) or
@@ -255,7 +259,9 @@ def run_experiment(
     with its next-token loss alone (:func:`~approxattn.distill.trainer.finetune`, ``config``'s
     recipe for that many steps; checkpointed in ``out_dir/teacher_finetuned``), then distil every
     student from the fine-tuned teacher, as the SEA paper did; the loaded teacher's perplexity is
-    reported beside it as the base teacher. ``time_budget`` sizes the students' training only."""
+    reported beside it as the base teacher. ``finetune_batch_size``: the fine-tune's batch (None: the
+    students' ``config.batch_size``), so that students of a larger batch can keep an earlier run's
+    teacher. ``time_budget`` sizes the students' training only."""
     if not methods:
         raise ValueError("methods: expected at least one method")
     if train_split not in TRAIN_SPLITS:
@@ -264,6 +270,11 @@ def run_experiment(
             or finetune_teacher_steps < 0:
         raise ValueError(f"finetune_teacher_steps (--finetune-teacher): expected an int >= 0, got "
                          f"{finetune_teacher_steps!r}")
+    if finetune_batch_size is not None and (isinstance(finetune_batch_size, bool)
+                                            or not isinstance(finetune_batch_size, int) or finetune_batch_size < 1):
+        raise ValueError(f"finetune_batch_size (--finetune-batch-size): expected an int >= 1 or None, got "
+                         f"{finetune_batch_size!r}")
+    finetune_batch_size = finetune_batch_size or config.batch_size
     if 0 < finetune_teacher_steps <= config.warmup_steps:
         raise ValueError(f"finetune_teacher_steps (--finetune-teacher): expected more steps than the "
                          f"{config.warmup_steps} warm-up steps, got {finetune_teacher_steps}")
@@ -337,7 +348,8 @@ def run_experiment(
         log(f"fine-tuning the teacher on the {train_split} split (or loading it from {folder}): "
             f"{finetune_teacher_steps} steps, next-token loss")
         start = time.perf_counter()
-        tuning = DistillConfig(**(config.as_dict() | {"steps": finetune_teacher_steps, "weights": config.weights}))
+        tuning = DistillConfig(**(config.as_dict() | {"steps": finetune_teacher_steps, "batch_size": finetune_batch_size,
+                                                       "weights": config.weights}))
         try:
             tuned, history = finetune(model, train_tokens, tuning, out_dir=folder, progress=progress)
         except ValueError as error:  # a checkpoint of another recipe or length in the folder
@@ -347,7 +359,7 @@ def run_experiment(
         model.to("cpu")  # the base teacher (maybe the loader's cached object) off the device while students train
         model = tuned
         results["teacher_finetune"] = {
-            "steps": finetune_teacher_steps, "loss": "next-token cross-entropy only",
+            "steps": finetune_teacher_steps, "batch_size": finetune_batch_size, "loss": "next-token cross-entropy only",
             "train_seconds": _training_seconds(history, start),
             "final_loss": _final_loss(history), "folder": FINETUNED_TEACHER,
         }
