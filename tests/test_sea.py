@@ -254,6 +254,42 @@ def test_unpadded_layouts_are_built_once_per_size():
         column_layout(2, 9, 9, 8, causal=True, key_padding_mask=mask)
 
 
+def test_layout_derived_values_are_kept_per_cached_layout(monkeypatch):
+    """Tensors computed from an unpadded (cached) layout alone are built once; a padded layout, a value
+    written in place, or one over the size bound is built again, and the results equal a fresh build."""
+    import approxattn.cached as cached
+    from approxattn.blocks.sparse_attention import dense_column_mask, layout_derived, nonempty_columns
+
+    layout = column_layout(2, 43, 43, 8, causal=True)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return layout.row_length * 2
+
+    first = layout_derived(layout, ("test-double",), build)
+    assert layout_derived(layout, ("test-double",), build) is first and len(calls) == 1
+    assert layout_derived(layout, ("test-other",), build) is not first and len(calls) == 2
+    first.add_(1)                                            # a caller broke the rule: rebuilt, not served
+    again = layout_derived(layout, ("test-double",), build)
+    assert len(calls) == 3 and torch.equal(again, layout.row_length * 2)
+    padded = column_layout(2, 9, 9, 8, causal=True, key_padding_mask=padding_mask(9))
+    layout_derived(padded, ("test-double",), lambda: padded.row_length * 2)
+    assert layout_derived(padded, ("test-double",), build) is not None and len(calls) == 4
+    monkeypatch.setattr(cached, "DERIVED_MAX_BYTES", 0)
+    layout_derived(layout, ("test-big",), build)
+    layout_derived(layout, ("test-big",), build)
+    assert len(calls) == 6
+    monkeypatch.undo()
+    # the kept values are what the functions compute afresh
+    fresh = column_layout(2, 9, 9, 8, causal=True, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
+    kept = column_layout(2, 9, 9, 8, causal=True)
+    assert torch.equal(nonempty_columns(kept), nonempty_columns(fresh))
+    selected = torch.rand(2, 3, 9, 8, generator=torch.Generator().manual_seed(4)) > 0.5
+    assert torch.equal(dense_column_mask(selected, kept), dense_column_mask(selected, fresh))
+    assert torch.equal(dense_column_mask(selected, kept), dense_column_mask(selected, kept))
+
+
 @pytest.mark.parametrize("grouping", ["query", "causal_batch"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_per_row_groupings_match_one_top_k_over_every_row(grouping, padded):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -74,3 +74,32 @@ class TensorKeyedCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# Values computed from a long-lived cached tensor alone (e.g. an unpadded SEA layout's column map),
+# keyed by that tensor; values over DERIVED_MAX_BYTES are rebuilt each time instead of kept.
+_DERIVED = TensorKeyedCache(limit=64)
+DERIVED_MAX_BYTES = 64 << 20
+
+
+def derived(source: torch.Tensor, key: tuple, build: Callable[[], T]) -> T:
+    """``build()`` (a tensor or a tuple of tensors computed from ``source`` and ``key`` alone) once per
+    ``(source, key)`` while ``source`` lives unwritten, handed out like every cached value. Only for
+    sources that outlive many calls (a per-call source would keep its values until the cache starts
+    afresh). Inside a CUDA graph capture the value is built fresh (a capture's kernels run only on
+    replay), and a cached value written in place is rebuilt."""
+    if source.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build()
+    hit = _DERIVED.get(source, *key)
+    if hit is not None and hit[1] == _versions(hit[0]):
+        return handed_out(hit[0])
+    with torch.inference_mode(False):   # the source serves autograd calls too: so must its values
+        value = build()
+    parts = value if isinstance(value, tuple) else (value,)
+    if sum(t.numel() * t.element_size() for t in parts) <= DERIVED_MAX_BYTES:
+        _DERIVED.put(source, (value, _versions(value)), *key)
+    return handed_out(value)
+
+
+def _versions(value) -> tuple[int, ...]:
+    return tuple(version(t) for t in (value if isinstance(value, tuple) else (value,)))

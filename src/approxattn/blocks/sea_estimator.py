@@ -142,19 +142,28 @@ def relative_position_probe(key_rank: torch.Tensor, n_valid: torch.Tensor, dim: 
     return probe * (key_rank >= 0)[..., None].to(dtype)
 
 
-def learned_probe_rows(table: torch.Tensor, key_rank: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+def learned_probe_rows(table: torch.Tensor, key_rank: torch.Tensor, n_valid: torch.Tensor, *,
+                       row_index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal probe ``(B, Nk, d)``: row ``rank_j`` of the learned table ``(max_positions, d)``.
 
     When a sample has more valid keys n than the table has rows, the table is stretched by
     nearest-neighbour interpolation to n rows (SEA's long-context path); outputs then depend on n,
     so strict causality holds only for n ≤ max_positions. Padded keys get zero rows.
+    row_index: :func:`probe_row_index` of these arguments, when the caller keeps it.
     """
-    rows = table.shape[0]
+    index, weight = row_index if row_index is not None else probe_row_index(key_rank, n_valid, table.shape[0],
+                                                                            table.dtype)
+    return table[index] * weight
+
+
+def probe_row_index(key_rank: torch.Tensor, n_valid: torch.Tensor, rows: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table row each key reads in :func:`learned_probe_rows` ``(B, Nk)`` int64, and its weight
+    ``(B, Nk, 1)`` in ``dtype`` (0 at padded keys): a function of the layout, kept per layout."""
     rank = key_rank.clamp(min=0)
     n = n_valid[:, None]
     index = torch.where(n > rows, torch.div(rank * rows, n.clamp(min=1), rounding_mode="floor"), rank)
-    index = index.clamp(max=rows - 1)
-    return table[index] * (key_rank >= 0)[..., None].to(table.dtype)
+    return index.clamp(max=rows - 1), (key_rank >= 0)[..., None].to(dtype)
 
 
 def probe_histogram_logits(

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..cached import TensorKeyedCache
+from ..cached import TensorKeyedCache, derived
 from .fast_kernels import fast_kernel
 
 GROUPINGS = ("batch", "head", "query", "causal_batch")
@@ -137,7 +137,11 @@ def select_cells(
     else:
         best_index = score.argmax(dim=-1, keepdim=True)
     best = torch.zeros(B, H, Nq, T, dtype=torch.bool, device=probs.device).scatter_(-1, best_index, has_candidate)
-    per_row = row_budgets(row_length, k, T) * competing.to(torch.int64)   # (B, Nq)
+    # unpadded layouts are cached (host_row_length set), and so are their budgets
+    budgets = (row_budgets(row_length, k, T) if host_row_length is None
+               else derived(row_length, ("row_budgets", k, T), lambda: row_budgets(row_length, k, T)))
+    every_row_competes = not (shared and query_valid is not None)
+    per_row = budgets if every_row_competes else budgets * competing.to(torch.int64)    # (B, Nq)
     host = None
     if host_row_length is not None and (not shared or query_valid is None):
         host = host_budgets(host_row_length, k, T)                          # every sample's

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cached import handed_out
+from ..cached import derived, handed_out
 
 # Above this many (batch · heads · Nq · Nk) mask cells, ``path="auto"`` takes the gather path.
 DENSE_CELLS_LIMIT = 1 << 25
@@ -145,6 +145,17 @@ def _unpadded_layout(batch: int, seq_q: int, seq_k: int, columns: int, causal: b
                             equal_lengths=not causal, host_row_length=host)
 
 
+def layout_derived(layout: ColumnLayout, key: tuple, build):
+    """``build()`` (tensors that depend on ``layout`` and ``key`` alone) once per cached unpadded layout
+    (``host_row_length`` set: a model runs every layer on the same one; rebuilding its column map,
+    non-empty columns and row budgets took ~1 ms of host time a SEA layer, 30 layers a SmolLM2
+    distillation step, benchmarks/host_profile.py on the H100, 2026-11-25); padded layouts, built per
+    call, get a fresh value. Callers must not write to the result."""
+    if layout.host_row_length is None:
+        return build()
+    return derived(layout.row_length, key, build)
+
+
 def _check_layout(layout) -> None:
     if not isinstance(layout, ColumnLayout):
         raise TypeError(f"layout: expected a ColumnLayout (from column_layout), got {type(layout).__name__}")
@@ -175,11 +186,16 @@ def key_columns(layout: ColumnLayout) -> torch.Tensor:
 
 
 def nonempty_columns(layout: ColumnLayout) -> torch.Tensor:
-    """``(B, Nq, T)`` bool: the columns of row i that hold at least one eligible key."""
+    """``(B, Nq, T)`` bool: the columns of row i that hold at least one eligible key (shared by the
+    calls on one cached layout: do not write to it)."""
     _check_layout(layout)
-    column = torch.arange(layout.columns, device=layout.row_length.device)
-    lo, hi = column_rank_range(column, layout.row_length[:, :, None], layout.columns)
-    return hi > lo
+
+    def build() -> torch.Tensor:
+        column = torch.arange(layout.columns, device=layout.row_length.device)
+        lo, hi = column_rank_range(column, layout.row_length[:, :, None], layout.columns)
+        return hi > lo
+
+    return layout_derived(layout, ("nonempty_columns",), build)
 
 
 def _check_selected(selected, layout: ColumnLayout, heads: int | None = None) -> None:
@@ -202,10 +218,14 @@ def dense_column_mask(selected: torch.Tensor, layout: ColumnLayout) -> torch.Ten
     """``(B, H, Nq, Nk)`` bool: ``selected[b, h, i, c(i, j)]`` where key j is eligible for row i."""
     _check_layout(layout)
     _check_selected(selected, layout)
-    cols = key_columns(layout)                                   # (B, Nq, Nk)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        cols = key_columns(layout)                               # (B, Nq, Nk)
+        return cols.clamp(min=0)[:, None], (cols >= 0)[:, None]  # (B, 1, Nq, Nk) column index, eligible
+
+    index, eligible = layout_derived(layout, ("column_index",), build)
     B, H, Nq, _ = selected.shape
-    index = cols.clamp(min=0)[:, None].expand(B, H, Nq, layout.seq_k)
-    return torch.gather(selected, 3, index) & (cols >= 0)[:, None]
+    return torch.gather(selected, 3, index.expand(B, H, Nq, layout.seq_k)) & eligible
 
 
 def _check_attention(q, k, v, selected, layout, scale) -> None:

@@ -33,6 +33,7 @@ from ..blocks.sea_estimator import (
     layer_norm,
     learned_probe_rows,
     linear,
+    probe_row_index,
     relative_position_probe,
 )
 from ..blocks.sea_mask import CAUSAL_GROUPINGS, GROUPINGS, select_cells
@@ -45,6 +46,7 @@ from ..blocks.sparse_attention import (
     column_of_rank,
     column_rank_range,
     key_columns,
+    layout_derived,
     nonempty_columns,
 )
 from ..module import RandomFeatureModule
@@ -303,7 +305,7 @@ class SEAAttention(RandomFeatureModule):
         layout = column_layout(shape.batch, shape.seq_q, shape.seq_k, T, causal=causal,
                                key_padding_mask=key_padding_mask, device=q.device)
         key_valid = None if key_padding_mask is None else key_padding_mask[:, None, :]      # (B, 1, Nk)
-        n_valid = layout.key_rank.amax(dim=1) + 1                                          # (B,)
+        n_valid = layout_derived(layout, ("n_valid",), lambda: layout.key_rank.amax(dim=1) + 1)   # (B,)
 
         # At inference with half inputs on the fused path, the estimate (context, encoder, decoder
         # maps, logits) is stored in the input dtype: the estimator's kernel already rounds its
@@ -319,9 +321,13 @@ class SEAAttention(RandomFeatureModule):
         stage = _stage("sea.probe")
         v_fit = zero_padded(fit_width(v.to(estimate_dtype), d), key_valid)               # (B, Hkv, Nk, d)
         if causal:
-            probe = learned_probe_rows(self.causal_probe.to(dtype), layout.key_rank, n_valid)
+            table = self.causal_probe.to(dtype)
+            row_index = layout_derived(layout, ("probe_rows", table.shape[0], dtype),
+                                       lambda: probe_row_index(layout.key_rank, n_valid, table.shape[0], dtype))
+            probe = learned_probe_rows(table, layout.key_rank, n_valid, row_index=row_index)
         else:
-            probe = relative_position_probe(layout.key_rank, n_valid, d, dtype)
+            probe = layout_derived(layout, ("relative_probe", d, dtype),
+                                   lambda: relative_position_probe(layout.key_rank, n_valid, d, dtype))
         # two copies into one buffer: torch.cat of the head-broadcast probe took 0.57 ms at N = 65,536 (H100)
         v_aug = v_fit.new_empty(*v_fit.shape[:3], 2 * d)
         v_aug[..., :d] = probe.to(estimate_dtype)[:, None]
@@ -478,7 +484,9 @@ class SEAAttention(RandomFeatureModule):
         # scanned along the last axis: CUDA's scan over an outer axis runs one serial loop per
         # (head, channel), 24 ms at N = 65,536 on an H100
         running = zero_padded(v, key_valid).transpose(-1, -2).cumsum(dim=-1).transpose(-1, -2)
-        average = running / layout.row_length.clamp(min=1)[:, None, :, None].to(v.dtype)
+        divisor = layout_derived(layout, ("average_divisor", v.dtype),
+                                 lambda: layout.row_length.clamp(min=1)[:, None, :, None].to(v.dtype))
+        average = running / divisor
         B, Hkv, N, dv = average.shape
         return average[:, :, None].expand(B, Hkv, shape.groups, N, dv).reshape(B, shape.heads, N, dv)
 
