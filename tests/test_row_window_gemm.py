@@ -222,7 +222,7 @@ def test_half_gemm_falls_back_to_the_narrower_config_when_shared_memory_runs_out
 
     def gpu_config(*args, **kwargs):   # the configs a GPU gets, not the interpreter's
         with monkeypatch.context() as patch:
-            patch.setattr(rwg, "_interpreting", lambda: False)
+            patch.setattr(rwg, "interpreting", lambda: False)
             return original(*args, **kwargs)
 
     monkeypatch.setattr(rwg, "_window_gemm_fwd", FakeKernel())

@@ -17,10 +17,7 @@ except ImportError:  # pragma: no cover - older Triton
     from triton.runtime.autotuner import OutOfResources
 
 from .config import FeatureConfig  # noqa: F401  (re-exported for the ops)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .dispatch import interpreting  # defined there: dispatch imports without Triton
 
 
 def block_sizes(m: int, d: int, dv: int) -> tuple[int, int, int]:

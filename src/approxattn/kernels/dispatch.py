@@ -20,6 +20,11 @@ MAX_FEATURES = 512
 MAX_HEAD_DIM = 256
 
 
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``: kernels on CPU tensors, small tiles)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def kernels_enabled(t: torch.Tensor) -> bool:
     if not HAS_TRITON or os.environ.get("APPROXATTN_DISABLE_KERNELS", "0") == "1":
         return False

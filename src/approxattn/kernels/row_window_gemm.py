@@ -33,7 +33,7 @@ import os
 import torch
 
 from ..validation import int_arg
-from .dispatch import HAS_TRITON, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting, kernels_enabled
 
 if HAS_TRITON:
     import triton
@@ -41,7 +41,6 @@ if HAS_TRITON:
 
     from ._feature_map import _INTERPRET, _cast_out, _dot
     from ._launch import OutOfResources
-    from ._launch import interpreting as _interpreting
 else:  # pragma: no cover - the module still imports, the fast_ ops return None
     triton = None
 
@@ -254,7 +253,7 @@ def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = F
     BK = min(64, max(16, triton.next_power_of_2(k)))
     if kind == "gemm":
         BN = min(BN, 256 if half and step == 2 else 128)
-    if _interpreting():
+    if interpreting():
         return {"BM": 16, "BN": min(BN, 128) if kind == "gemm" else BN, "BK": BK}
     if kind == "gemm" and half:
         BM, warps = 128, 8
@@ -284,7 +283,7 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
             histogram=None, hist_weights=None, heads=1, floor=1e-6):
     if not HAS_TRITON:
         raise RuntimeError("row_window_gemm needs triton (pip install triton); use the _reference twins")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise RuntimeError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
     S, _, K = x.shape
     taps, _, nout = weights.shape

@@ -25,12 +25,10 @@ logits.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAS_TRITON, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting, kernels_enabled
 from .row_window_gemm import check_histogram, residual_softmax_reference
 
 if HAS_TRITON:
@@ -47,10 +45,6 @@ MAX_COLUMNS = 256      # T
 MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -165,7 +159,7 @@ def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
     benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
     blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
               "BD": max(16, triton.next_power_of_2(dim))}
-    if _interpreting():
+    if interpreting():
         return {**blocks, "BR": 16}
     return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
 
@@ -208,7 +202,7 @@ def decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=
 def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor):
     if not HAS_TRITON:
         raise RuntimeError("decoder_head needs triton (pip install triton); use decoder_head_reference")
-    if not (y.is_cuda or _interpreting()):
+    if not (y.is_cuda or interpreting()):
         raise RuntimeError(f"y: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {y.device}")
     S, C, R, W = y.shape
     T = interp.shape[1]

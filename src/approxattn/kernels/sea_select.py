@@ -17,11 +17,9 @@ is the dispatching form: None where the kernel does not apply.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .dispatch import HAS_TRITON, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting, kernels_enabled
 
 if HAS_TRITON:
     import triton
@@ -31,10 +29,6 @@ else:  # pragma: no cover - the module still imports, fast_masked_row_argmax ret
 
 MAX_COLUMNS = 1024
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(probs, candidates) -> None:
@@ -100,7 +94,7 @@ def masked_row_argmax(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Te
 def _launch(probs, candidates):
     if not HAS_TRITON:
         raise RuntimeError("masked_row_argmax needs triton (pip install triton); use masked_row_argmax_reference")
-    if not (probs.is_cuda or _interpreting()):
+    if not (probs.is_cuda or interpreting()):
         raise RuntimeError(f"probs: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {probs.device}")
     B, H, Nq, T = probs.shape
     out = torch.empty(B, H, Nq, dtype=torch.int64, device=probs.device)
@@ -112,7 +106,7 @@ def _launch(probs, candidates):
     if cand.stride(-1) != 1:
         cand = cand.contiguous()
     BT = max(16, triton.next_power_of_2(T))
-    BR = 16 if _interpreting() else max(1, min(64, 4096 // BT))
+    BR = 16 if interpreting() else max(1, min(64, 4096 // BT))
     _masked_row_argmax_kernel[(triton.cdiv(Nq, BR), B * H)](
         probs, cand, out, probs.stride(0), probs.stride(1), probs.stride(2), cand.stride(0), cand.stride(1),
         H, Nq, T, BR=BR, BT=BT,

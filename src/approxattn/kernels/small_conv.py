@@ -20,13 +20,11 @@ computed in fp32 (the kernel never materialises ``v``: virtual row u is physical
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from ..validation import int_arg
-from .dispatch import HAS_TRITON, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting, kernels_enabled
 
 if HAS_TRITON:
     import triton
@@ -46,10 +44,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACC_BUDGET = 2048
 MAX_BLOCK_ROWS = 64
 OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------- checks and geometry
@@ -230,7 +224,7 @@ def launch_config(out_channels: int, width_out: int, rows_out: int) -> dict[str,
     ``BCO·BR·BW`` fp32 accumulators stay within :data:`ACC_BUDGET` (8 rows under the interpreter)."""
     BCO = triton.next_power_of_2(out_channels)
     BW = triton.next_power_of_2(width_out)
-    if _interpreting():
+    if interpreting():
         return {"BCO": BCO, "BW": BW, "BR": 8}
     BR = max(1, min(MAX_BLOCK_ROWS, ACC_BUDGET // (BCO * BW), triton.next_power_of_2(rows_out)))
     return {"BCO": BCO, "BW": BW, "BR": BR, "num_warps": 4, **OVERRIDE}
@@ -270,7 +264,7 @@ def _launch(x, weight, bias, geo: dict, relu) -> torch.Tensor:
     """The kernel on inputs :func:`_geometry` and :func:`_kernel_limit` have passed."""
     if not HAS_TRITON:
         raise RuntimeError("small_conv2d needs triton (pip install triton); use small_conv2d_reference")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise RuntimeError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
     S = x.shape[0]
     Co, C, KH, KW = weight.shape

@@ -43,7 +43,7 @@ from ..blocks.sparse_attention import (
     check_row_mix,
     column_rank_range,
 )
-from .dispatch import HAS_TRITON, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting, kernels_enabled
 
 if HAS_TRITON:
     import triton
@@ -99,12 +99,8 @@ def row_ordering() -> bool:
     return os.environ.get("APPROXATTN_SPARSE_ROW_ORDER", "1") != "0"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def launch_config(d: int, dv: int) -> dict[str, int]:
-    if _interpreting():
+    if interpreting():
         return {"BM": 16, "BN": 16}
     if OVERRIDE:
         return dict(OVERRIDE)
@@ -119,7 +115,7 @@ def first_two_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     N = 65,536, T = 128 on an H100)."""
     T = selected.shape[-1]
     cells = selected.view(torch.uint8)
-    if HAS_TRITON and (selected.is_cuda or _interpreting()):
+    if HAS_TRITON and (selected.is_cuda or interpreting()):
         return _first_two_selected_triton(cells)
     first = cells.argmax(dim=-1, keepdim=True)
     rest = cells.scatter(-1, first, 0)
@@ -135,7 +131,7 @@ def _first_two_selected_triton(cells: torch.Tensor) -> tuple[torch.Tensor, torch
     rows = B * H * Nq
     first = torch.empty(B, H, Nq, dtype=torch.int64, device=cells.device)
     second = torch.empty_like(first)
-    block = 16 if _interpreting() else 64
+    block = 16 if interpreting() else 64
     if rows:
         _first_two_kernel[(triton.cdiv(rows, block),)](cells, first, second, rows, T, BR=block,
                                                        BT=max(16, triton.next_power_of_2(T)))
