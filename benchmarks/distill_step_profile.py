@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from approxattn.distill import DistillConfig, Distiller
+from approxattn.distill.cli import parse_method_options
 
 
 def sync(device: str) -> None:
@@ -95,14 +96,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     teacher = smollm2_shaped(args.layers, args.device)
-    options_of: dict[str, dict] = {"sea": {"k": 64}}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        method, _, name = key.partition(".")
-        options_of.setdefault(method, {})[name] = json.loads(value.lower()) if value.lower() in ("true", "false") \
-            or value.lstrip("-").replace(".", "", 1).isdigit() else value
+    methods = args.methods.split(",")
+    options_of = parse_method_options(args.option, methods)   # Python literals, as the distill CLI reads them
+    if "sea" in options_of:
+        options_of["sea"] = {"k": 64} | options_of["sea"]
     results = []
-    for method, options in ((m, options_of.get(m, {})) for m in args.methods.split(",")):
+    for method, options in options_of.items():
         r = profile_student(teacher, method, options, args.batch, args.seq, args.steps, args.device)
         results.append(r)
         print(f"{method}: step {r['step_s']:.3f} s wall | aten calls {r['aten_calls']}, CPU self {r['aten_cpu_self_s']:.3f} s"

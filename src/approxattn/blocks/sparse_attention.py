@@ -147,10 +147,11 @@ def _unpadded_layout(batch: int, seq_q: int, seq_k: int, columns: int, causal: b
 
 def layout_derived(layout: ColumnLayout, key: tuple, build):
     """``build()`` (tensors that depend on ``layout`` and ``key`` alone) once per cached unpadded layout
-    (``host_row_length`` set: a model runs every layer on the same one; rebuilding its column map,
-    non-empty columns and row budgets took ~1 ms of host time a SEA layer, 30 layers a SmolLM2
-    distillation step, benchmarks/host_profile.py on the H100, 2026-11-25); padded layouts, built per
-    call, get a fresh value. Callers must not write to the result."""
+    (``host_row_length`` set: a model runs every layer on the same one, 30 layers a SmolLM2
+    distillation step; keeping the column map, non-empty columns, budgets and probe rows saves ~110
+    ops a SEA layer, though its host time on the H100 did not move beyond noise, 2026-11-25,
+    benchmarks/results/h100/run15/layout_derived_ab); padded layouts, built per call, get a fresh
+    value. Callers must not write to the result."""
     if layout.host_row_length is None:
         return build()
     return derived(layout.row_length, key, build)
