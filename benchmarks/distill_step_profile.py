@@ -4,10 +4,12 @@ A SmolLM2-135M-shaped Llama (30 layers, 9 query / 3 key-value heads, hidden 576;
 step's cost does not depend on them, and no model file is needed) distilled into each student
 (softmax, sea k=64) at batch × seq tokens: wall seconds per step (median of a few, after warm-up),
 then one step under torch.profiler: summed CPU self time of aten ops and their count, summed CUDA
-kernel time, and the top CUDA ops. Prints a table and writes ``distill_step_profile.json``.
+kernel time, and the top CUDA ops. Each student runs its steps eagerly and replayed from a CUDA graph
+(``DistillConfig.cuda_graph``), side by side (``--cuda-graph off|on|both``). Prints a table and writes
+``distill_step_profile.json``.
 
-    python benchmarks/distill_step_profile.py --out DIR [--batch 2] [--seq 1024] [--steps 3] \
-        [--methods softmax,sea] [--option sea.columns=256 --option sea.half_estimate=False]
+    python benchmarks/distill_step_profile.py --out DIR [--batch 2] [--seq 1024] [--steps 5] \
+        [--methods softmax,sea] [--option sea.columns=256 --option sea.half_estimate=False] [--cuda-graph both]
 
 Run it as the distillation runs do (``APPROXATTN_DISABLE_KERNELS=1``: the students' PyTorch paths)
 or without, to see what the Triton kernels change.
@@ -16,6 +18,7 @@ or without, to see what the Triton kernels change.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,11 +46,13 @@ def smollm2_shaped(layers: int, device: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device).eval().requires_grad_(False)
 
 
-def profile_student(teacher, method: str, options: dict, batch: int, seq: int, steps: int, device: str) -> dict:
-    distiller = Distiller(teacher, DistillConfig(method=method, options=options, batch_size=batch, seq_len=seq))
+def profile_student(teacher, method: str, options: dict, batch: int, seq: int, steps: int, device: str,
+                    cuda_graph: bool) -> dict:
+    distiller = Distiller(teacher, DistillConfig(method=method, options=options, batch_size=batch, seq_len=seq,
+                                                 cuda_graph=cuda_graph))
     ids = torch.randint(0, 49152, (batch, seq), device=device)
-    for _ in range(2):
-        distiller.step(ids)                         # warm-up: allocations, cuDNN/cuBLAS choices
+    for _ in range(distiller.settling_steps + 1):
+        distiller.step(ids)                         # warm-up: allocations, cuDNN/cuBLAS choices, the capture
     sync(device)
     seconds = []
     for _ in range(steps):
@@ -63,7 +68,8 @@ def profile_student(teacher, method: str, options: dict, batch: int, seq: int, s
     aten = [e for e in events if e.key.startswith("aten::")]
     device_ops = sorted(events, key=lambda e: -e.self_device_time_total)
     result = {
-        "method": method, "options": options, "step_s": statistics.median(seconds), "steps_s": seconds,
+        "method": method, "options": options, "cuda_graph": cuda_graph, "graph_replays": distiller.graph_replays,
+        "graph_off": distiller.graph_off, "step_s": statistics.median(seconds), "steps_s": seconds,
         "aten_calls": sum(e.count for e in aten),
         "aten_cpu_self_s": sum(e.self_cpu_time_total for e in aten) / 1e6,
         "cuda_kernel_s": sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6,
@@ -86,11 +92,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--methods", default="softmax,sea")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--cuda-graph", choices=("off", "on", "both"), default="both",
+                        help="steps eager, replayed from a CUDA graph, or both side by side (default)")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                         help="a student option, as the distill CLI takes it (default sea.k=64)")
     args = parser.parse_args()
@@ -101,10 +109,13 @@ def main() -> None:
     if "sea" in options_of:
         options_of["sea"] = {"k": 64} | options_of["sea"]
     results = []
-    for method, options in options_of.items():
-        r = profile_student(teacher, method, options, args.batch, args.seq, args.steps, args.device)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
+    for (method, options), graphed in itertools.product(options_of.items(), modes):
+        r = profile_student(teacher, method, options, args.batch, args.seq, args.steps, args.device, graphed)
         results.append(r)
-        print(f"{method}: step {r['step_s']:.3f} s wall | aten calls {r['aten_calls']}, CPU self {r['aten_cpu_self_s']:.3f} s"
+        mode = f"graph ({r['graph_replays']} replays)" if r["graph_replays"] else \
+            f"eager{'' if not graphed else ' (graph off: ' + r['graph_off'] + ')'}"
+        print(f"{method} {mode}: step {r['step_s']:.3f} s wall | aten calls {r['aten_calls']}, CPU self {r['aten_cpu_self_s']:.3f} s"
               f" | CUDA kernels {r['cuda_kernel_s']:.3f} s | peak {r['peak_gib'] or 0:.1f} GiB", flush=True)
         for name, ms, count in r["top_cuda_ops"]:
             print(f"    {ms:9.2f} ms  x{count:<5d} {name}", flush=True)

@@ -234,6 +234,70 @@ def test_resume_on_cuda(tmp_path):
                                torch.tensor([r["total"] for r in whole.history]), rtol=1e-3, atol=0)
 
 
+def test_a_redraw_schedule_keeps_the_step_eager():
+    """A CUDA graph would replay the captured call's redraw decision (made on the host) every step."""
+    teacher = tiny_teacher()
+    assert Distiller(teacher, DistillConfig(method="performer")).graph_off is None   # redraw "never"
+    assert "redraw" in Distiller(teacher, DistillConfig(method="performer", options={"redraw": 2})).graph_off
+    assert Distiller(teacher, DistillConfig(method="sea", cuda_graph=False)).graph_off == "cuda_graph=False"
+
+
+def _graph_and_eager(method: str, options: dict, batches: list[torch.Tensor]) -> tuple[Distiller, Distiller]:
+    """The same steps on the same batches, with and without CUDA graphs (tiny teacher on the GPU, fp32)."""
+    teacher = tiny_teacher().cuda()
+    runs = []
+    for graphed in (True, False):
+        d = Distiller(teacher, DistillConfig(method=method, options=options, seq_len=32, lr=1e-3, precision="fp32",
+                                             cuda_graph=graphed))
+        for batch in batches:
+            d.step(batch)
+        runs.append(d)
+    return runs[0], runs[1]
+
+
+def _assert_same_training(graphed: Distiller, eager: Distiller) -> None:
+    for term in ("total", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[term] for r in graphed.history]),
+                                   torch.tensor([r[term] for r in eager.history]), rtol=1e-4, atol=0)
+    for (name, a), (_, b) in zip(graphed.student.named_parameters(), eager.student.named_parameters()):
+        assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, options", [("softmax", {}), ("sea", {"k": 4, "columns": 8, "num_features": 8})])
+def test_cuda_graph_steps_train_as_eager_steps_do(method, options):
+    """Warm-up steps, the capture, replays, and an eager step of another shape between replays (it
+    must write the gradients the graph owns, not new ones) give the eager run's losses and weights."""
+    tokens = stream()
+    batches = [train_batch(tokens, step=s, batch_size=2, seq_len=32, seed=0) for s in range(5)]
+    batches.insert(4, train_batch(tokens, step=9, batch_size=1, seq_len=24, seed=0))
+    graphed, eager = _graph_and_eager(method, options, batches)
+    assert [r["cuda_graph"] for r in graphed.history] == [False, False, True, True, False, True]
+    assert graphed.graph_replays == 3 and not any(r["cuda_graph"] for r in eager.history)
+    _assert_same_training(graphed, eager)
+
+
+@pytest.mark.gpu
+def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch):
+    """A host sync inside the step fails its capture: warned once, and training goes on eagerly with the
+    same result (no gradient of the failed capture left behind)."""
+    tokens = stream()
+    batches = [train_batch(tokens, step=s, batch_size=2, seq_len=32, seed=0) for s in range(4)]
+    losses = Distiller.losses
+
+    def syncing(self, *args, **kwargs):
+        terms = losses(self, *args, **kwargs)
+        if float(terms["total"]) < 0:   # a read on the host: not allowed while a graph is captured
+            raise AssertionError("unreachable")
+        return terms
+
+    monkeypatch.setattr(Distiller, "losses", syncing)
+    with pytest.warns(RuntimeWarning, match="runs eagerly: its capture failed"):
+        graphed, eager = _graph_and_eager("sea", {"k": 4, "columns": 8, "num_features": 8}, batches)
+    assert graphed.graph_replays == 0 and "capture failed" in graphed.graph_off
+    _assert_same_training(graphed, eager)
+
+
 def test_perplexity_is_exp_mean_nll():
     teacher = tiny_teacher()
     tokens = stream(200)
@@ -279,6 +343,7 @@ def test_data_split_and_windows():
     ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
     ({"min_lr_ratio": float("nan")}, "min_lr_ratio"),
+    ({"cuda_graph": "yes"}, "cuda_graph"),
 ])
 def test_bad_options_raise_clear_errors(change, match):
     with pytest.raises((ValueError, TypeError), match=match):

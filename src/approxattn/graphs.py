@@ -177,9 +177,10 @@ _FAILED_POOLS: set = set()
 _CAPTURE_LOCK = threading.RLock()
 
 
-def _capture_stream(device: int) -> torch.cuda.Stream:
-    """One side stream per device for every capture, as ``torch.cuda.graph`` keeps one: graphs that
-    share a memory pool reuse each other's freed blocks only when captured on the same stream."""
+def capture_stream(device: int) -> torch.cuda.Stream:
+    """One side stream per device for every capture (and the eager warm-up before one), as
+    ``torch.cuda.graph`` keeps one: graphs that share a memory pool reuse each other's freed blocks
+    only when captured on the same stream."""
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
     return _CAPTURE_STREAMS[device]
@@ -211,7 +212,7 @@ def _capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], pool: Any) -> A
                          "failed; use torch.cuda.graph_pool_handle() for a new one)")
     device = torch.cuda.current_device()
     pool = torch.cuda.graph_pool_handle() if pool is None else pool
-    stream = _capture_stream(device)
+    stream = capture_stream(device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()   # cached blocks cannot be handed back while a capture is under way
     stream.wait_stream(torch.cuda.current_stream(device))

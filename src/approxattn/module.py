@@ -109,6 +109,12 @@ class AttentionModule(nn.Module):
     def before_call(self) -> None:
         """Hook run before every forward call (the redraw policy lives here)."""
 
+    def replays_in_training(self) -> bool:
+        """Whether a CUDA graph of a training forward, captured once and replayed every step, computes
+        what calling the module every step would. False where the forward keeps host-side state that
+        changes from call to call (a redraw schedule): a graph would keep the captured call's choice."""
+        return True
+
     def attend(
         self,
         q: torch.Tensor,
@@ -159,6 +165,9 @@ class RandomFeatureModule(AttentionModule):
         self.feature_draws += 1
         self.draw_features(self.generator(int(self.feature_draws)))
 
+    def replays_in_training(self) -> bool:
+        return self.options["redraw"] == "never"
+
     def before_call(self) -> None:
         if not self.training:
             return
@@ -166,6 +175,7 @@ class RandomFeatureModule(AttentionModule):
         if self._calls is None:
             self._calls = int(self.training_calls)
         self._calls += 1
-        self.training_calls.fill_(self._calls)  # the stored count, updated without a sync
+        # the stored count, updated on the device without a sync (and counted by CUDA-graph replays)
+        self.training_calls.add_(1)
         if policy == "every_call" or (isinstance(policy, int) and self._calls % policy == 0):
             self.redraw_features()

@@ -109,6 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, precision=args.precision, seed=args.seed,
             checkpoint_every=args.checkpoint_every, weights=weights, hidden_loss=args.hidden_loss,
+            cuda_graph=not args.no_cuda_graph,
         )
         started = time.perf_counter()
         # every step has the same shapes, so cuDNN's per-shape algorithm search pays: SEA's causal decoder
@@ -199,6 +200,8 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--grad-clip", type=float, default=1.0)
     run.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-cuda-graph", action="store_true",
+                     help="run every training step eagerly (default on CUDA: replayed from a CUDA graph after a warm-up)")
     run.add_argument("--checkpoint-every", type=int, default=100)
     run.add_argument("--weight", action="append", metavar="TERM=VALUE", help="a loss weight (repeatable)")
     run.add_argument("--hidden-loss", choices=("relative", "mse"), default="relative",

@@ -383,12 +383,12 @@ def run_experiment(
             probe = Distiller(model, cfg)
             from .data import train_batch
 
-            batch = train_batch(train_tokens, step=0, batch_size=cfg.batch_size, seq_len=seq_len, seed=cfg.seed)
-            probe.step(batch)  # warm-up (allocations, kernel selection)
-            _sync(device)
-            start = time.perf_counter()
-            for i in range(calibration_steps):
-                probe.step(train_batch(train_tokens, step=i + 1, batch_size=cfg.batch_size, seq_len=seq_len,
+            settling = probe.settling_steps   # warm-up (allocations, kernel selection) and the CUDA graph's capture
+            for i in range(settling + calibration_steps):
+                if i == settling:
+                    _sync(device)
+                    start = time.perf_counter()
+                probe.step(train_batch(train_tokens, step=i, batch_size=cfg.batch_size, seq_len=seq_len,
                                        seed=cfg.seed))
             _sync(device)
             seconds[label] = (time.perf_counter() - start) / calibration_steps

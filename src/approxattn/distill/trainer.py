@@ -10,6 +10,15 @@ weight decay, gradient-norm clipping, fp32 or bf16 autocast, and an optional lea
 every ``checkpoint_every`` steps and at the end; :func:`distill` resumes from the checkpoint in
 its folder, and a resumed run gives the same result as an uninterrupted one (the data windows of
 step s depend only on (seed, s); RNG states are saved).
+
+On CUDA a step is a few thousand small launches (SmolLM2 into SEA: ~86,000 aten calls), so the host,
+not the GPU, set its pace. With ``cuda_graph`` (the default) the step's losses, backward and gradient
+clipping are captured once into a CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed for every
+later batch of the same shape; the optimizer (fused AdamW) runs eagerly after the replay, so the
+learning-rate schedule needs nothing captured. Steps run eagerly where a graph would not compute the
+same thing: on the CPU, with an attention mask (transformers builds padding masks with host syncs),
+for a method with host-side per-call state (a redraw schedule: ``AttentionModule.replays_in_training``),
+for another batch shape than the captured one, and after a capture that failed (warned once).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import json
 import math
 import os
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +39,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from .. import hf
+from ..cached import collecting
+from ..graphs import capture, capture_stream
 from ..registry import get_method
 from .data import eval_windows, train_batch
 from .losses import HIDDEN_LOSSES, LossWeights, layer_losses, model_losses, next_token_loss, recipe_for
@@ -36,6 +49,7 @@ PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
+GRAPH_WARMUP = 2  # eager steps of a process before its step is captured (kernel compilation, cuDNN's search, AdamW's state)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -89,6 +103,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     weights: LossWeights | None = None  # None: SEA's causal-LM (OPT) or encoder (BERT) recipe
     hidden_loss: str = "relative"  # "mse": the reference's plain hidden-state MSE (see losses.model_losses)
+    cuda_graph: bool = True  # on CUDA, replay each step's losses and backward from a CUDA graph (module doc)
 
     def validate(self) -> None:
         spec = get_method(self.method)  # clear error for an unknown method
@@ -117,6 +132,8 @@ class DistillConfig:
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss: expected one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
         if self.weights is not None and not isinstance(self.weights, LossWeights):
             raise TypeError(f"weights: expected a LossWeights or None, got {type(self.weights).__name__}")
 
@@ -151,8 +168,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+    """The model's outputs with hidden states; attention_mask None = no padding (transformers then
+    builds no padding mask, which it would check with a host sync). No KV cache: nothing decodes."""
+    if getattr(model.config, "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
 
 
 class Distiller:
@@ -180,9 +201,19 @@ class Distiller:
         groups = [{"params": old_params, "lr": self.peak_lr["pretrained"], "name": "pretrained"}]
         if new_params:
             groups.append({"params": new_params, "lr": self.peak_lr["new"], "name": "new"})
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        # fused: a few launches per step instead of a dozen per parameter list (the step is host-bound)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type == "cuda")
         self.step_count = 0
         self.history: list[dict[str, float]] = []
+        self._graph: _StepGraph | None = None
+        self._eager_steps = 0   # of this process: a resumed run warms up again before it captures
+        self.graph_replays = 0
+        # why steps run eagerly on CUDA whatever their batch (None: they are captured after the warm-up)
+        self.graph_off: str | None = None if config.cuda_graph else "cuda_graph=False"
+        stateful = sorted({type(m).__name__ for m in hf.attached_modules(student) if not m.replays_in_training()})
+        if stateful and self.graph_off is None:
+            self.graph_off = f"{', '.join(stateful)} keeps host-side state per training call (a redraw schedule)"
 
     @property
     def device(self) -> torch.device:
@@ -195,10 +226,11 @@ class Distiller:
         """All loss terms for one batch (``total`` included), with the student's graph attached."""
         device = self.device
         input_ids = input_ids.to(device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(device)
-        valid = attention_mask.bool()
+        if attention_mask is None:   # no padding: the models get no mask (see _forward)
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            attention_mask = attention_mask.to(device)
+            valid = attention_mask.bool()
         with torch.no_grad(), autocast(device, self.config.precision), hf.capture(self.teacher) as teacher_layers, \
                 record_function("distill.teacher"):
             self.teacher.eval()
@@ -223,29 +255,89 @@ class Distiller:
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
         """One optimisation step; returns the loss terms (floats), the gradient norm, the lr factor,
-        the step's wall seconds (the loss floats wait for the device) and when it ended (``unix_time``)."""
+        whether a CUDA graph ran it (``cuda_graph``), the step's wall seconds (the loss floats wait
+        for the device) and when it ended (``unix_time``).
+
+        input_ids ``(B, N)`` token ids; attention_mask ``(B, N)`` (1 = real token) or None (no padding)."""
         started = time.perf_counter()
         self.student.train()
-        terms = self.losses(input_ids, attention_mask)
-        self.optimizer.zero_grad(set_to_none=True)
-        with record_function("distill.backward"):
-            terms["total"].backward()
-        with record_function("distill.optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
-            factor = lr_factor(self.config, self.step_count)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.peak_lr[group["name"]] * factor
-            self.optimizer.step()
+        graph = self._graph_for(input_ids, attention_mask)
+        with self._warm_up_stream(graph is None and self._capturable(attention_mask)):
+            if graph is not None:
+                terms, grad_norm = graph.replay(input_ids)
+                self.graph_replays += 1
+            else:
+                # once captured, the gradients live in the graph's memory: an eager step zeroes them in place
+                self.optimizer.zero_grad(set_to_none=self._graph is None)
+                terms, grad_norm = self._losses_and_gradients(input_ids, attention_mask)
+                self._eager_steps += 1
+            with record_function("distill.optimizer"):
+                factor = lr_factor(self.config, self.step_count)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.peak_lr[group["name"]] * factor
+                self.optimizer.step()
         self.step_count += 1
-        row = {name: float(value.detach()) for name, value in terms.items()}
-        row["grad_norm"] = float(grad_norm)
+        values = torch.stack([value.float() for value in terms.values()] + [grad_norm.float()]).tolist()  # one sync
+        row = dict(zip(terms, values[:-1]))
+        row["grad_norm"] = values[-1]
         row["lr_factor"] = factor
+        row["cuda_graph"] = graph is not None
         row["seconds"] = time.perf_counter() - started
         row["step"] = self.step_count
         # when the step ended (Unix seconds): across resumed calls the gaps hold each call's loading (and any idle time)
         row["unix_time"] = time.time()
         self.history.append(row)
         return row
+
+    def _losses_and_gradients(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss terms (detached), their backward and the gradient clipping: what a graph replays.
+        Returns (terms, the gradient norm before clipping)."""
+        terms = self.losses(input_ids, attention_mask)
+        with record_function("distill.backward"):
+            terms["total"].backward()
+        with record_function("distill.clip"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        return {name: value.detach() for name, value in terms.items()}, grad_norm
+
+    def _capturable(self, attention_mask: torch.Tensor | None) -> bool:
+        return self.graph_off is None and self.device.type == "cuda" and attention_mask is None
+
+    @property
+    def settling_steps(self) -> int:
+        """Steps of this process before its steps take their steady time (warm-up, then the capture)."""
+        return GRAPH_WARMUP + 1 if self._capturable(None) and self._graph is None else 1
+
+    def _graph_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _StepGraph | None:
+        """The step's CUDA graph (captured here once the warm-up is done), or None: run eagerly."""
+        if not self._capturable(attention_mask):
+            return None
+        if self._graph is not None:
+            return self._graph if self._graph.fits(input_ids) else None
+        if self._eager_steps < GRAPH_WARMUP:
+            return None
+        try:
+            self._graph = _StepGraph(self, input_ids.to(self.device))
+        except Exception as error:  # noqa: BLE001  (a step that cannot be captured still trains, eagerly)
+            self.graph_off = f"its capture failed ({type(error).__name__}: {str(error)[:300]})"
+            warnings.warn(f"approxattn.distill: the training step runs eagerly: {self.graph_off}", RuntimeWarning,
+                          stacklevel=3)
+            self.optimizer.zero_grad(set_to_none=True)   # gradients the failed capture may have left
+            return None
+        return self._graph
+
+    @contextmanager
+    def _warm_up_stream(self, warming_up: bool):
+        """The eager steps before a capture run on the capture's stream, as torch's CUDA-graph recipe
+        asks (per-stream handles and workspaces exist before the capture needs them)."""
+        if not warming_up:
+            yield
+            return
+        stream, current = capture_stream(self.device.index or 0), torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            yield
+        current.wait_stream(stream)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -269,7 +361,9 @@ class Distiller:
         # or save less often; everything else must match. Checkpoints from before the schedule
         # options ran the constant schedule.
         saved = {"lr_schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0} | saved
-        free = ("steps", "checkpoint_every") if mine["lr_schedule"] == "constant" else ("checkpoint_every",)
+        # how a step runs (eagerly or from a CUDA graph) is not part of the recipe
+        free = ("steps", "checkpoint_every", "cuda_graph") if mine["lr_schedule"] == "constant" \
+            else ("checkpoint_every", "cuda_graph")
         different = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if different:
             raise ValueError("checkpoint: it was written with other options ("
@@ -294,6 +388,27 @@ class Distiller:
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+class _StepGraph:
+    """One batch shape's step (``Distiller._losses_and_gradients``) captured into a CUDA graph: a static
+    input buffer; the loss terms, the gradient norm and the parameters' gradients in the graph's memory
+    pool, rewritten by every replay."""
+
+    def __init__(self, distiller: Distiller, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        distiller.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates them, in its pool
+        with collecting() as self.kept:  # tensors process-wide caches handed the step live as long as the graph
+            self.terms, self.grad_norm = capture(self.graph, lambda: distiller._losses_and_gradients(self.input_ids))
+
+    def fits(self, input_ids: torch.Tensor) -> bool:
+        return input_ids.shape == self.input_ids.shape and input_ids.dtype == self.input_ids.dtype
+
+    def replay(self, input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        return self.terms, self.grad_norm
 
 
 def _write_log(out_dir: Path, history: list[dict[str, float]]) -> None:
@@ -368,10 +483,11 @@ class LanguageModelTuner(Distiller):
     def losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         device = self.device
         input_ids = input_ids.to(device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)  # None: no padding
         with autocast(device, self.config.precision):
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-        task = next_token_loss(logits, input_ids, attention_mask.bool())
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        task = next_token_loss(logits, input_ids, valid)
         return {"task": task, "total": task}
 
 
