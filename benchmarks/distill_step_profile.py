@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,19 @@ def profile_student(teacher, method: str, options: dict, batch: int, seq: int, s
         distiller.step(ids)                         # its loss floats wait for the device
         sync(device)
         seconds.append(time.perf_counter() - start)
+    sync_sites: dict[str, int] = {}
+    if device == "cuda" and not cuda_graph:   # what would stop a capture: host syncs in losses + backward
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            distiller.losses(ids)["total"].backward()
+        torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                site = f"{w.filename}:{w.lineno}"
+                sync_sites[site] = sync_sites.get(site, 0) + 1
+        distiller.optimizer.zero_grad(set_to_none=True)
+        sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         distiller.step(ids)
@@ -69,7 +83,7 @@ def profile_student(teacher, method: str, options: dict, batch: int, seq: int, s
     device_ops = sorted(events, key=lambda e: -e.self_device_time_total)
     result = {
         "method": method, "options": options, "cuda_graph": cuda_graph, "graph_replays": distiller.graph_replays,
-        "graph_off": distiller.graph_off, "step_s": statistics.median(seconds), "steps_s": seconds,
+        "graph_off": distiller.graph_off, "host_syncs": sync_sites, "step_s": statistics.median(seconds), "steps_s": seconds,
         "aten_calls": sum(e.count for e in aten),
         "aten_cpu_self_s": sum(e.self_cpu_time_total for e in aten) / 1e6,
         "cuda_kernel_s": sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6,
@@ -117,6 +131,9 @@ def main() -> None:
             f"eager{'' if not graphed else ' (graph off: ' + r['graph_off'] + ')'}"
         print(f"{method} {mode}: step {r['step_s']:.3f} s wall | aten calls {r['aten_calls']}, CPU self {r['aten_cpu_self_s']:.3f} s"
               f" | CUDA kernels {r['cuda_kernel_s']:.3f} s | peak {r['peak_gib'] or 0:.1f} GiB", flush=True)
+        if not graphed:
+            print(f"  host syncs in one eager step's losses and backward: {sum(r['host_syncs'].values())}",
+                  *(f"    {c} x {site}" for site, c in r["host_syncs"].items()), sep="\n", flush=True)
         for name, ms, count in r["top_cuda_ops"]:
             print(f"    {ms:9.2f} ms  x{count:<5d} {name}", flush=True)
         print("  ranges (device ms incl. children, CPU ms, count):", flush=True)

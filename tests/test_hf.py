@@ -137,6 +137,30 @@ def test_mask_conversion():
         hf.key_padding_mask_from_hf(torch.ones(2, 5, dtype=torch.bool), batch=2, seq_q=n, seq_k=n, causal=False)
 
 
+@pytest.mark.parametrize("method", ["softmax", "sea"])
+def test_unpadded_mask_is_the_same_model_with_no_mask(method):
+    """hf.unpadded_mask: the same tensor per shape, recognised without being read, and the model gives
+    what it gives with no mask; a mask written in place is no longer trusted blindly."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 24))
+    mask = hf.unpadded_mask(2, 24, causal=True, device="cpu")
+    assert mask is hf.unpadded_mask(2, 24, causal=True, device="cpu") and mask.shape == (2, 1, 24, 24)
+    assert torch.equal(mask[1, 0], torch.ones(24, 24, dtype=torch.bool).tril())
+    assert not hf.unpadded_mask(2, 24, causal=False, device="cpu")[0, 0].logical_not().any()
+    hf.patch_model(model, method, **({"k": 4, "columns": 8} if method == "sea" else {}))
+    with torch.no_grad():
+        reference = model(ids).logits
+        given = model(ids, attention_mask=mask).logits
+    assert rel_err(given, reference) < 1e-6
+    assert hf.key_padding_mask_from_hf(mask, batch=2, seq_q=24, seq_k=24, causal=True) is None
+    with pytest.raises(ValueError, match="another pattern"):   # causal triangle given to bidirectional attention
+        hf.key_padding_mask_from_hf(mask, batch=2, seq_q=24, seq_k=24, causal=False)
+    mask._base[3, :] = False   # written in place (through the square it views): not trusted any more
+    assert mask._version > 0
+    fresh = hf.unpadded_mask(2, 24, causal=True, device="cpu")
+    assert fresh is not mask and torch.equal(fresh[0, 0], torch.ones(24, 24, dtype=torch.bool).tril())
+
+
 def test_bad_patches_raise_clear_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="unknown"):

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -168,9 +169,9 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
-    """The model's outputs with hidden states; attention_mask None = no padding (transformers then
-    builds no padding mask, which it would check with a host sync). No KV cache: nothing decodes."""
+def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+    """The model's outputs with hidden states. attention_mask: ``(B, N)``, or ``hf.unpadded_mask``'s (no
+    padding: transformers then checks nothing on the host). No KV cache: nothing decodes."""
     if getattr(model.config, "use_cache", None) is not None:
         kwargs["use_cache"] = False
     return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
@@ -226,8 +227,9 @@ class Distiller:
         """All loss terms for one batch (``total`` included), with the student's graph attached."""
         device = self.device
         input_ids = input_ids.to(device)
-        if attention_mask is None:   # no padding: the models get no mask (see _forward)
+        if attention_mask is None:   # no padding
             valid = torch.ones_like(input_ids, dtype=torch.bool)
+            attention_mask = hf.unpadded_mask(*input_ids.shape, causal=self.causal, device=device)
         else:
             attention_mask = attention_mask.to(device)
             valid = attention_mask.bool()
@@ -319,7 +321,7 @@ class Distiller:
         try:
             self._graph = _StepGraph(self, input_ids.to(self.device))
         except Exception as error:  # noqa: BLE001  (a step that cannot be captured still trains, eagerly)
-            self.graph_off = f"its capture failed ({type(error).__name__}: {str(error)[:300]})"
+            self.graph_off = f"its capture failed at {_failing_line(error)} ({type(error).__name__}: {str(error)[:200]})"
             warnings.warn(f"approxattn.distill: the training step runs eagerly: {self.graph_off}", RuntimeWarning,
                           stacklevel=3)
             self.optimizer.zero_grad(set_to_none=True)   # gradients the failed capture may have left
@@ -388,6 +390,16 @@ class Distiller:
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def _failing_line(error: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``error``'s traceback outside torch (the op that synced)."""
+    where = "?"
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        path = frame.f_code.co_filename
+        if f"{os.sep}torch{os.sep}" not in path:
+            where = f"{os.sep.join(Path(path).parts[-3:])}:{line}"
+    return where
 
 
 class _StepGraph:
@@ -483,10 +495,14 @@ class LanguageModelTuner(Distiller):
     def losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         device = self.device
         input_ids = input_ids.to(device)
-        attention_mask = None if attention_mask is None else attention_mask.to(device)  # None: no padding
+        if attention_mask is None:   # no padding
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+            attention_mask = hf.unpadded_mask(*input_ids.shape, causal=True, device=device)
+        else:
+            attention_mask = attention_mask.to(device)
+            valid = attention_mask.bool()
         with autocast(device, self.config.precision):
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         task = next_token_loss(logits, input_ids, valid)
         return {"task": task, "total": task}
 

@@ -27,6 +27,7 @@ from .patch import (
     patched_method,
     register,
     truncate_layers,
+    unpadded_mask,
     unpatch,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "patched_method",
     "register",
     "truncate_layers",
+    "unpadded_mask",
     "unpatch",
 ]

@@ -25,6 +25,7 @@ The function:
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -112,6 +113,34 @@ class _MaskCache:
 
 
 _mask_cache = _MaskCache()
+# unpadded_mask's masks by (batch, seq, causal, device); a few at most, each holds seq² bytes
+_UNPADDED_MASKS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_UNPADDED_MASKS_KEPT = 4
+
+
+def unpadded_mask(batch: int, seq: int, *, causal: bool, device: torch.device | str) -> torch.Tensor:
+    """A ``(batch, 1, seq, seq)`` bool mask of unpadded self-attention (the causal lower triangle, or all
+    True), which approxattn's attention function recognises by identity without reading it.
+
+    Give it to a model as ``attention_mask``: transformers passes a 4-D mask through as it is, where it
+    would check a 2-D or missing one with host syncs (padding and packed-sequence checks) that a CUDA
+    graph cannot capture. The same call returns the same tensor (a view of one ``seq × seq`` matrix)."""
+    key = (batch, seq, causal, torch.device(device))
+    mask = _UNPADDED_MASKS.get(key)
+    if mask is None or mask._version != 0:
+        square = torch.ones(seq, seq, dtype=torch.bool, device=device)
+        mask = (square.tril() if causal else square).expand(batch, 1, seq, seq)
+        _UNPADDED_MASKS[key] = mask
+        while len(_UNPADDED_MASKS) > _UNPADDED_MASKS_KEPT:
+            _UNPADDED_MASKS.popitem(last=False)
+    _UNPADDED_MASKS.move_to_end(key)
+    return mask
+
+
+def _is_unpadded_mask(mask: torch.Tensor, *, batch: int, seq_q: int, seq_k: int, causal: bool) -> bool:
+    """Whether ``mask`` is unpadded_mask's for this call (unchanged since: an in-place write bumps its version)."""
+    kept = _UNPADDED_MASKS.get((batch, seq_k, causal, mask.device))
+    return kept is mask and seq_q == seq_k and mask._version == 0
 
 
 def key_padding_mask_from_hf(
@@ -125,7 +154,8 @@ def key_padding_mask_from_hf(
     ``(causal lower triangle, if causal) & key padding`` on every query row that sees a key;
     anything else raises ``ValueError``.
     """
-    if attention_mask is None:
+    if attention_mask is None or _is_unpadded_mask(attention_mask, batch=batch, seq_q=seq_q, seq_k=seq_k,
+                                                   causal=causal):
         return None
     cache = _mask_cache
     if cache.mask is attention_mask and cache.version == attention_mask._version and cache.causal == causal:
