@@ -196,6 +196,37 @@ def test_sigterm_saves_the_steps_done_and_the_run_resumes(tmp_path):
     assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
 
 
+def test_sigterm_inside_a_step_waits_for_its_end(tmp_path, monkeypatch):
+    """A SIGTERM that lands mid-step (on the GPU: while the host waits for the step's loss values) is
+    raised after the step: its update, its count and its log row stay together (session 20 lost a row)."""
+    import os
+    import signal
+
+    from approxattn.distill.cli import sigterm_as_interrupt
+
+    teacher, tokens = tiny_teacher(), stream()
+    config = DistillConfig(method="performer", options={"num_features": 16}, steps=5, seq_len=16, lr=1e-3,
+                           precision="fp32", checkpoint_every=100)
+    whole = distill(teacher, tokens, config)
+    losses = Distiller.losses
+
+    def terminated_in_the_third(self, *args, **kwargs):
+        terminated_in_the_third.calls += 1
+        if terminated_in_the_third.calls == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses(self, *args, **kwargs)
+
+    terminated_in_the_third.calls = 0
+    monkeypatch.setattr(Distiller, "losses", terminated_in_the_third)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        distill(teacher, tokens, config, out_dir=tmp_path)
+    monkeypatch.setattr(Distiller, "losses", losses)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    resumed = distill(teacher, tokens, config, out_dir=tmp_path)
+    assert [r["total"] for r in resumed.history] == [r["total"] for r in whole.history]
+
+
 def test_the_optimizer_runs_the_schedule_and_a_resume_follows_it(tmp_path):
     teacher = tiny_teacher()
     tokens = stream()

@@ -71,15 +71,17 @@ def parse_weights(items: list[str]) -> dict[str, float]:
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (``timeout``, a batch scheduler, a machine being reclaimed) raises KeyboardInterrupt inside
-    the block, as Ctrl-C does, so that the training loop's ``finally`` writes its checkpoint: without
-    it a terminated run loses every step since the last periodic checkpoint. The previous handler
+    the block, as Ctrl-C does (after the training step in flight), so that the training loop's ``finally``
+    writes its checkpoint: without it a terminated run loses every step since the last periodic checkpoint. The previous handler
     comes back on the way out; outside the main thread (where handlers cannot be set) nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    from .trainer import request_interrupt
+
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        request_interrupt(f"signal {signum}")   # at the end of a step in flight
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -177,6 +177,23 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
 
 
+class _StepInterrupts:
+    """A step's update, its count and its log row are kept together: an interrupt that arrives while a step
+    is in flight waits for its end (one that landed between the update and the row lost a log row)."""
+
+    in_step = False
+    pending: str | None = None
+
+
+def request_interrupt(reason: str) -> None:
+    """Raise KeyboardInterrupt(reason) now, or at the end of the training step in flight (signal handlers:
+    ``approxattn distill``'s SIGTERM)."""
+    if _StepInterrupts.in_step:
+        _StepInterrupts.pending = reason
+        return
+    raise KeyboardInterrupt(reason)
+
+
 class Distiller:
     """One teacher, one student, one optimizer; :meth:`step` runs one optimisation step.
 
@@ -260,7 +277,18 @@ class Distiller:
         whether a CUDA graph ran it (``cuda_graph``), the step's wall seconds (the loss floats wait
         for the device) and when it ended (``unix_time``).
 
-        input_ids ``(B, N)`` token ids; attention_mask ``(B, N)`` (1 = real token) or None (no padding)."""
+        input_ids ``(B, N)`` token ids; attention_mask ``(B, N)`` (1 = real token) or None (no padding).
+        An interrupt requested during the step (:func:`request_interrupt`) is raised when it ends."""
+        _StepInterrupts.in_step = True
+        try:
+            return self._step(input_ids, attention_mask)
+        finally:
+            _StepInterrupts.in_step = False
+            reason, _StepInterrupts.pending = _StepInterrupts.pending, None
+            if reason is not None:
+                raise KeyboardInterrupt(reason)
+
+    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, float]:
         started = time.perf_counter()
         self.student.train()
         graph = self._graph_for(input_ids, attention_mask)
