@@ -11,12 +11,13 @@ every ``checkpoint_every`` steps and at the end; :func:`distill` resumes from th
 its folder, and a resumed run gives the same result as an uninterrupted one (the data windows of
 step s depend only on (seed, s); RNG states are saved).
 
-On CUDA a step is a few thousand small launches (SmolLM2 into SEA: ~86,000 aten calls), so the host,
-not the GPU, set its pace. With ``cuda_graph`` (the default) the step's losses, backward and gradient
+On CUDA an eager step is tens of thousands of small launches (SmolLM2 into SEA: ~80,000 aten calls), so
+the host, not the GPU, sets its pace. With ``cuda_graph`` (the default) the step's losses, backward and gradient
 clipping are captured once into a CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed for every
 later batch of the same shape; the optimizer (fused AdamW) runs eagerly after the replay, so the
 learning-rate schedule needs nothing captured. Steps run eagerly where a graph would not compute the
-same thing: on the CPU, with an attention mask (transformers builds padding masks with host syncs),
+same thing: on the CPU, with an attention mask (transformers checks padding masks with host syncs; without
+one the models get ``hf.unpadded_mask``, which it passes through unread),
 for a method with host-side per-call state (a redraw schedule: ``AttentionModule.replays_in_training``),
 for another batch shape than the captured one, and after a capture that failed (warned once).
 """
@@ -365,9 +366,11 @@ class Distiller:
             return
         stream, current = capture_stream(self.device.index or 0), torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            yield
-        current.wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            current.wait_stream(stream)
 
     # -------------------------------------------------------------- checkpoints
 
