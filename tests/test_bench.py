@@ -68,6 +68,40 @@ def test_report_markdown_targets_and_plots(tmp_path):
                                           "fraction_of_floor.png"}
 
 
+def test_flurka_preset_pairs_each_fusion_with_its_constituent():
+    """Preset ``flurka``: every fused FLuRKA row is compared with FAVOR+ of its m (r < m) or Linformer of
+    its r (m < r) at its own N, with the multiply-accumulate ceiling of that ratio beside it."""
+    cases = presets.flurka((4096, 65536))
+    fake_ms = {"FAVOR+ m=256 (fused)": 2.0, "FLuRKA r=32 m=256 (fused)": 1.0, "FLuRKA r=128 m=256 (fused)": 1.6,
+               "Linformer r=128 (PyTorch)": 24.0, "FLuRKA r=128 m=32 (fused)": 1.5}
+    rows = [{"case": c.key(), "fwd": None, "fwd+bwd": fake_ms.get(c.label, 3.0) * (c.seq / 65536), "floor": None}
+            for c in cases]
+    rows.append({"case": Case("reference", "FAVOR+ m=256 (PyTorch ref)", 65536, False, method="performer",
+                              options={"num_features": 256}).key(), "fwd": None, "fwd+bwd": 50.0, "floor": None})
+    claims = {t["target"]: t for t in report.flurka_claims(rows)}
+    assert all(t in report.targets(report._headline_rows(rows)) for t in claims.values())
+    flurka_rows = [c for c in cases if c.method == "flurka-performer"]
+    assert len(claims) == len(flurka_rows) and all(c.options["rank"] != c.options["num_features"] for c in flurka_rows)
+    fast = claims["FLuRKA r=32 m=256 vs Performer m=256 fused (r < m), N=65,536 fwd+bwd"]
+    assert fast["value"] == pytest.approx(2.0) and fast["met"] and fast["goal"] == "≥ 1.7×"
+    assert "MAC ceiling 1.78×" in fast["detail"]  # 2·256 / (32 + 256 + 32·256/65536)
+    slow = claims["FLuRKA r=128 m=256 vs Performer m=256 fused (r < m), N=65,536 fwd+bwd"]
+    assert slow["value"] == pytest.approx(1.25) and not slow["met"]  # against the fused FAVOR+, not the reference
+    lowrank = claims["FLuRKA r=128 m=32 vs Linformer r=128 (m < r), N=65,536 fwd+bwd"]
+    assert lowrank["value"] == pytest.approx(16.0) and lowrank["met"] and lowrank["goal"] == "≥ 3.3×"
+    assert claims["FLuRKA r=128 m=32 vs Linformer r=128 (m < r), N=4,096 fwd+bwd"]["value"] == pytest.approx(16.0)
+
+
+def test_every_preset_but_quick_takes_the_sequence_lengths():
+    import inspect
+
+    for name, builder in presets.PRESETS.items():
+        takes = "seqs" in inspect.signature(builder).parameters
+        assert takes == (name != "quick"), name
+        if takes:
+            assert {c.seq for c in builder((4096,))} == {4096}, name
+
+
 def _sdpa_case(backend: str, causal: bool = False) -> Case:
     return Case("sdpa", f"SDPA {backend}", 64, causal, heads=2, head_dim=16, dtype="float32", method="softmax",
                 options={"backend": backend})
@@ -214,3 +248,13 @@ def test_graphed_step_replays_the_eager_result():
     torch.cuda.synchronize()
     for a, b in zip(got, want):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-6
+
+
+def test_select_cases_times_a_case_shared_by_two_presets_once():
+    from approxattn.bench.cli import select_cases
+
+    cases = select_cases(["flurka", "headline"], seq=(65536,), match=["FAVOR+ m=256 (fused)", "SDPA flash"],
+                         exclude=["causal"])
+    assert [c.label for c in cases] == ["FAVOR+ m=256 (fused)", "SDPA flash"]
+    assert [c.label for c in select_cases(["quick"], seq=(65536,), impls=["sdpa"])] == ["SDPA flash",
+                                                                                         "SDPA flash causal"]

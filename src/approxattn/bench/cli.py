@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import shlex
 import sys
 import time
@@ -13,25 +15,37 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x.replace("_", "").replace("K", "000")) for x in text.split(",") if x)
 
 
+def select_cases(preset_names, *, seq=None, impls=None, match=None, exclude=None) -> list:
+    """The cases of the named presets, each once (presets share cases: FAVOR+ m=256 is in headline and
+    flurka), in order, filtered: ``impls`` exactly, ``match`` / ``exclude`` by label substrings (any case)."""
+    from . import presets
+
+    unique: dict[str, object] = {}
+    for name in preset_names:
+        builder = presets.PRESETS[name]
+        # every preset but ``quick`` takes its sequence lengths
+        for case in builder(seq) if seq and "seqs" in inspect.signature(builder).parameters else builder():
+            unique.setdefault(json.dumps(case.key(), sort_keys=True), case)
+    cases = list(unique.values())
+    if impls:
+        cases = [c for c in cases if c.impl in impls]
+    if match:
+        cases = [c for c in cases if any(m.lower() in c.label.lower() for m in match)]
+    if exclude:
+        cases = [c for c in cases if not any(m.lower() in c.label.lower() for m in exclude)]
+    return cases
+
+
 def run_command(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
         print("approxattn bench run: needs a CUDA device (the report subcommand works anywhere)", file=sys.stderr)
         return 2
-    from . import presets, report
+    from . import report
     from .runner import floors, measure_device, time_case
 
-    cases = []
-    for name in args.preset:
-        builder = presets.PRESETS[name]
-        cases += builder(args.seq) if args.seq and name in ("headline", "sweep", "sea", "crossover") else builder()
-    if args.impls:
-        cases = [c for c in cases if c.impl in args.impls]
-    if args.match:
-        cases = [c for c in cases if any(m.lower() in c.label.lower() for m in args.match)]
-    if args.exclude:
-        cases = [c for c in cases if not any(m.lower() in c.label.lower() for m in args.exclude)]
+    cases = select_cases(args.preset, seq=args.seq, impls=args.impls, match=args.match, exclude=args.exclude)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = measure_device()

@@ -3,7 +3,8 @@ cuDNN and default backends from N=16K);
 ``sweep``: the other axes (batch×heads, head dim, dtype, feature budget) at a few lengths;
 ``quick``: a smoke test; ``sea``: SEA's sparse step and module, forward only (``bench/sparse.py``);
 ``crossover``: the short lengths where SDPA and the fused paths cross, each timed as called
-from Python and replayed from CUDA graphs (the GPU's own time, without launch overhead)."""
+from Python and replayed from CUDA graphs (the GPU's own time, without launch overhead);
+``flurka``: FLuRKA against its two constituents over stated (r, m), the paper's speed claims."""
 
 from __future__ import annotations
 
@@ -121,10 +122,36 @@ def crossover(seqs=CROSSOVER_SEQ) -> list[Case]:
     return cases
 
 
+FLURKA_SEQ = (16384, 65536)
+FLURKA_KERNEL_FEATURES = (256, 512)
+FLURKA_KERNEL_RANKS = (16, 32, 64, 128)
+FLURKA_LOWRANK = ((128, 32), (128, 64), (256, 64))  # (r, m) with m < r
+
+
+def flurka(seqs=FLURKA_SEQ) -> list[Case]:
+    """FLuRKA's speed claims, each beside the constituent it is measured against, at stated (r, m):
+    against Performer (FAVOR+) with the same m at r < m, and against Linformer with the same r at m < r.
+    The multiply-accumulate ceilings are 2m / (r + m) and 2r / (r + m) (``shared`` reference §4.3)."""
+    cases: list[Case] = []
+    for seq in seqs:
+        for m in FLURKA_KERNEL_FEATURES:
+            cases.append(Case("fused", f"FAVOR+ m={m} (fused)", seq, False, method="performer",
+                              options={"num_features": m}))
+            cases += [Case("fused", f"FLuRKA r={r} m={m} (fused)", seq, False, method="flurka-performer",
+                           options={"rank": r, "num_features": m}) for r in FLURKA_KERNEL_RANKS]
+        for r in sorted({r for r, _ in FLURKA_LOWRANK}):
+            cases.append(Case("reference", f"Linformer r={r} (PyTorch)", seq, False, method="linformer",
+                              options={"rank": r}))
+        cases += [Case("fused", f"FLuRKA r={r} m={m} (fused)", seq, False, method="flurka-performer",
+                       options={"rank": r, "num_features": m}) for r, m in FLURKA_LOWRANK]
+    return cases
+
+
 def quick() -> list[Case]:
     return noncausal_family(4096)[:3] + causal_family(4096)[:3]
 
 
 from .sparse import sea  # noqa: E402  (SEA's sparse step and the sea module)
 
-PRESETS = {"headline": headline, "sweep": sweep, "quick": quick, "sea": sea, "crossover": crossover}
+PRESETS = {"headline": headline, "sweep": sweep, "quick": quick, "sea": sea, "crossover": crossover,
+           "flurka": flurka}
