@@ -4,17 +4,7 @@
 #   run(command="bash benchmarks/h100_flurka.sh", carry=[".whl"])   (.whl: performer-pytorch and its needs)
 # Knobs: BENCH_S (time limit of the bench), FLURKA_SEQ. Plots: `approxattn bench report` afterwards, here.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > /tmp/wheels.log 2>&1
-export PYTHONPATH=src:/tmp/site
-{
-  nvidia-smi -L
-  tail -2 /tmp/wheels.log
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  date -u +"%Y-%m-%d %H:%M:%S UTC"
-} > "$OUT/session.log" 2>&1
+source "$(dirname "$0")/device_setup.sh"
 timeout "${BENCH_S:-230}" python -m approxattn.bench run --preset flurka headline --seq "${FLURKA_SEQ:-65536,16384}" \
   --match FLuRKA "FAVOR+ m=" Linformer "SDPA flash" performer-pytorch --exclude causal "PyTorch ref" \
   --time-budget $(( ${BENCH_S:-230} - 30 )) --no-plots --out "$OUT/flurka" > "$OUT/bench.log" 2>&1

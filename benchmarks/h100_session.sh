@@ -5,18 +5,7 @@
 # SEA_CHECK (N of the fused-vs-reference check), BENCH_SEQ, BENCH_MATCH (labels to keep), BENCH_BUDGET.
 # Everything lands in $OUT in few files (the device tool brings back at most 8).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# the peers' wheels go to their own folder (the image's system pip refused them in run 3)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > /tmp/wheels.log 2>&1
-export PYTHONPATH=src:/tmp/site
-{
-  nvidia-smi -L
-  tail -2 /tmp/wheels.log
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  date -u +"%Y-%m-%d %H:%M UTC"
-} > "$OUT/session.log" 2>&1
+source "$(dirname "$0")/device_setup.sh"
 
 if [ "${TESTS_S:-150}" != 0 ]; then
   # every GPU test: the light ones 8 at a time, then the memory-heavy ones alone (side by side with
