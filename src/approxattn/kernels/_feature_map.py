@@ -88,6 +88,18 @@ def _dot_split(a, b, LP: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _dot_split_left(a, b):
+    """``a @ b`` for an fp32 a and half-precision rows b (exact in their dtype): a is split into hi + lo
+    halves of b's dtype, so the product is nearly fp32-exact for two half-precision dots."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return tl.dot(hi, b) + tl.dot(lo, b)
+
+
+@triton.jit
 def _below(offs, size, FULL: tl.constexpr):
     """``offs < size``, or (FULL: the caller knows every offset is in range) a constant-true mask,
     which the compiler folds away with every ``where`` and load mask built from it."""

@@ -59,6 +59,7 @@ from ._feature_map import (
     _dot,
     _dot_halves,
     _dot_split,
+    _dot_split_left,
     _favor_norm,
     _finish_input_grad,
     _load_w_blk,
@@ -160,7 +161,12 @@ def _state_fwd(
             e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE, True)
         else:
             e, _ = _apply(p, offset, 1.0, 0.0, keep, FEATURE)
-        acc += _dot(e, vv, LP)
+        if LP and FEATURE == 0:
+            # elu+1 features sit near 1, where a half operand keeps only ~2⁻⁸ of their deviation from 1, which
+            # is what the attention carries (with mean-pooled FLuRKA keys, and in dq's near-cancelling terms)
+            acc += _dot_split_left(e, vv)
+        else:
+            acc += _dot(e, vv, LP)
         zacc += tl.sum(e, axis=1)
         vsum += tl.sum(vv.to(tl.float32), axis=0)
         cnt += valid.to(tl.float32)
@@ -327,6 +333,30 @@ def _out_fwd(
 
 
 @triton.jit
+def _q_features_blk(x, row_max, rows, do_raw, whi_ptr, wlo_ptr, state, state_hi, stride_wm, stride_wd, mb, m, d, dv,
+                    ratio, eps, offs_f, offs_v, vmask, FEATURE: tl.constexpr, LP: tl.constexpr,
+                    FULL_F: tl.constexpr, BMB: tl.constexpr, BD: tl.constexpr):
+    """Feature block ``mb`` of a query row block in the backward: its offsets and masks, the weight block,
+    φ and ∂φ/∂l (zero past the split's rows), z, and ``do·Sᵀ`` taken near-exactly (both bf16 halves of S
+    with half inputs)."""
+    offs_m = mb * BMB + offs_f
+    fmask = _below(offs_m, m, FULL_F)
+    tmask = fmask[:, None] & vmask[None, :]
+    whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
+    # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
+    phi, factor = _apply(_proj_blk(x, whi, wlo, FEATURE, LP), row_max[:, None], ratio, eps,
+                         rows[:, None] & fmask[None, :], FEATURE, True)
+    tile = offs_m[:, None] * dv + offs_v[None, :]
+    z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
+    if LP:
+        do_S = _dot_halves(do_raw, tl.trans(tl.load(state_hi + tile, mask=tmask, other=0.0)),
+                           tl.trans(tl.load(state_hi + m * dv + tile, mask=tmask, other=0.0)))
+    else:
+        do_S = _dot_split(do_raw, tl.trans(tl.load(state + tile, mask=tmask, other=0.0)), LP, True)
+    return offs_m, fmask, tmask, whi, phi, factor, z, do_S
+
+
+@triton.jit
 def _q_bwd_fused(
     q_ptr, whi_ptr, wlo_ptr, S_ptr, Sh_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, part_ptr, do_o_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -386,36 +416,35 @@ def _q_bwd_fused(
         rows = _below(offs_n, stop, FULL_N)
         x = tl.load(q_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                     mask=rows[:, None] & dmask[None, :], other=0.0)
-        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         do_raw = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                          mask=rows[:, None] & vmask[None, :], other=0.0)
         den = tl.load(den_base + offs_n, mask=rows, other=1.0)
         row_max = tl.load(qmax_base + offs_n, mask=rows, other=0.0)
-        do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
-        if not STATE:
-            tl.store(do_o_ptr + pid_bh.to(tl.int64) * N + offs_n, do_o, mask=rows)
         inv_den = 1.0 / den
         dnum = do_raw.to(tl.float32) * inv_den[:, None]
+        # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so both are taken near-exactly. With one
+        # feature block do·o = φ·(do·S)/den from the fp32 features, not from the stored o, which is rounded to
+        # the input dtype (FLuRKA-linear's bf16 dq, whose nearly uniform rows cancel ~7×: 1.9e-2 from that
+        # rounding alone against the fp32 reference, measured); with several, the stored o.
+        if NMB == 1:
+            offs_m, fmask, tmask, whi, phi, factor, z, do_S = _q_features_blk(
+                x, row_max, rows, do_raw, whi_ptr, wlo_ptr, state, state_hi, stride_wm, stride_wd, 0, m, d, dv,
+                ratio, eps, offs_f, offs_v, vmask, FEATURE, LP, FULL_F, BMB, BD)
+            do_o = tl.sum(phi * do_S, axis=1) * inv_den
+        else:
+            o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
+                        mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            do_o = tl.sum(do_raw.to(tl.float32) * o, axis=1)
+        if not STATE:
+            tl.store(do_o_ptr + pid_bh.to(tl.int64) * N + offs_n, do_o, mask=rows)
         dden = -do_o * inv_den
         dx = tl.zeros([BN, BD], dtype=tl.float32)
         dl_sum = tl.zeros([BN], dtype=tl.float32)
         for mb in range(NMB):
-            offs_m = mb * BMB + offs_f
-            fmask = _below(offs_m, m, FULL_F)
-            tmask = fmask[:, None] & vmask[None, :]
-            whi, wlo = _load_w_blk(whi_ptr, wlo_ptr, stride_wm, stride_wd, mb, m, d, FEATURE, BMB, BD, FULL_F)
-            # rows past the split: φ = 0 (nothing into dS, dz), factor = 0 (dq not stored)
-            phi, factor = _apply(_proj_blk(x, whi, wlo, FEATURE, LP), row_max[:, None], ratio, eps,
-                                 rows[:, None] & fmask[None, :], FEATURE, True)
-            tile = offs_m[:, None] * dv + offs_v[None, :]
-            z = tl.load(state + m * dv + offs_m, mask=fmask, other=0.0)
-            # dφ = (do·S − (do·o)z)/den: the two terms nearly cancel, so do·S is taken near-exactly
-            if LP:
-                do_S = _dot_halves(do_raw, tl.trans(tl.load(state_hi + tile, mask=tmask, other=0.0)),
-                                   tl.trans(tl.load(state_hi + m * dv + tile, mask=tmask, other=0.0)))
-            else:
-                do_S = _dot_split(do_raw, tl.trans(tl.load(state + tile, mask=tmask, other=0.0)), LP, True)
+            if NMB > 1:
+                offs_m, fmask, tmask, whi, phi, factor, z, do_S = _q_features_blk(
+                    x, row_max, rows, do_raw, whi_ptr, wlo_ptr, state, state_hi, stride_wm, stride_wd, mb, m, d,
+                    dv, ratio, eps, offs_f, offs_v, vmask, FEATURE, LP, FULL_F, BMB, BD)
             dphi = do_S * inv_den[:, None] + dden[:, None] * z[None, :]
             dx, dl_sum = _add_input_grad_blk(dx, dl_sum, dphi * factor, whi, FEATURE, LP)
             if STATE:
