@@ -164,6 +164,26 @@ def test_gather_path_in_several_chunks(monkeypatch):
     assert rel_err(gather, dense) < 1e-12
 
 
+def test_gather_path_under_autograd_refuses_what_cannot_fit(monkeypatch):
+    """On CUDA the gather path compares the tensors autograd would keep with the device's free memory
+    before allocating (``_free_memory``, faked here; None off CUDA, where nothing is checked)."""
+    q, k, v, selected, layout, _ = _case(2, 4, 2, 37, 37, 6, True, False, 0.4, 3)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    monkeypatch.setattr(sp, "_free_memory", lambda device: 1000)
+    with pytest.raises(torch.OutOfMemoryError, match=r"gather path, B=2, H=4, Nq=37.*GiB.*torch.no_grad"):
+        column_mask_attention(*ins, selected, layout, scale=0.3, path="gather")
+    with torch.no_grad():  # nothing kept for a backward: no check
+        column_mask_attention(*ins, selected, layout, scale=0.3, path="gather")
+    column_mask_attention(q, k, v, selected, layout, scale=0.3, path="gather")  # no input needs a gradient
+    monkeypatch.setattr(sp, "_free_memory", lambda device: 2**30)
+    column_mask_attention(*ins, selected, layout, scale=0.3, path="gather").sum().backward()
+    assert all(t.grad is not None for t in ins)
+
+
+def test_free_memory_is_only_read_on_cuda():
+    assert sp._free_memory(torch.device("cpu")) is None
+
+
 def test_auto_path_switches_on_size(monkeypatch):
     q, k, v, selected, layout, _ = _case(1, 2, 1, 12, 12, 4, False, False, 0.5, 4)
     calls = []

@@ -289,6 +289,36 @@ def _positions_by_rank(layout: ColumnLayout) -> torch.Tensor:
     return positions[:, :Nk]
 
 
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can still take (the driver's free memory plus what
+    PyTorch's caching allocator holds unused); None off CUDA, where nothing is checked."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _check_autograd_memory(q, k, v, count_per_row, width_per_row) -> None:
+    """Refuse, before allocating, a gather-path forward whose saved tensors cannot fit.
+
+    Under autograd every row chunk's gathered keys and values, logits, probabilities and index
+    tensors stay alive until the backward: about ``B·H·Σ_rows pairs·((d + dv + 2)·element + 17)``
+    bytes, the pairs of a row being its selected columns times the widest column's keys. Causal SEA
+    at 64K tokens asked for far more than an H100 has and failed deep inside the forward."""
+    free = _free_memory(q.device)
+    if free is None:
+        return
+    B, H, Nq, d = q.shape
+    pairs = int((count_per_row.amax(dim=(0, 1)) * width_per_row.amax(dim=0)).sum())
+    need = B * H * pairs * ((d + v.shape[-1] + 2) * q.element_size() + 17)
+    if need > free:
+        raise torch.OutOfMemoryError(
+            f"SEA's sparse step under autograd (gather path, B={B}, H={H}, Nq={Nq}, Nk={k.shape[2]}) would keep "
+            f"~{need / 2**30:.1f} GiB of gathered keys, values and probabilities for the backward; "
+            f"{free / 2**30:.1f} GiB is free on {q.device}. Train on shorter sequences or smaller batches, or run "
+            "inference under torch.no_grad() (the fused kernel, linear in N)")
+
+
 def _gather_attention(q, k, v, selected, layout, scale) -> torch.Tensor:
     B, H, Nq, d = q.shape
     Hkv, Nk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -303,6 +333,8 @@ def _gather_attention(q, k, v, selected, layout, scale) -> torch.Tensor:
     out = torch.zeros(B, H, Nq, dv, dtype=q.dtype, device=device)
     if pairs_per_row == 0:
         return out
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        _check_autograd_memory(q, k, v, count_per_row, width_per_row)
     rows_per_chunk = max(1, GATHER_PAIRS_PER_CHUNK // (B * H * pairs_per_row))
     k_rows = k.reshape(B * Hkv * Nk, d)
     v_rows = v.reshape(B * Hkv * Nk, dv)
