@@ -1,26 +1,76 @@
-"""Compile recorded kernel launches for an H100 (sm_90) with Triton's real compiler, no GPU needed.
+"""Compile kernel launches recorded under Triton's interpreter for an H100 (sm_90) with the real compiler.
 
-``python tests/sm90_compile.py launches.json`` (run without ``TRITON_INTERPRET``): each entry names a
-kernel (module, function), its pointer dtypes, scalar kinds and constexpr values, as
-``test_kernels_compile.py`` records them from launches under the interpreter. The interpreter runs
-kernels as Python, so code the compiler rejects (a name bound only in a runtime branch, a type a loop
-cannot carry, a bad ``tl.dot`` operand) passes there; this catches it before a GPU does. Prints one
-``FAIL`` line a kernel that does not compile and ``compiled N failed M``; exit status 1 on a failure.
+The interpreter runs kernels as Python, so code that Triton's compiler rejects (a name bound to two types
+in a runtime branch, a value a loop cannot carry, a bad ``tl.dot`` operand) can pass every CPU test and
+fail only on a GPU. :func:`recording` notes each interpreted launch (kernel, argument types, constexpr
+values, launch options); ``python tests/sm90_compile.py launches.json``, run without ``TRITON_INTERPRET``,
+compiles each for sm_90 (to a cubin, with the ptxas that Triton ships), prints one ``FAIL`` line a launch
+that does not compile and ``compiled N failed M``, and exits 1 on a failure. No GPU is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import json
 import sys
 
-POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int32": "*i32",
-                 "int64": "*i64"}
-SCALAR_TYPES = {"int": "i32", "float": "fp32", "bool": "i1"}
+POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64", "uint8": "*u8",
+                 "int8": "*i8", "int16": "*i16", "int32": "*i32", "int64": "*i64", "bool": "*i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def describe(fn, args: tuple, kwargs: dict) -> dict:
+    """One launch of the ``@triton.jit`` function ``fn`` (the undecorated Python function) as JSON."""
+    import torch
+    import triton.language as tl
+
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        value = bound.get(name, param.default)
+        if "constexpr" in str(param.annotation) or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = {"dtype": str(value)} if isinstance(value, tl.dtype) else value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER_TYPES[str(value.dtype).removeprefix("torch.")]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__} is not described")
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}}
+
+
+@contextlib.contextmanager
+def recording():
+    """Within the block, every interpreted kernel launch is described into the yielded dict (deduplicated)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[str, dict] = {}
+    run = InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        entry = describe(self.fn, args, kwargs)
+        launches.setdefault(json.dumps(entry, sort_keys=True), entry)
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = record
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = run
 
 
 def compile_all(entries: list[dict]) -> int:
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -28,17 +78,13 @@ def compile_all(entries: list[dict]) -> int:
     failed = 0
     for entry in entries:
         fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-        names = fn.arg_names
-        pointers, scalars = entry["pointers"], entry["scalars"]
-        signature = {names[i]: POINTER_TYPES[t] for i, t in enumerate(pointers)}
-        signature |= {names[len(pointers) + j]: SCALAR_TYPES[t] for j, t in enumerate(scalars)}
-        signature |= {name: "constexpr" for name in names[len(pointers) + len(scalars):]}
+        constexprs = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
         try:
-            triton.compile(ASTSource(fn, signature, constexprs=entry["constexprs"]), target=target,
-                           options={"num_warps": entry.get("num_warps", 4), "num_stages": entry.get("num_stages", 2)})
+            triton.compile(ASTSource(fn, entry["signature"], constexprs=constexprs), target=target,
+                           options={"num_warps": 4, "num_stages": 2} | entry["options"])
         except Exception as error:  # noqa: BLE001  (every compiler error is a finding)
             failed += 1
-            print(f"FAIL {entry['kernel']} {entry['pointers']} {entry['constexprs']}: "
+            print(f"FAIL {entry['kernel']} {entry['signature']} {entry['constexprs']}: "
                   f"{type(error).__name__}: {str(error)[:2000]}", flush=True)
     print(f"compiled {len(entries) - failed} failed {failed}", flush=True)
     return 1 if failed else 0

@@ -1,10 +1,12 @@
-"""The non-causal kernel-attention launches compile for an H100 (sm_90) with Triton's real compiler.
+"""Every Triton kernel launch of representative calls compiles for an H100 (sm_90) with Triton's real compiler.
 
-The CPU tests run every kernel under the interpreter, which executes them as Python: code that the
-compiler rejects can pass there and fail only on a GPU. This records the launches of representative
-calls under the interpreter (bf16: elu+1 with one feature block, FAVOR+ with four, FLuRKA-linear with a
-key mask) and compiles each for sm_90 in a process without the interpreter (``sm90_compile.py``),
-at the H100 launch configs' block size along N.
+The CPU tests run the kernels under the interpreter, which executes them as Python: code the compiler
+rejects can pass there and fail only on a GPU (a negative control, a runtime branch binding an int in one
+arm and a tensor in the other, passed the interpreter tests and failed here). This records the launches
+of kernel attention (elu+1, FAVOR+ with one and four feature blocks, ReLU; causal and not; FLuRKA with a
+key mask; bf16 and fp32 under autograd), Linformer's sequence projection, and SEA's forward (bf16
+inference, causal and not, and fp32 training), and compiles each in a process without the interpreter
+(``sm90_compile.py``) at the interpreter's block sizes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import pytest
 import torch
 
 import approxattn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sm90_compile  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -38,45 +43,49 @@ pytestmark = [
 ]
 
 
-def _record_launches(monkeypatch) -> list[dict]:
-    from approxattn.kernels import _launch
-
-    entries: dict[str, dict] = {}
-    first_launch = _launch.Launch._first_launch
-
-    def record(self, pointers):
-        fn = getattr(self.fn, "fn", self.fn)
-        meta = {k: v for k, v in self.meta.items() if k not in ("num_warps", "num_stages")}
-        if "BN" in meta:
-            meta["BN"] = 64  # the interpreter's 16; the H100 configs use 64 or 128
-        entry = {"module": fn.__module__, "kernel": fn.__name__,
-                 "pointers": [str(p.dtype).removeprefix("torch.") for p in pointers],
-                 "scalars": [type(c).__name__ for c in self.consts], "constexprs": meta}
-        entries.setdefault(json.dumps(entry, sort_keys=True), entry)
-        return first_launch(self, pointers)
-
-    monkeypatch.setattr(_launch.Launch, "_first_launch", record)
-    monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+def _kernel_attention_calls():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 32, 64, generator=gen).bfloat16().requires_grad_() for _ in range(3))
     mask = torch.ones(1, 32, dtype=torch.bool)
     mask[0, 28:] = False
-    for method, options, key_padding_mask in (("linear", {}, None), ("performer", {"num_features": 256}, None),
-                                              ("flurka-linear", {"rank": 8}, mask)):
-        module = approxattn.build(method, head_dim=64, **options)
-        module(q, k, v, key_padding_mask=key_padding_mask).float().sum().backward()
-    return list(entries.values())
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (torch.randn(1, 2, 32, 64, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+        for method, options, causal, key_mask in (
+                ("linear", {}, False, None), ("linear", {}, True, None),
+                ("performer", {"num_features": 256}, False, None), ("performer", {"num_features": 256}, True, None),
+                ("performer", {"num_features": 64, "kernel": "relu"}, True, None),
+                ("flurka-linear", {"rank": 8}, False, mask), ("flurka-performer", {"rank": 8}, False, mask),
+                ("linformer", {"rank": 8}, False, None)):
+            module = approxattn.build(method, head_dim=64, **options)
+            module(q, k, v, causal=causal, key_padding_mask=key_mask).float().sum().backward()
+
+
+def _sea_calls():
+    gen = torch.Generator().manual_seed(1)
+    for dtype, grad in ((torch.bfloat16, False), (torch.float32, True)):
+        q, k, v = (torch.randn(1, 4, 48, 16, generator=gen).to(dtype) for _ in range(3))
+        for causal in (False, True):
+            sea = approxattn.build("sea", head_dim=16, k=4, columns=8, num_features=16)
+            sea.train(grad)
+            with torch.set_grad_enabled(grad):
+                out = sea(*(t.clone().requires_grad_(grad) for t in (q, k, v)), causal=causal)
+                if grad:
+                    out.sum().backward()
 
 
 @pytest.mark.slow
-def test_kernel_attention_launches_compile_for_sm90(monkeypatch, tmp_path):
-    entries = _record_launches(monkeypatch)
+def test_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
+    monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+    with sm90_compile.recording() as launches:
+        _kernel_attention_calls()
+        _sea_calls()
+    entries = list(launches.values())
     kernels = {e["kernel"] for e in entries}
-    assert {"_state_fwd", "_combine_parts", "_out_fwd", "_q_bwd_fused", "_dstate_bwd", "_kv_bwd"} <= kernels
+    assert {"_state_fwd", "_out_fwd", "_q_bwd_fused", "_dstate_bwd", "_kv_bwd"} <= kernels, kernels
     assert {e["constexprs"]["NMB"] for e in entries if e["kernel"] == "_q_bwd_fused"} == {1, 4}
+    assert len(kernels) >= 15, sorted(kernels)  # SEA's own kernels among them (sparse step, convs, head, ...)
     (tmp_path / "launches.json").write_text(json.dumps(entries))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "APPROXATTN_FORCE_KERNELS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")),
-                           str(tmp_path / "launches.json")], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, sm90_compile.__file__, str(tmp_path / "launches.json")], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and f"compiled {len(entries)} failed 0" in done.stdout, done.stdout + done.stderr[-3000:]
