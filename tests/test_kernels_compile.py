@@ -43,7 +43,7 @@ pytestmark = [
 ]
 
 
-def _kernel_attention_calls():
+def _kernel_attention_calls(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     mask = torch.ones(1, 32, dtype=torch.bool)
     mask[0, 28:] = False
@@ -57,6 +57,13 @@ def _kernel_attention_calls():
                 ("linformer", {"rank": 8}, False, None)):
             module = approxattn.build(method, head_dim=64, **options)
             module(q, k, v, causal=causal, key_padding_mask=key_mask).float().sum().backward()
+    # the segment scan's EXACT dq (APPROXATTN_CAUSAL_DQ=exact), bf16 only
+    from approxattn.kernels import causal_linear_attn
+
+    monkeypatch.setattr(causal_linear_attn, "CAUSAL_DQ", "exact")
+    monkeypatch.setattr(causal_linear_attn, "_PLANS", causal_linear_attn.PlanCache())
+    q, k, v = (torch.randn(1, 2, 32, 64, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    approxattn.build("linear", head_dim=64)(q, k, v, causal=True).float().sum().backward()
 
 
 def _sea_calls():
@@ -76,12 +83,13 @@ def _sea_calls():
 def test_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
     monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
     with sm90_compile.recording() as launches:
-        _kernel_attention_calls()
+        _kernel_attention_calls(monkeypatch)
         _sea_calls()
     entries = list(launches.values())
     kernels = {e["kernel"] for e in entries}
     assert {"_state_fwd", "_out_fwd", "_q_bwd_fused", "_dstate_bwd", "_kv_bwd"} <= kernels, kernels
     assert {e["constexprs"]["NMB"] for e in entries if e["kernel"] == "_q_bwd_fused"} == {1, 4}
+    assert {e["constexprs"].get("EXACT") for e in entries if e["kernel"] == "_causal_dq"} == {False, True}
     assert len(kernels) >= 15, sorted(kernels)  # SEA's own kernels among them (sparse step, convs, head, ...)
     (tmp_path / "launches.json").write_text(json.dumps(entries))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "APPROXATTN_FORCE_KERNELS")}

@@ -100,6 +100,20 @@ def _dot_split_left(a, b):
 
 
 @triton.jit
+def _dot_split_both(a, b):
+    """``a @ b`` for two fp32 operands, each split into bf16 hi + lo halves: three bf16 dots
+    (``lo·lo`` dropped), nearly fp32-exact."""
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        return tl.dot(a_hi, b_hi) + tl.dot(a_hi, b_lo) + tl.dot(a_lo, b_hi)
+
+
+@triton.jit
 def _below(offs, size, FULL: tl.constexpr):
     """``offs < size``, or (FULL: the caller knows every offset is in range) a constant-true mask,
     which the compiler folds away with every ``where`` and load mask built from it."""

@@ -32,6 +32,8 @@ The forward stores M per row for the backward (4 bytes a row per key/value head)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,8 @@ from ._feature_map import (
     _cast_out,
     _dot,
     _dot_split,
+    _dot_split_both,
+    _dot_split_left,
     _input_grad,
     _load_wt,
     _logits,
@@ -249,12 +253,18 @@ def _causal_dq(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_wm, stride_wd, stride_mb, stride_mn,
-    HQ, G, N, m, d, dv, seg_len, rec_size, xs, ratio, eps,
+    HQ, G, N, m, d, dv, seg_len, rec_size, xs, ratio, eps, den_eps,
     FEATURE: tl.constexpr, STAB: tl.constexpr, PMAX: tl.constexpr, HAS_VALID: tl.constexpr, LP: tl.constexpr,
-    BC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, EXACT: tl.constexpr = False,
 ):
     """dq by the forward scan, and the segment's record ``R = Σ φ(q)dnumᵀ``, ``r = Σ φ(q)dden``
-    (PMAX: scaled by ``exp(M_seg − M_i)``) and ``E = Σ (Σ_l φ(q)_l)·dnum`` (PMAX's ε part)."""
+    (PMAX: scaled by ``exp(M_seg − M_i)``) and ``E = Σ (Σ_l φ(q)_l)·dnum`` (PMAX's ε part).
+
+    EXACT (without PMAX): ``do·o`` and the denominators recomputed from the fp32 features, and the
+    features' dots split into bf16 halves, instead of the stored (rounded) o and half-precision
+    feature operands. dφ's two terms nearly cancel on nearly uniform rows (small keys), where elu+1
+    features sit near 1 and bf16 keeps ~2⁻⁸ of their deviation: measured under the interpreter,
+    bf16 dq 1.5e-2 → 7e-5 (``CAUSAL_DQ``)."""
     pid_bh = tl.program_id(0)
     seg = tl.program_id(1)
     num_seg = tl.num_programs(1)
@@ -334,6 +344,22 @@ def _causal_dq(
             vs_run += tl.sum(vv.to(tl.float32), axis=0)
             cnt_run += tl.sum(valid.to(tl.float32), axis=0)
             M_run = M_new
+        elif EXACT:
+            phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
+                             FEATURE)
+            A = tl.where(lower, _dot_split_both(phiq, tl.trans(phik)), 0.0)
+            do_S = _dot_split(do_raw, tl.trans(S), LP, True)
+            do_v = _dot(do_raw, tl.trans(vv), LP)  # products of half inputs: exact in fp32
+            den = tl.sum(A, axis=1) + tl.sum(phiq * z[None, :], axis=1) + den_eps
+            do_o = (tl.sum(A * do_v, axis=1) + tl.sum(phiq * do_S, axis=1)) / den
+            dnum = do / den[:, None]
+            dden = -do_o / den
+            Bm = tl.where(lower & valid[None, :], (do_v - do_o[:, None]) / den[:, None], 0.0)
+            dphi = _dot_split_both(Bm, phik) + (do_S - do_o[:, None] * z[None, :]) / den[:, None]
+            R += _dot(tl.trans(phiq), dnum, LP)
+            r += tl.sum(phiq * dden[:, None], axis=0)
+            S += _dot_split_left(tl.trans(phik), vv)
+            z += tl.sum(phik, axis=0)
         else:
             phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
                              FEATURE)
@@ -539,17 +565,28 @@ class _Plan:
         return self.backward_plans.get(key) or self.backward_plans.add(key, _BackwardPlan(self, do, q, k, v, cfg))
 
 
+# The segment scan's dq with half inputs: "fast" (do·o from the stored o, half feature operands) or "exact"
+# (``_causal_dq``'s EXACT: fp32 do·o and denominators, split feature dots; about 2x that kernel's dots). Measured
+# under the interpreter (which takes split dots as exact fp32 ones), bf16 elu+1, 512 tokens, against the fp32
+# reference: dq 1.5e-2 fast, 7e-5 exact with keys and values x 0.25 (nearly uniform rows); 6.3e-3 and 3e-5 at
+# unit scale. "fast" stays the default until a GPU A/B has timed "exact" (benchmarks/results/h100/NOTES.md).
+CAUSAL_DQ = os.environ.get("APPROXATTN_CAUSAL_DQ", "fast")
+if CAUSAL_DQ not in ("fast", "exact"):
+    raise ValueError(f"APPROXATTN_CAUSAL_DQ: expected 'fast' or 'exact', got {CAUSAL_DQ!r}")
+
+
 class _BackwardPlan:
     def __init__(self, plan: _Plan, do, q, k, v, cfg: FeatureConfig):
         B, HQ, HKV, N, d, dv, m, P, NMB, BMB, BDV = plan.sizes
         G = HQ // HKV
         o_strides = _contiguous_strides(*plan.o_shape)
+        exact = CAUSAL_DQ == "exact" and not plan.pmax and plan.meta["LP"]
         self.dq = Launch(
             _causal_dq, (B * HQ, P),
             (*_strides(q), *_strides(k), *_strides(v), *o_strides, *_strides(do), *_contiguous_strides(*q.shape),
              *plan.w_strides, *plan.mask_strides, HQ, G, N, m, d, dv, plan.seg_len, plan.rec, cfg.x_scale,
-             cfg.ratio, cfg.eps),
-            plan.meta, q.device,
+             cfg.ratio, cfg.eps, cfg.den_eps),
+            dict(plan.meta, EXACT=exact), q.device,
         )
         self.scan = scan_launch(B * HKV, P, m, dv, BMB, BDV, reverse=True, use_max=plan.pmax, groups=G,
                                 device=q.device)
