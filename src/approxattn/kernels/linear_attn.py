@@ -32,7 +32,8 @@ Backward, three or four launches (``QUERY_BACKWARD``):
 
 1. One feature block: ``_q_bwd_fused`` (grid: query head, query split) gives dq and the
    split's partial ``dS = Σ φ(q)dnumᵀ`` and ``dz`` in one sweep, φ(q) of each row block
-   computed once for both, the partials summed in registers. Several feature blocks: the
+   computed once for both, the partials summed in registers; ``do·o`` comes from φ(q) and
+   ``do·S`` in fp32, not from the stored (rounded) o. Several feature blocks: the
    same kernel gives dq alone, and ``_dstate_bwd`` (grid: query head × feature block, query
    split) the partials, feature-major like ``_state_fwd`` (the fused sweep would sum them in
    the split's record, read, added to and written back every row block: slower, measured).
