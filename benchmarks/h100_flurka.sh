@@ -5,6 +5,8 @@
 #   mkdir -p .ab_old && git archive HEAD src | tar -x -C .ab_old      (before editing; git-ignored)
 #   run(command="TESTS='tests/test_kernels.py -k elu' AB_OLD=.ab_old/src bash benchmarks/h100_flurka.sh",
 #       carry=[".whl", ".ab_old"])   (.whl: performer-pytorch and its needs)
+# .whl: pip download --no-deps of performer-pytorch==1.1.4 local-attention==1.11.2 axial-positional-embedding==0.3.12
+#   hyper-connections==0.4.11 torch-einops-utils==0.2.0 (pure-Python wheels; the GPU machine lacks them)
 # Knobs: TESTS_S, AB_SEQ, AB_ROUNDS, BENCH_S (time limits / sizes), FLURKA_SEQ. Plots: `approxattn bench report`
 # afterwards, here. At most 7 files come back.
 set -u
