@@ -310,19 +310,28 @@ def _causal_dq(
                      mask=rows[:, None] & dmask[None, :], other=0.0)
         vv = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                      mask=valid[:, None] & vmask[None, :], other=0.0)
-        o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
-                    mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         do_raw = tl.load(g_base + offs_n[:, None] * stride_gn + offs_v[None, :] * stride_gd,
                          mask=rows[:, None] & vmask[None, :], other=0.0)
         do = do_raw.to(tl.float32)
-        den = tl.load(den_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
-        do_o = tl.sum(do * o, axis=1)
+        phiq, fq = _query_features(xq, wt, xs, ratio, eps, m, FEATURE, STAB, LP, BM)
+        do_v = _dot(do_raw, tl.trans(vv), LP)  # products of half inputs: exact in fp32
+        do_S = _dot_split(do_raw, tl.trans(S), LP, True)
+        if EXACT:  # do·o and the denominators from the fp32 features, not the stored o and den
+            phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
+                             FEATURE)
+            A = tl.where(lower, _dot_split_both(phiq, tl.trans(phik)), 0.0)
+            den = tl.sum(A, axis=1) + tl.sum(phiq * z[None, :], axis=1) + den_eps
+            do_o = (tl.sum(A * do_v, axis=1) + tl.sum(phiq * do_S, axis=1)) / den
+        else:
+            o = tl.load(o_base + offs_n[:, None] * stride_on + offs_v[None, :] * stride_od,
+                        mask=rows[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+            den = tl.load(den_ptr + pid_bh.to(tl.int64) * N + offs_n, mask=rows, other=1.0)
+            do_o = tl.sum(do * o, axis=1)
         dnum = do / den[:, None]
         dden = -do_o / den
-        phiq, fq = _query_features(xq, wt, xs, ratio, eps, m, FEATURE, STAB, LP, BM)
         # (v_j − o_i)·do_i / den_i, formed from exact products before the cancellation
-        Bm = tl.where(lower & valid[None, :], (_dot(do_raw, tl.trans(vv), LP) - do_o[:, None]) / den[:, None], 0.0)
-        carried = _dot_split(do_raw, tl.trans(S), LP, True) - do_o[:, None] * z[None, :]
+        Bm = tl.where(lower & valid[None, :], (do_v - do_o[:, None]) / den[:, None], 0.0)
+        carried = do_S - do_o[:, None] * z[None, :]
         if PMAX:
             # rows past N read M = +1e30: every factor exp(· − M_i) of theirs is 0
             Mk = tl.load(M_ptr + kv.to(tl.int64) * N + offs_n, mask=rows, other=1.0e30)
@@ -344,29 +353,17 @@ def _causal_dq(
             vs_run += tl.sum(vv.to(tl.float32), axis=0)
             cnt_run += tl.sum(valid.to(tl.float32), axis=0)
             M_run = M_new
-        elif EXACT:
-            phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
-                             FEATURE)
-            A = tl.where(lower, _dot_split_both(phiq, tl.trans(phik)), 0.0)
-            do_S = _dot_split(do_raw, tl.trans(S), LP, True)
-            do_v = _dot(do_raw, tl.trans(vv), LP)  # products of half inputs: exact in fp32
-            den = tl.sum(A, axis=1) + tl.sum(phiq * z[None, :], axis=1) + den_eps
-            do_o = (tl.sum(A * do_v, axis=1) + tl.sum(phiq * do_S, axis=1)) / den
-            dnum = do / den[:, None]
-            dden = -do_o / den
-            Bm = tl.where(lower & valid[None, :], (do_v - do_o[:, None]) / den[:, None], 0.0)
-            dphi = _dot_split_both(Bm, phik) + (do_S - do_o[:, None] * z[None, :]) / den[:, None]
-            R += _dot(tl.trans(phiq), dnum, LP)
-            r += tl.sum(phiq * dden[:, None], axis=0)
-            S += _dot_split_left(tl.trans(phik), vv)
-            z += tl.sum(phik, axis=0)
         else:
-            phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
-                             FEATURE)
-            dphi = _dot(Bm, phik, LP) + carried / den[:, None]
+            if EXACT:  # the feature dots split into bf16 halves (elu+1 features sit near 1)
+                dphi = _dot_split_both(Bm, phik) + carried / den[:, None]
+                S += _dot_split_left(tl.trans(phik), vv)
+            else:
+                phik, _ = _apply(_logits(xk, wt, xs, FEATURE, LP), 0.0, ratio, eps, valid[:, None] & fmask[None, :],
+                                 FEATURE)
+                dphi = _dot(Bm, phik, LP) + carried / den[:, None]
+                S += _dot(tl.trans(phik), vv, LP)
             R += _dot(tl.trans(phiq), dnum, LP)
             r += tl.sum(phiq * dden[:, None], axis=0)
-            S += _dot(tl.trans(phik), vv, LP)
             z += tl.sum(phik, axis=0)
         dx = _input_grad(xq, dphi * fq, wt, xs, FEATURE, LP)
         tl.store(dq_base + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
