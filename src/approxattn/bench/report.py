@@ -224,8 +224,7 @@ def flurka_claims(rows) -> list[dict[str, Any]]:
             ceiling = 2 * r / (r + m + r * m / n)
         else:
             continue
-        base = next((b["case"] | {"fwd+bwd": b.get("fwd+bwd")} for b in rows
-                     if (b["case"]["method"], b["case"]["impl"], b["case"]["seq"], b["case"]["options"])
+        base = next((b for b in rows if (b["case"]["method"], b["case"]["impl"], b["case"]["seq"], b["case"]["options"])
                      == (parent, impl, n, want) and not b["case"].get("graphed")), None)
         mine, theirs = row.get("fwd+bwd"), None if base is None else base.get("fwd+bwd")
         x = _ratio(theirs, mine)
