@@ -16,15 +16,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import sm90_compile
 import torch
 
 import approxattn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import sm90_compile  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
