@@ -489,16 +489,22 @@ def test_flurka_linear_bf16_gradients_survive_the_cancellation(monkeypatch):
     assert max(errors) < 1e-2, errors
 
 
-def _causal_small_key_errors(monkeypatch, mode: str, device: str = "cpu", n: int = 512) -> list[float]:
+def _causal_small_key_errors(monkeypatch, mode: str, device: str = "cpu", n: int = 512, padded: bool = False
+                             ) -> list[float]:
     """Relative errors of the output, dq, dk, dv: causal elu+1 with keys and values x 0.25, fused (``mode``)
-    against the reference."""
+    against the reference; ``padded``: the last eighth of the keys masked."""
     from approxattn.kernels import causal_linear_attn
 
     monkeypatch.setattr(causal_linear_attn, "CAUSAL_DQ", mode)
     monkeypatch.setattr(causal_linear_attn, "_PLANS", causal_linear_attn.PlanCache())  # no plan of the other mode
     (q, k, v, do), _ = inputs(1, 2, 1, n, n, 64, 64, torch.bfloat16, device, 7)
     k, v = (k.float() * 0.25).bfloat16(), (v.float() * 0.25).bfloat16()
-    return _fused_against_reference(monkeypatch, approxattn.build("linear", head_dim=64), q, k, v, do, causal=True)
+    mask = None
+    if padded:
+        mask = torch.ones(1, n, dtype=torch.bool, device=device)
+        mask[0, n - n // 8:] = False
+    return _fused_against_reference(monkeypatch, approxattn.build("linear", head_dim=64), q, k, v, do, causal=True,
+                                    key_padding_mask=mask)
 
 
 @needs_triton
@@ -548,8 +554,9 @@ def test_causal_elu_bf16_dq_with_small_keys(monkeypatch):
 @interpreter_only
 def test_causal_elu_bf16_exact_dq_with_small_keys(monkeypatch):
     """The segment scan's EXACT dq (``APPROXATTN_CAUSAL_DQ=exact``): 7e-5 where the default is 1.5e-2."""
-    errors = _causal_small_key_errors(monkeypatch, "exact")
-    assert max(errors) < 1e-2 and errors[1] < 1e-3, errors
+    for padded in (False, True):
+        errors = _causal_small_key_errors(monkeypatch, "exact", padded=padded)
+        assert max(errors) < 1e-2 and errors[1] < 1e-3, (padded, errors)
 
 
 # ----------------------------------------------------------------------------- dispatch rules
