@@ -74,8 +74,9 @@ def test_flurka_preset_pairs_each_fusion_with_its_constituent():
     cases = presets.flurka((4096, 65536))
     fake_ms = {"FAVOR+ m=256 (fused)": 2.0, "FLuRKA r=32 m=256 (fused)": 1.0, "FLuRKA r=128 m=256 (fused)": 1.6,
                "Linformer r=128 (PyTorch)": 24.0, "FLuRKA r=128 m=32 (fused)": 1.5}
-    rows = [{"case": c.key(), "fwd": None, "fwd+bwd": fake_ms.get(c.label, 3.0) * (c.seq / 65536), "floor": None}
-            for c in cases]
+    fake_fwd = {"FAVOR+ m=256 (fused)": 0.9, "FLuRKA r=32 m=256 (fused)": 0.5}
+    rows = [{"case": c.key(), "fwd": fake_fwd.get(c.label), "fwd+bwd": fake_ms.get(c.label, 3.0) * (c.seq / 65536),
+             "floor": None} for c in cases]
     rows.append({"case": Case("reference", "FAVOR+ m=256 (PyTorch ref)", 65536, False, method="performer",
                               options={"num_features": 256}).key(), "fwd": None, "fwd+bwd": 50.0, "floor": None})
     claims = {t["target"]: t for t in report.flurka_claims(rows)}
@@ -85,6 +86,8 @@ def test_flurka_preset_pairs_each_fusion_with_its_constituent():
     fast = claims["FLuRKA r=32 m=256 vs Performer m=256 fused (r < m), N=65,536 fwd+bwd"]
     assert fast["value"] == pytest.approx(2.0) and fast["met"] and fast["goal"] == "≥ 1.7×"
     assert "MAC ceiling 1.78×" in fast["detail"]  # 2·256 / (32 + 256 + 32·256/65536)
+    assert fast["detail"].endswith("forward alone 1.80×")  # 0.9 / 0.5; the goal is read on fwd+bwd
+    assert "forward" not in claims["FLuRKA r=128 m=256 vs Performer m=256 fused (r < m), N=65,536 fwd+bwd"]["detail"]
     slow = claims["FLuRKA r=128 m=256 vs Performer m=256 fused (r < m), N=65,536 fwd+bwd"]
     assert slow["value"] == pytest.approx(1.25) and not slow["met"]  # against the fused FAVOR+, not the reference
     lowrank = claims["FLuRKA r=128 m=32 vs Linformer r=128 (m < r), N=65,536 fwd+bwd"]

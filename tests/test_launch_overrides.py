@@ -92,12 +92,15 @@ def test_launch_retries_only_what_fewer_stages_can_fix(monkeypatch):
         Launch(tuned, (1,), (4,), {"BN": 16, "num_stages": 3}, torch.device("cpu"))(torch.zeros(4))
 
 
-@pytest.mark.parametrize("value,expected", [("exact", "exact"), ("fast", "fast"), ("", None), ("precise", None)])
+@pytest.mark.parametrize("value,expected", [("exact", "exact"), ("fast", "fast"), (None, "exact"), ("", None),
+                                                   ("precise", None)])
 def test_causal_dq_mode_is_read_from_the_environment(value, expected):
     """``APPROXATTN_CAUSAL_DQ`` picks the segment scan's dq; anything but fast / exact names the variable."""
     pytest.importorskip("triton")
     code = "from approxattn.kernels import causal_linear_attn; print(causal_linear_attn.CAUSAL_DQ)"
-    env = {"APPROXATTN_CAUSAL_DQ": value, "PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    env = {"PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    if value is not None:   # None: unset, the default
+        env["APPROXATTN_CAUSAL_DQ"] = value
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if expected is None:
         assert done.returncode != 0 and "ValueError: APPROXATTN_CAUSAL_DQ" in done.stderr, done.stderr

@@ -123,7 +123,7 @@ def crossover(seqs=CROSSOVER_SEQ) -> list[Case]:
 
 
 FLURKA_SEQ = (16384, 65536)
-FLURKA_KERNEL_FEATURES = (256, 512)
+FLURKA_KERNEL_FEATURES = (256, 512, 1024)  # the ceiling 2m/(r + m) rises with m towards 2x
 FLURKA_KERNEL_RANKS = (16, 32, 64, 128)
 FLURKA_LOWRANK = ((128, 32), (128, 64), (256, 64))  # (r, m) with m < r
 

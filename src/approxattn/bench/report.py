@@ -231,9 +231,11 @@ def flurka_claims(rows) -> list[dict[str, Any]]:
         if x is None:
             continue
         goal = FLURKA_GOALS[parent]
+        forward = _ratio(base.get("fwd"), row.get("fwd"))
+        forward = "" if forward is None else f"; forward alone {forward:.2f}×"
         out.append({"target": f"FLuRKA r={r} m={m} vs {name}, N={n:,} fwd+bwd", "value": x,
                     "goal": f"≥ {goal}×", "met": x >= goal,
-                    "detail": f"{_fmt(mine)} ms vs {_fmt(theirs)} ms; MAC ceiling {ceiling:.2f}×"})
+                    "detail": f"{_fmt(mine)} ms vs {_fmt(theirs)} ms; MAC ceiling {ceiling:.2f}×{forward}"})
     return out
 
 

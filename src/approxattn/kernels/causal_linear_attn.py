@@ -562,12 +562,13 @@ class _Plan:
         return self.backward_plans.get(key) or self.backward_plans.add(key, _BackwardPlan(self, do, q, k, v, cfg))
 
 
-# The segment scan's dq with half inputs: "fast" (do·o from the stored o, half feature operands) or "exact"
-# (``_causal_dq``'s EXACT: fp32 do·o and denominators, split feature dots; about 2x that kernel's dots). Measured
-# under the interpreter (which takes split dots as exact fp32 ones), bf16 elu+1, 512 tokens, against the fp32
-# reference: dq 1.5e-2 fast, 7e-5 exact with keys and values x 0.25 (nearly uniform rows); 6.3e-3 and 3e-5 at
-# unit scale. "fast" stays the default until a GPU A/B has timed "exact" (benchmarks/results/h100/NOTES.md).
-CAUSAL_DQ = os.environ.get("APPROXATTN_CAUSAL_DQ", "fast")
+# The segment scan's dq with half inputs: "exact" (the default: ``_causal_dq``'s EXACT, fp32 do·o and denominators,
+# split feature dots) or "fast" (do·o from the stored o, half feature operands). Under the interpreter (which takes
+# split dots as exact fp32 ones), bf16 elu+1, 512 tokens, against the fp32 reference: dq 1.5e-2 fast, 7e-5 exact with
+# keys and values x 0.25 (nearly uniform rows); 6.3e-3 and 3e-5 at unit scale. Its cost on an H100 (2026-12-07,
+# same call, B=1 H=16 d=64 bf16 fwd+bwd): 2.33 -> 2.38 ms at N = 65,536 (+2 %), 0.401 -> 0.406 ms at 4,096
+# (benchmarks/results/h100/NOTES.md, session 22).
+CAUSAL_DQ = os.environ.get("APPROXATTN_CAUSAL_DQ", "exact")
 if CAUSAL_DQ not in ("fast", "exact"):
     raise ValueError(f"APPROXATTN_CAUSAL_DQ: expected 'fast' or 'exact', got {CAUSAL_DQ!r}")
 
