@@ -230,6 +230,52 @@ def test_report_crossover_under_cuda_graphs():
     assert "| SDPA flash (CUDA graph) |" not in table
 
 
+def test_report_lists_only_the_targets_a_run_measured():
+    """A run of some cases (the FLuRKA preset, no fla, no SDPA) gives no ratio target whose other side it did not
+    time: a missing peer is not a miss. A cross-over whose both sides were timed and never crossed still is one."""
+    favor = Case("fused", "FAVOR+ m=256 (fused)", 65536, False, method="performer", options={"num_features": 256})
+    rows = [{"case": favor.key(), "fwd": 0.8, "fwd+bwd": 2.2, "floor": None}]
+    names = [t["target"] for t in report.targets(report._headline_rows(rows))]
+    assert not any("SDPA" in n or "performer-pytorch" in n or "fla" in n or "cross-over" in n for n in names), names
+    rows = []
+    for case in presets.crossover((2048, 4096)):
+        if not case.graphed:
+            rows.append({"case": case.key(), "fwd": None, "fwd+bwd": 1.0 if case.impl == "fused" else 0.5,
+                         "floor": None})
+    never = {t["target"]: t for t in report.targets(report._headline_rows(rows))}
+    miss = never["cross-over of FAVOR+ m=256 (fused) with SDPA (fwd+bwd)"]
+    assert miss["value"] is None and miss["met"] is False and "never faster" in miss["detail"]
+    assert "| **no** |" in report.markdown({"device": DEVICE, "command": "test", "results": rows})
+
+
+def test_plots_draw_a_panel_per_kind_timed_and_a_colour_per_series(tmp_path):
+    """A non-causal-only run (the FLuRKA preset) gets one panel, not an empty causal one, and its ~17 series
+    get as many colours; a figure with nothing measured (memory under --no-memory) says so."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"case": c.key(), "fwd": 0.1, "fwd+bwd": 0.3 * i + 1, "floor": floors(c, DEVICE)}
+            for i, c in enumerate(presets.flurka((16384, 65536)))]
+    figures = []
+    monkey_close = plt.close
+    try:
+        plt.close = lambda fig=None: figures.append(fig)   # keep the figures to inspect them
+        report.plots({"device": DEVICE, "command": "test", "results": rows}, tmp_path)
+    finally:
+        plt.close = monkey_close
+    time_fig, memory_fig = figures[0], figures[2]
+    assert len(time_fig.axes) == 1 and time_fig.axes[0].get_title().startswith("non-causal")
+    lines = time_fig.axes[0].get_lines()
+    assert len(lines) == len({c.label for c in presets.flurka((16384,))})
+    assert len({line.get_color() for line in lines}) == len(lines)
+    assert any("not measured" in t.get_text() for t in memory_fig.axes[0].texts)
+    for fig in figures:
+        monkey_close(fig)
+
+
 @pytest.mark.gpu
 def test_graphed_step_replays_the_eager_result():
     """A graphed fused fwd+bwd writes the same gradients as the eager call on the same inputs."""
