@@ -162,6 +162,25 @@ def _blocks(R: int, D: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(D))
 
 
+# Launch configs by the (rank, head dim) block, shared with ``benchmarks/projection_registers.py``, which reports the
+# registers and spills of these and the alternatives for sm_90 on the CPU: at 4 warps both kernels spill from a
+# 128 × 64 tile on (run 16's notes; a config that spills none awaits its GPU A/B there).
+def _warps(BR: int, BD: int) -> int:
+    """Warps of both kernels."""
+    return 4
+
+
+def _forward_block_n(BR: int, BD: int) -> int:
+    """Rows of x a forward step reads."""
+    return 64
+
+
+def _backward_block_n(BR: int, BD: int) -> int:
+    """Sequence positions a backward program takes: its dE fp32 accumulator holds BR × BN values, 8K per
+    program (64 registers a thread at 4 warps)."""
+    return max(16, min(64, 8192 // BR))
+
+
 # Launches are built once per layout (shapes, strides, dtypes, alignment of e, x, dy) and called
 # through ``_launch.Launch``: an ordinary ``kernel[grid](...)`` re-specialises its ~20 arguments on
 # every call, ~0.1 ms of host time each on the H100 machine, and FLuRKA is host-bound at every N.
@@ -174,14 +193,14 @@ class _ForwardPlan:
         B, H, N, D = x.shape
         R = e.shape[1]
         BR, BD = _blocks(R, D)
-        BN = 16 if interpreting() else 64
+        BN = 16 if interpreting() else _forward_block_n(BR, BD)
         tiles = triton.cdiv(N, BN)
         # about two programs per multiprocessor: enough to stream x at full bandwidth, few partials to sum
         splits = max(1, min(tiles, triton.cdiv(num_programs_hint(x.device) // 4, B * H)))
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         self.part_shape, self.out_shape = (splits, B * H, BR, BD), (B, H, R, D)
-        meta = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
+        meta = {} if interpreting() else {"num_warps": _warps(BR, BD), "num_stages": 3}
         self.project = Launch(
             _project_fwd, (B * H, splits),
             (N, R, D, H, tiles_per_split, 0 if e.shape[0] == 1 else e.stride(0), *e.stride()[1:], *x.stride()),
@@ -209,11 +228,10 @@ class _BackwardPlan:
         B, H, N, D = x.shape
         C, R = e.shape[0], e.shape[1]
         BR, BD = _blocks(R, D)
-        # dE's fp32 accumulator holds BR × BN values: 8K per program (64 registers a thread at 4 warps)
-        BN = 16 if interpreting() else max(16, min(64, 8192 // BR))
+        BN = 16 if interpreting() else _backward_block_n(BR, BD)
         dx_strides = torch.empty(x.shape, device="meta").stride() if need_dx else x.stride()  # dx: dense
         de_strides = torch.empty(e.shape, device="meta").stride() if need_de else e.stride()
-        meta = {} if interpreting() else {"num_warps": 4, "num_stages": 2}
+        meta = {} if interpreting() else {"num_warps": _warps(BR, BD), "num_stages": 2}
         self.launch = Launch(
             _project_bwd, (triton.cdiv(N, BN), C),
             (N, R, D, B, H, H if C == 1 else 1, *e.stride(), *x.stride(), *dy.stride(), *dx_strides, *de_strides),
