@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 16's second call (session 22), prepared but never run: seven device starts failed and the session's device
+# Run 16's second call (session 22), prepared but never run: eleven device starts failed and the session's device
 # time ran out (NOTES.md "Run 16"). GPU tests of the exact causal dq as the default and of the projection's 8-warp
 # launches, the projection A/B (old = the tree before the patch, new = with it) alternated twice, FAVOR+ against
 # performer-pytorch in three processes, FLuRKA at m = 1024. To run it:
