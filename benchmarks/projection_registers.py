@@ -11,11 +11,9 @@ from the GPU machine's (3.9 here, 3.6 there), so the counts are its code generat
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -55,28 +53,13 @@ def record(ranks=RANKS, head_dim=64) -> list[dict]:
 
 def usage(entry: dict, block_n: int, warps: int) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) a thread of one compiled config."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from sm90_compile import ptxas_usage
 
-    fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-    compiled = triton.compile(ASTSource(fn, entry["signature"], constexprs=dict(entry["constexprs"], BN=block_n)),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": STAGES[entry["kernel"]]})
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    try:
-        text = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
-    finally:
-        os.unlink(f.name)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return int(re.search(r"Used (\d+) registers", text).group(1)), int(spill.group(1)), int(spill.group(2))
+    return ptxas_usage(entry, {"BN": block_n}, {"num_warps": warps, "num_stages": STAGES[entry["kernel"]]})
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     if len(sys.argv) == 3 and sys.argv[1] == "--record":   # the child: record under the interpreter
         Path(sys.argv[2]).write_text(json.dumps(record()))
         return

@@ -90,5 +90,38 @@ def compile_all(entries: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | None = None) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) a thread of one recorded launch compiled for sm_90, with
+    ``constexprs`` / ``options`` overriding the recorded ones: ptxas ``-v`` (the newest ptxas Triton ships) on the
+    compiler's PTX. No GPU needed; counts are this Triton's code generation."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
+    recorded = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
+    compiled = triton.compile(ASTSource(fn, entry["signature"], constexprs=recorded | (constexprs or {})),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "num_stages": 2} | entry["options"] | (options or {}))
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        text = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return int(re.search(r"Used (\d+) registers", text).group(1)), int(spill.group(1)), int(spill.group(2))
+
+
 if __name__ == "__main__":
     sys.exit(compile_all(json.loads(open(sys.argv[1]).read())))

@@ -1,0 +1,78 @@
+"""Registers and spills of kernel attention's Triton kernels for an H100 (sm_90), at the launch configs a GPU gets,
+on the CPU.
+
+Each method's bf16 fwd+bwd (N = 256) runs under Triton's interpreter with the plans' configs taken as on a GPU
+(``_launch.pick_config`` not told it is interpreting), every launch is recorded (``tests/sm90_compile.recording``),
+compiled for sm_90 with the real compiler and its launch options, and ptxas ``-v`` reports registers and spill bytes.
+The counts are this machine's Triton's code generation (3.9 here; the GPU machine has 3.6). A kernel at 255
+registers with spills is a candidate for a smaller block or more warps; see ``projection_registers.py`` for the
+sequence projection's config sweep.
+
+    python benchmarks/kernel_registers.py                # ~5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CALLS = (  # (method, options, causal)
+    ("performer", {"num_features": 256}, False), ("performer", {"num_features": 256}, True),
+    ("performer", {"num_features": 256, "kernel": "relu"}, False), ("linear", {}, False), ("linear", {}, True),
+    ("flurka-performer", {"rank": 128, "num_features": 256}, False), ("flurka-linear", {"rank": 128}, False),
+)
+SHOWN = ("BN", "BM", "BC", "BR", "BMB", "BD", "BDV", "NMB", "FEATURE", "PMAX", "EXACT", "FOLDED", "HAS_VALID")
+
+
+def record(n: int = 256) -> list[dict]:
+    """The launches of every call in ``CALLS`` (bf16, fwd+bwd), with GPU launch configs. Run under
+    ``TRITON_INTERPRET=1`` (see :func:`main`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from sm90_compile import recording
+
+    import approxattn
+    from approxattn.kernels import _launch
+
+    _launch.interpreting = lambda: False   # configs as on a GPU; the kernels still run interpreted
+    gen = torch.Generator().manual_seed(0)
+    with recording() as launches:
+        for method, options, causal in CALLS:
+            q, k, v = (torch.randn(1, 2, n, 64, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+            approxattn.build(method, head_dim=64, **options)(q, k, v, causal=causal).float().sum().backward()
+    return list(launches.values())
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if len(sys.argv) == 3 and sys.argv[1] == "--record":   # the child: record under the interpreter
+        Path(sys.argv[2]).write_text(json.dumps(record()))
+        return
+    from sm90_compile import ptxas_usage
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "launches.json"
+        env = dict(os.environ, TRITON_INTERPRET="1", APPROXATTN_FORCE_KERNELS="1")
+        subprocess.run([sys.executable, __file__, "--record", str(path)], env=env, check=True)
+        entries = json.loads(path.read_text())
+    print("| kernel | blocks | warps | stages | registers | spill stores / loads (bytes a thread) |")
+    print("|---|---|---|---|---|---|")
+    for entry in sorted(entries, key=lambda e: (e["module"], e["kernel"])):
+        blocks = ", ".join(f"{k}={v}" for k, v in entry["constexprs"].items() if k in SHOWN)
+        options = {"num_warps": 4, "num_stages": 2} | entry["options"]
+        try:
+            regs, stores, loads = ptxas_usage(entry)
+            found = f"{regs} | {stores} / {loads}"
+        except Exception as error:  # noqa: BLE001  (a kernel that does not compile is a row too)
+            found = f"— | {type(error).__name__}"
+        print(f"| {entry['module'].rsplit('.', 1)[-1]}.{entry['kernel']} | {blocks} | {options['num_warps']} | "
+              f"{options['num_stages']} | {found} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
