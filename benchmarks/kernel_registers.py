@@ -13,11 +13,7 @@ sequence projection's config sweep.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -50,16 +46,11 @@ def record(n: int = 256) -> list[dict]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    if len(sys.argv) == 3 and sys.argv[1] == "--record":   # the child: record under the interpreter
-        Path(sys.argv[2]).write_text(json.dumps(record()))
-        return
-    from sm90_compile import ptxas_usage
+    from sm90_compile import launches_recorded_by, ptxas_usage
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "launches.json"
-        env = dict(os.environ, TRITON_INTERPRET="1", APPROXATTN_FORCE_KERNELS="1")
-        subprocess.run([sys.executable, __file__, "--record", str(path)], env=env, check=True)
-        entries = json.loads(path.read_text())
+    entries = launches_recorded_by(__file__, record)
+    if entries is None:   # this was the recording child
+        return
     print("| kernel | blocks | warps | stages | registers | spill stores / loads (bytes a thread) |")
     print("|---|---|---|---|---|---|")
     for entry in sorted(entries, key=lambda e: (e["module"], e["kernel"])):

@@ -12,11 +12,7 @@ from the GPU machine's (3.9 here, 3.6 there), so the counts are its code generat
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -60,14 +56,11 @@ def usage(entry: dict, block_n: int, warps: int) -> tuple[int, int, int]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    if len(sys.argv) == 3 and sys.argv[1] == "--record":   # the child: record under the interpreter
-        Path(sys.argv[2]).write_text(json.dumps(record()))
+    from sm90_compile import launches_recorded_by
+
+    entries = launches_recorded_by(__file__, record)
+    if entries is None:   # this was the recording child
         return
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "launches.json"
-        env = dict(os.environ, TRITON_INTERPRET="1", APPROXATTN_FORCE_KERNELS="1")
-        subprocess.run([sys.executable, __file__, "--record", str(path)], env=env, check=True)
-        entries = json.loads(path.read_text())
     print("| kernel | BR (rank block) | BN | warps | registers | spill stores / loads (bytes a thread) | now |")
     print("|---|---|---|---|---|---|---|")
     for entry in entries:

@@ -90,6 +90,26 @@ def compile_all(entries: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def launches_recorded_by(script: str, record) -> list[dict] | None:
+    """The launches ``record()`` describes, recorded under the interpreter in a child process (interpreted kernels
+    cannot be compiled in the process that recorded them): ``python script --record PATH`` with the interpreter on
+    and kernels forced. In that child (``sys.argv`` says ``--record PATH``) this writes ``record()`` as JSON to PATH
+    and returns None; the caller then stops."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--record":
+        Path(sys.argv[2]).write_text(json.dumps(record()))
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "launches.json"
+        env = dict(os.environ, TRITON_INTERPRET="1", APPROXATTN_FORCE_KERNELS="1")
+        subprocess.run([sys.executable, script, "--record", str(path)], env=env, check=True)
+        return json.loads(path.read_text())
+
+
 def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | None = None) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) a thread of one recorded launch compiled for sm_90, with
     ``constexprs`` / ``options`` overriding the recorded ones: ptxas ``-v`` (the newest ptxas Triton ships) on the
