@@ -15,12 +15,13 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import approxattn  # noqa: E402
 from approxattn.kernels import causal_linear_attn  # noqa: E402
-from test_kernels import inputs  # noqa: E402  (the kernel tests' input draw)
+from test_kernels import _fused_against_reference, inputs  # noqa: E402  (the kernel tests' helpers)
 
 
 def rel(a, b) -> float:
@@ -29,15 +30,9 @@ def rel(a, b) -> float:
 
 
 def fused_against_reference(module, q, k, v, do, **call) -> list[float]:
-    results = []
-    for disabled in ("0", "1"):
-        os.environ["APPROXATTN_DISABLE_KERNELS"] = disabled
-        ins = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = module(*ins, **call)
-        out.backward(do)
-        results.append([out] + [t.grad for t in ins])
-    os.environ["APPROXATTN_DISABLE_KERNELS"] = "0"
-    return [rel(a, b) for a, b in zip(*results)]
+    """The kernel tests' fused-vs-reference errors (out, dq, dk, dv), which also check the fused path ran."""
+    with pytest.MonkeyPatch.context() as mp:
+        return _fused_against_reference(mp, module, q, k, v, do, **call)
 
 
 def b16(t):

@@ -68,20 +68,25 @@ def recording():
         InterpretedFunction.run = run
 
 
-def compile_all(entries: list[dict]) -> int:
+def compile_entry(entry: dict, constexprs: dict | None = None, options: dict | None = None):
+    """One recorded launch compiled for sm_90 (``constexprs`` / ``options`` override the recorded ones)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
+    fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
+    recorded = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
+    return triton.compile(ASTSource(fn, entry["signature"], constexprs=recorded | (constexprs or {})),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 2} | entry["options"] | (options or {}))
+
+
+def compile_all(entries: list[dict]) -> int:
     failed = 0
     for entry in entries:
-        fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-        constexprs = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
         try:
-            triton.compile(ASTSource(fn, entry["signature"], constexprs=constexprs), target=target,
-                           options={"num_warps": 4, "num_stages": 2} | entry["options"])
+            compile_entry(entry)
         except Exception as error:  # noqa: BLE001  (every compiler error is a finding)
             failed += 1
             print(f"FAIL {entry['kernel']} {entry['signature']} {entry['constexprs']}: "
@@ -121,15 +126,8 @@ def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | Non
     from pathlib import Path
 
     import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
-    recorded = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
-    compiled = triton.compile(ASTSource(fn, entry["signature"], constexprs=recorded | (constexprs or {})),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "num_stages": 2} | entry["options"] | (options or {}))
+    compiled = compile_entry(entry, constexprs, options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -248,7 +248,7 @@ def test_report_lists_only_the_targets_a_run_measured():
     assert "| **no** |" in report.markdown({"device": DEVICE, "command": "test", "results": rows})
 
 
-def test_plots_draw_a_panel_per_kind_timed_and_a_colour_per_series(tmp_path):
+def test_plots_draw_a_panel_per_kind_timed_and_a_colour_per_series(tmp_path, monkeypatch):
     """A non-causal-only run (the FLuRKA preset) gets one panel, not an empty causal one, and its ~17 series
     get as many colours; a figure with nothing measured (memory under --no-memory) says so."""
     pytest.importorskip("matplotlib")
@@ -259,13 +259,10 @@ def test_plots_draw_a_panel_per_kind_timed_and_a_colour_per_series(tmp_path):
 
     rows = [{"case": c.key(), "fwd": 0.1, "fwd+bwd": 0.3 * i + 1, "floor": floors(c, DEVICE)}
             for i, c in enumerate(presets.flurka((16384, 65536)))]
-    figures = []
-    monkey_close = plt.close
-    try:
-        plt.close = lambda fig=None: figures.append(fig)   # keep the figures to inspect them
+    figures, close = [], plt.close
+    with monkeypatch.context() as mp:
+        mp.setattr(plt, "close", figures.append)   # keep the figures to inspect them
         report.plots({"device": DEVICE, "command": "test", "results": rows}, tmp_path)
-    finally:
-        plt.close = monkey_close
     time_fig, memory_fig = figures[0], figures[2]
     assert len(time_fig.axes) == 1 and time_fig.axes[0].get_title().startswith("non-causal")
     lines = time_fig.axes[0].get_lines()
@@ -273,7 +270,7 @@ def test_plots_draw_a_panel_per_kind_timed_and_a_colour_per_series(tmp_path):
     assert len({line.get_color() for line in lines}) == len(lines)
     assert any("not measured" in t.get_text() for t in memory_fig.axes[0].texts)
     for fig in figures:
-        monkey_close(fig)
+        close(fig)
 
 
 @pytest.mark.gpu

@@ -512,7 +512,7 @@ def _causal_small_key_errors(monkeypatch, mode: str, device: str = "cpu", n: int
 def test_causal_exact_dq_future_tokens_change_nothing_before(monkeypatch):
     """Causal canary through the segment scan's EXACT dq (bf16 elu+1, the only inputs that take it): new q, k, v
     after row i leave every gradient a loss on rows ≤ i sends to rows ≤ i as it was, and send nothing after i;
-    the same as the default dq to bf16 rounding."""
+    the same as the fast dq to bf16 rounding."""
     from approxattn.kernels import causal_linear_attn
 
     monkeypatch.setattr(causal_linear_attn, "_PLANS", causal_linear_attn.PlanCache())
@@ -594,7 +594,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_gpu_causal_elu_dq_with_small_keys(monkeypatch):
     """The interpreter's small-key case at 4,096 tokens on the GPU, where split dots are bf16 halves (not exact fp32
     as there): EXACT's dq within 3e-3 of the fp32 reference (the other gradients' level; the bf16 store of dq alone
-    flips some last bits against the reference's) and a third of the default's at most (1.5e-2 interpreted)."""
+    flips some last bits against the reference's) and a third of the fast dq's at most (1.5e-2 interpreted)."""
     fast = _causal_small_key_errors(monkeypatch, "fast", device="cuda", n=4096)
     exact = _causal_small_key_errors(monkeypatch, "exact", device="cuda", n=4096)
     print(f"causal elu+1, keys x0.25, N=4096: out, dq, dk, dv errors fast {fast}, exact {exact}")
