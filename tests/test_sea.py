@@ -682,6 +682,37 @@ def test_fused_kernels_agree_with_the_reference_path(monkeypatch, causal):
 
 
 @interpreter_only
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_cell_rows_take_the_one_column_kernel(monkeypatch, padded):
+    """Unpadded rows whose budget is one cell (k·T/N < 1.5) go through the one-column kernel, with the
+    same output as the reference path where both selected the same cell; padded inputs do not."""
+    from approxattn.kernels import single_column_attention as sca
+
+    calls = []
+    kernel = sca.single_column_attention_triton
+    monkeypatch.setattr(sca, "single_column_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=40, head_dim=16, dtype=torch.float32)
+    sea = approxattn.build("sea", head_dim=16, k=2, columns=8, num_features=16).eval()
+    with torch.no_grad():
+        for parameter in sea.decoder.out.parameters():
+            parameter.normal_(std=0.3)
+    mask = padding_mask(40) if padded else None
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
+        ref = sea.forward_with_details(q, k, v, key_padding_mask=mask)
+    with monkeypatch.context() as mp:
+        mp.setenv("APPROXATTN_FORCE_KERNELS", "1")
+        with torch.no_grad():
+            out = sea.forward_with_details(q, k, v, key_padding_mask=mask)
+    assert len(calls) == (0 if padded else 1)
+    if not padded:
+        assert torch.all(out.selected.sum(-1) == 1)
+    same = (out.selected == ref.selected).all(-1)
+    assert same.float().mean() > 0.8
+    assert rel_err(out.output[same], ref.output[same]) < 1e-4
+
+
+@interpreter_only
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_inputs_feed_the_fused_estimator_half_operands(monkeypatch, causal):
     # bf16 inputs: the fused estimator takes bf16 operands (fp32 accumulation) and the estimate's

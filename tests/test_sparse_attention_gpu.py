@@ -110,3 +110,36 @@ def test_kernel_with_tensor_op_tile_runs(monkeypatch):
     out = fast_column_mask_attention(q, k, v, selected, layout, scale=0.125)
     ref = column_mask_attention(q.float(), k.float(), v.float(), selected, layout, scale=0.125, path="gather")
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("n,T,heads,kv_heads,dtype,smooth", [
+    (16384, 128, 16, 16, torch.bfloat16, True),
+    (16384, 128, 16, 16, torch.bfloat16, False),
+    (8192, 96, 8, 2, torch.float16, False),       # columns of 85 and 86 keys, GQA
+    (4096, 64, 4, 4, torch.float32, True),
+])
+def test_one_column_kernel_matches_reference_at_real_sizes(n, T, heads, kv_heads, dtype, smooth):
+    """The one-column kernel (SEA's rows with one cell each) against the reference gather path on the
+    one-hot selection: columns drawn smooth along the rows (like SEA's) or uniformly at random."""
+    from approxattn.kernels.single_column_attention import fast_single_column_attention, smooth_columns
+
+    q, k, v = _inputs(1, heads, kv_heads, n, 64, dtype, seed=n + T)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    layout = column_layout(1, n, n, T, causal=False, device="cuda")
+    if smooth:
+        row_column = smooth_columns(1, heads, n, T, generator=gen)
+    else:
+        row_column = torch.randint(0, T, (1, heads, n), generator=gen, device="cuda")
+    one_hot = torch.nn.functional.one_hot(row_column, T).bool()
+    out = fast_single_column_attention(q, k, v, row_column, layout, scale=0.125)
+    assert out is not None and out.dtype == dtype and torch.isfinite(out).all()
+    ref = column_mask_attention(q.float(), k.float(), v.float(), one_hot, layout, scale=0.125, path="gather")
+    assert rel_err(out, ref) < TOL[dtype]
+    general = fast_column_mask_attention_of(q, k, v, one_hot, layout)
+    assert rel_err(out, general) < TOL[dtype]
+
+
+def fast_column_mask_attention_of(q, k, v, selected, layout):
+    from approxattn.kernels.sparse_attention import fast_column_mask_attention
+
+    return fast_column_mask_attention(q, k, v, selected, layout, scale=0.125)

@@ -76,6 +76,20 @@ def host_budgets(host_row_length: torch.Tensor, k: int, columns: int) -> HostBud
     return _HOST_BUDGETS.put(host_row_length, summary, k, columns)
 
 
+def best_cells_only(*, k: int, columns: int, grouping: str, candidates: torch.Tensor | None,
+                    query_valid: torch.Tensor | None, host_row_length: torch.Tensor | None) -> bool:
+    """Whether :func:`select_cells` with these arguments returns each row's best cell alone, known on
+    the host (False where only the device knows): every column holds keys (no candidates), the
+    rows' lengths are known on the host, no padded query row is left out of a shared budget, and
+    every row's budget is one cell (``k·T/L_i < 1.5``: N ≥ 16,384 at the defaults). Then the
+    selection is ``one_hot(row_best)``, and a kernel may take the column of each row instead."""
+    if candidates is not None or host_row_length is None:
+        return False
+    if grouping in ("batch", "head") and query_valid is not None:
+        return False
+    return host_budgets(host_row_length, k, columns).largest <= 1
+
+
 def select_cells(
     probs: torch.Tensor,
     candidates: torch.Tensor | None,

@@ -36,7 +36,7 @@ from ..blocks.sea_estimator import (
     probe_row_index,
     relative_position_probe,
 )
-from ..blocks.sea_mask import CAUSAL_GROUPINGS, GROUPINGS, select_cells
+from ..blocks.sea_mask import CAUSAL_GROUPINGS, GROUPINGS, best_cells_only, select_cells
 from ..blocks.sparse_attention import (
     ColumnLayout,
     apply_row_mix,
@@ -366,6 +366,10 @@ class SEAAttention(RandomFeatureModule):
         selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
                                 grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length,
                                 row_best=best)
+        # one best cell a row (long unpadded inputs): the sparse step can take each row's column
+        row_column = best if best is not None and best_cells_only(
+            k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
+            host_row_length=layout.host_row_length) else None
 
         # 5. gates and average context, then the sparse exact attention mixed with them per row
         stage = _stage("sea.gates", stage)
@@ -390,7 +394,7 @@ class SEAAttention(RandomFeatureModule):
             open_gate = gates[..., 1].to(dtype)
             mix = (open_gate * gates[..., 0].to(dtype), 1 - open_gate, average)
         stage = _stage("sea.sparse", stage)
-        out = self._sparse_attention(q, k, v, selected, layout, scale, mix=mix)
+        out = self._sparse_attention(q, k, v, selected, layout, scale, mix=mix, row_column=row_column)
         if self.gate is None:
             out = out.to(dtype)
         _stage(None, stage)
@@ -449,9 +453,19 @@ class SEAAttention(RandomFeatureModule):
         return shape.ungroup_queries(out).to(out_dtype)
 
     @staticmethod
-    def _sparse_attention(q, k, v, selected, layout, scale, *, mix=None) -> torch.Tensor:
+    def _sparse_attention(q, k, v, selected, layout, scale, *, mix=None, row_column=None) -> torch.Tensor:
         """Exact attention on the selected cells, then ``mix`` per row (see apply_row_mix): the Triton
-        kernel's output in q's dtype (mixed before its store), else the reference's, mixed in fp32."""
+        kernel's output in q's dtype (mixed before its store), else the reference's, mixed in fp32.
+        row_column ``(B, H, Nq)`` or None: each row's one selected column, when ``selected`` is
+        ``one_hot(row_column)``; rows then attend to their column's keys without a mask (the
+        one-column kernel, on layouts it covers)."""
+        if row_column is not None:
+            from ..kernels.single_column_attention import applies, fast_single_column_attention
+
+            if applies(layout):
+                fast = fast_single_column_attention(q, k, v, row_column, layout, scale=scale, mix=mix)
+                if fast is not None:
+                    return fast
         try:
             from ..kernels.sparse_attention import fast_column_mask_attention
         except ImportError:  # pragma: no cover - the kernel module is optional
