@@ -36,8 +36,10 @@ if HAS_TRITON:
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
-# Launch configuration by head dim (H100, bf16; benchmarks/results/h100/NOTES.md "Run 17").
-CONFIGS = {64: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+# Launch configuration by head dim. d = 64 swept on an H100 at N = 65,536, T = 128, bf16 (tables + kernel,
+# benchmarks/single_column_tune.py, run17/call1/tune.log): 128 rows × 64 keys, 4 warps, 3 stages 0.78 ms,
+# against 1.11 ms for 64 × 64 at 2 stages; 8 warps were slower everywhere (1.05–1.80). Wider heads not swept.
+CONFIGS = {64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
            128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
            256: {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}}
 OVERRIDE: dict[str, int] = {}   # tuning runs set this
