@@ -20,7 +20,13 @@ from approxattn.blocks.sea_estimator import (
     probe_histogram_logits,
     resize_width,
 )
-from approxattn.kernels.sea_decoder_head import decoder_head, decoder_head_reference, fast_decoder_head
+from approxattn.kernels.sea_decoder_head import (
+    decoder_head,
+    decoder_head_best_reference,
+    decoder_head_reference,
+    fast_decoder_head,
+    fast_decoder_head_best,
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -61,6 +67,41 @@ def test_kernel_matches_its_twin(forced_kernels, dtype, S, C, R, W, T, d, heads,
     assert rel_err(probs, ref_probs) < TOL[dtype]
     assert torch.allclose(probs.sum(-1), torch.ones(S, rows), atol=1e-5)
     assert best.dtype == torch.int64 and torch.equal(best, probs.argmax(-1))      # of the kernel's own probs
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("histogram", [True, False])
+def test_best_and_column_sums_without_the_maps(forced_kernels, dtype, histogram):
+    """The head's inference form (no logits or probabilities written): each row's argmax and the
+    probabilities' column sums, against its twin and the full kernel's maps; 3 row blocks + a ragged one."""
+    gen = torch.Generator().manual_seed(11)
+    y, weight, bias, interp, rows, hist, weights = _case(4, 4, 29, 16, 32, 16, 2, dtype, gen, histogram=histogram)
+    best, sums = fast_decoder_head_best(y, weight, bias, interp, rows=rows, histogram=hist, hist_weights=weights,
+                                        heads=2)
+    _, probs, full_best = decoder_head(y, weight, bias, interp, rows=rows, histogram=hist, hist_weights=weights,
+                                       heads=2)
+    assert best.shape == (4, rows) and sums.shape == (4, 32) and sums.dtype == torch.float32
+    assert torch.equal(best, full_best)
+    assert rel_err(sums, probs.sum(1)) < 1e-6
+    ref_best, ref_sums = decoder_head_best_reference(y, weight, bias, interp, rows=rows, histogram=hist,
+                                                     hist_weights=weights, heads=2)
+    assert rel_err(sums, ref_sums) < TOL[dtype]
+    assert (best == ref_best).float().mean() > 0.95              # near-ties may flip under rounding
+
+
+@needs_triton
+def test_decoder_best_and_column_sums_match_its_logits_and_probs(forced_kernels):
+    torch.manual_seed(3)
+    decoder = NonCausalDecoder(8, 12, None, zero_last=True).eval()
+    with torch.no_grad():
+        for parameter in decoder.out.parameters():
+            parameter.normal_(std=0.3)
+    e, hist, n_valid = torch.randn(2, 3, 21, 16), torch.rand(2, 3, 21, 16)[..., :8], torch.tensor([21, 21])
+    with torch.no_grad():
+        best, sums = decoder.best_and_column_sums(e, histogram=hist, n_valid=n_valid)
+        _, probs, full_best = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
+    assert torch.equal(best, full_best) and rel_err(sums, probs.sum(2)) < 1e-6
 
 
 @needs_triton

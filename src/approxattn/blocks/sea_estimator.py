@@ -272,6 +272,14 @@ def _check_heads(num_heads: int | None, heads: int) -> None:
 
 # decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
 # outside the module so that it pickles and copies as before
+def _head_choice() -> str:
+    """The non-causal decoder's fused head: the kernel (default) or ``APPROXATTN_SEA_HEAD=gemm``."""
+    choice = os.environ.get("APPROXATTN_SEA_HEAD", "kernel")
+    if choice not in ("kernel", "gemm"):
+        raise ValueError(f"APPROXATTN_SEA_HEAD: expected 'kernel' or 'gemm', got {choice!r}")
+    return choice
+
+
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
@@ -337,43 +345,76 @@ class NonCausalDecoder(nn.Module):
         two direct convolutions). The head is the fused head kernel over that map, or with
         ``APPROXATTN_SEA_HEAD=gemm`` a third GEMM with the width resize folded in and the residual,
         softmax and argmax in its epilogue (slower as tuned so far)."""
-        applies = fast_kernel("row_window_gemm", "applies")
-        if (applies is None or self.num_heads is not None or e.dtype not in (torch.float16, torch.bfloat16)
-                or not applies(e, histogram, *self.parameters())):
+        if not self._row_gemms_apply(e, histogram):
             return None
-        from ..kernels.row_window_gemm import (
-            MAX_HISTOGRAM,
-            MAX_SAMPLES,
-            MAX_SOFTMAX_COLUMNS,
-            window_gemm,
-            window_gemm_softmax,
-        )
+        from ..kernels.row_window_gemm import window_gemm_softmax
 
         B, H, N, width = e.shape
         T = self.columns
-        # both heads' limits (T ≤ 256 keeps the width ≤ 128 for the head kernel); past them, the layers
-        if T > MAX_SOFTMAX_COLUMNS or B * H > MAX_SAMPLES or (histogram is not None
-                                                               and histogram.shape[-1] > MAX_HISTOGRAM):
-            return None
-        head_choice = os.environ.get("APPROXATTN_SEA_HEAD", "kernel")
-        if head_choice not in ("kernel", "gemm"):
-            raise ValueError(f"APPROXATTN_SEA_HEAD: expected 'kernel' or 'gemm', got {head_choice!r}")
-        first, first_taps, first_bias, middle, middle_bias, head, head_bias = self._row_gemm_matrices(e.dtype, e.device)
-        rows = (N + 1) // 2                     # the strided conv's output rows
-        y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
-                        virtual_rows=N, out_rows=rows, relu=True)
-        y = window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+        head_choice = _head_choice()
+        y = self._row_gemm_map(e)
         if head_choice == "kernel":
             # the fused head kernel over the map as (B·H, 4, rows, W) (a strided view, read in place): on an
             # H100 at N = 65,536 it took 1.76 ms against 2.5 ms for the head as a third GEMM (run 13)
-            fast = self._kernel_head(y.view(B * H, rows, self.splits, self.width).permute(0, 2, 1, 3), (B, H, N),
-                                     histogram, n_valid, floor)
+            fast = self._kernel_head(self._head_view(y, N), (B, H, N), histogram, n_valid, floor)
             if fast is not None:
                 return fast
+        *_, head, head_bias = self._row_gemm_matrices(e.dtype, e.device)
         hist, weights = self._head_histogram(histogram, n_valid)
         logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
                                                   histogram=hist, hist_weights=weights, heads=H, floor=floor)
         return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
+
+    def _row_gemm_map(self, e: torch.Tensor) -> torch.Tensor:
+        """The row linear and the strided and middle convs as two row-window GEMMs: e ``(B, H, N, 2d)`` →
+        the map ``(B·H, ⌈N/2⌉, 4·W)`` before the head (callers checked that the GEMMs apply)."""
+        from ..kernels.row_window_gemm import window_gemm
+
+        B, H, N, width = e.shape
+        first, first_taps, first_bias, middle, middle_bias, *_ = self._row_gemm_matrices(e.dtype, e.device)
+        rows = (N + 1) // 2                     # the strided conv's output rows
+        y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
+                        virtual_rows=N, out_rows=rows, relu=True)
+        return window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+
+    def _head_view(self, y: torch.Tensor, N: int) -> torch.Tensor:
+        """The GEMMs' map ``(B·H, rows, 4·W)`` as the head kernel's ``(B·H, 4, rows, W)`` (a strided view)."""
+        return y.view(y.shape[0], (N + 1) // 2, self.splits, self.width).permute(0, 2, 1, 3)
+
+    def _row_gemms_apply(self, e: torch.Tensor, histogram: torch.Tensor | None) -> bool:
+        applies = fast_kernel("row_window_gemm", "applies")
+        if (applies is None or self.num_heads is not None or e.dtype not in (torch.float16, torch.bfloat16)
+                or not applies(e, histogram, *self.parameters())):
+            return False
+        from ..kernels.row_window_gemm import MAX_HISTOGRAM, MAX_SAMPLES, MAX_SOFTMAX_COLUMNS
+
+        B, H = e.shape[:2]
+        # both heads' limits (T ≤ 256 keeps the width ≤ 128 for the head kernel); past them, the layers
+        return not (self.columns > MAX_SOFTMAX_COLUMNS or B * H > MAX_SAMPLES
+                    or (histogram is not None and histogram.shape[-1] > MAX_HISTOGRAM))
+
+    def best_and_column_sums(self, e: torch.Tensor, *, histogram: torch.Tensor | None = None,
+                             n_valid: torch.Tensor | None = None, floor: float = 1e-6):
+        """What inference needs when every row keeps its best cell alone (then neither the logits nor
+        the probabilities are read): ``(best (B, H, N) int64, column sums of the probabilities
+        (B, H, T) fp32)`` from the fused head kernel, which writes neither map (0.8 GB at N = 65,536,
+        T = 128); None where that kernel does not apply (then :meth:`logits_and_probs`). Same
+        arguments as :meth:`logits_and_probs`."""
+        fast = fast_kernel("sea_decoder_head", "fast_decoder_head_best")
+        if fast is None or self.num_heads is not None or _head_choice() != "kernel":
+            return None
+        B, H, N, _ = e.shape
+        if self._row_gemms_apply(e, histogram):
+            y = self._head_view(self._row_gemm_map(e), N)
+        else:
+            y = self._middle(e)
+        hist, weights = self._head_histogram(histogram, n_valid)
+        out = fast(y, self.out.weight, self.out.bias,
+                   interpolation_matrix(self.width, self.columns, dtype=y.dtype, device=y.device),
+                   rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)
+        if out is None:
+            return None
+        return out[0].view(B, H, N), out[1].view(B, H, self.columns)
 
     def _head_histogram(self, histogram, n_valid):
         """The fused heads' residual inputs: histogram ``(B, H, N, d)`` as ``(B·H, N, d)`` and its resampling

@@ -94,13 +94,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _decoder_head_fwd(
-        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
+        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
         stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
-        R, W, N, T, D, HEADS, floor,
+        R, W, N, T, D, HEADS, NB, floor,
         C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
     ):
-        """Grid (row block, sample): BR output rows × all T columns of one sample."""
+        """Grid (row block, sample): BR output rows × all T columns of one sample. STORE_MAPS: write the
+        logits and probabilities; COLUMN_SUMS: write the block's column sums of the probabilities
+        (``sums (S, NB, T)``, NB = the grid's row blocks)."""
         pid = tl.program_id(0)
         s = tl.program_id(1).to(tl.int64)
         offs_u = pid * BR + tl.arange(0, BR)          # output rows = virtual rows of the ×2 map
@@ -139,14 +141,16 @@ if HAS_TRITON:
                          mask=d_ok[:, None] & t_ok[None, :], other=0.0)
             logits += tl.log(tl.maximum(_tf32_dot(hist.to(tl.float32), hw, EXACT), floor))
         # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
-        stored = _cast_out(logits, logit_ptr.dtype.element_ty)
         x = tl.where(t_ok[None, :], logits, float("-inf"))
         x = tl.exp(x - tl.max(x, 1)[:, None])
         probs = x / tl.sum(x, 1)[:, None]
-        out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
         keep = u_ok[:, None] & t_ok[None, :]
-        tl.store(logit_ptr + out, stored, mask=keep)
-        tl.store(prob_ptr + out, probs, mask=keep)
+        if STORE_MAPS:
+            out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
+            tl.store(logit_ptr + out, _cast_out(logits, logit_ptr.dtype.element_ty), mask=keep)
+            tl.store(prob_ptr + out, probs, mask=keep)
+        if COLUMN_SUMS:   # the average context's column means, without the probabilities going to memory
+            tl.store(sums_ptr + (s * NB + pid) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
         # each row's most probable column (the first of equal maxima, as torch.argmax): the selection's
         # one-cell-a-row case reads it instead of another pass over the probabilities
         best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
@@ -199,18 +203,20 @@ def decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=
     return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
 
 
-def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor):
+def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor, *, maps=True):
+    """maps: (logits, probs, best) as :func:`decoder_head`; else (best, column sums ``(S, T)`` fp32)."""
     if not HAS_TRITON:
         raise RuntimeError("decoder_head needs triton (pip install triton); use decoder_head_reference")
     if not (y.is_cuda or interpreting()):
         raise RuntimeError(f"y: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {y.device}")
     S, C, R, W = y.shape
     T = interp.shape[1]
-    logits = torch.empty(S, rows, T, dtype=y.dtype, device=y.device)
-    probs = torch.empty(S, rows, T, dtype=torch.float32, device=y.device)
+    map_rows = rows if maps else 0
+    logits = torch.empty(S, map_rows, T, dtype=y.dtype, device=y.device)
+    probs = torch.empty(S, map_rows, T, dtype=torch.float32, device=y.device)
     best = torch.empty(S, rows, dtype=torch.int64, device=y.device)
     if S == 0:
-        return logits, probs, best
+        return (logits, probs, best) if maps else (best, torch.zeros(S, T, device=y.device))
     # the conv's weights in y's dtype (as the unfused path casts them); the small matrices in fp32
     weight, bias = (t.to(y.dtype).contiguous() for t in (weight, bias))
     interp = interp.to(torch.float32).contiguous()
@@ -221,12 +227,15 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
     cfg = launch_config(W, T, D)
-    _decoder_head_fwd[(triton.cdiv(rows, cfg["BR"]), S)](
-        y, weight, bias, interp, h, hw, logits, probs, best, *y.stride(), *strides,
-        R, W, rows, T, D, heads, float(floor),
-        C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, **cfg,
+    blocks = triton.cdiv(rows, cfg["BR"])
+    sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
+    _decoder_head_fwd[(blocks, S)](
+        y, weight, bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
+        R, W, rows, T, D, heads, blocks, float(floor),
+        C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps, COLUMN_SUMS=not maps,
+        **cfg,
     )
-    return logits, probs, best
+    return (logits, probs, best) if maps else (best, sums.sum(1))
 
 
 def fast_decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
@@ -247,4 +256,29 @@ def fast_decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_wei
     return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
 
 
-__all__ = ["decoder_head", "decoder_head_reference", "fast_decoder_head"]
+def decoder_head_best_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
+                                floor=1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of :func:`fast_decoder_head_best`: ``(best (S, rows) int64, column sums of the
+    probabilities (S, T))`` from :func:`decoder_head_reference`."""
+    _, probs, best = decoder_head_reference(y, weight, bias, interp, rows=rows, histogram=histogram,
+                                            hist_weights=hist_weights, heads=heads, floor=floor)
+    return best, probs.sum(1)
+
+
+def fast_decoder_head_best(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
+                           floor=1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What inference needs of the head when every row keeps its best cell alone: ``(best (S, rows)
+    int64, the probabilities' column sums (S, T) fp32)``, neither logits nor probabilities written
+    (at SEA's 64K maps they are 0.8 GB). None where the kernel does not apply (as
+    :func:`fast_decoder_head`)."""
+    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+    if not kernels_enabled(y) or _kernel_limit(y, interp, histogram) is not None:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (y, weight, bias, interp, histogram, hist_weights)):
+        return None
+    return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor, maps=False)
+
+
+__all__ = ["decoder_head", "decoder_head_best_reference", "decoder_head_reference", "fast_decoder_head",
+           "fast_decoder_head_best"]
