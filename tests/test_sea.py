@@ -713,6 +713,31 @@ def test_one_cell_rows_take_the_one_column_kernel(monkeypatch, padded):
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_details_skips_the_maps_with_the_same_output(monkeypatch, dtype):
+    """forward (no details) on one-cell rows: the head writes no logits or probabilities and nothing is
+    selected as a map, yet the output equals forward_with_details' (same kernels, the column means
+    summed in the head instead of by torch)."""
+    from approxattn.kernels import sea_decoder_head as head
+
+    calls = []
+    lean = head.fast_decoder_head_best
+    monkeypatch.setattr(head, "fast_decoder_head_best", lambda *a, **kw: calls.append(1) or lean(*a, **kw))
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=40, head_dim=16, dtype=dtype)
+    sea = approxattn.build("sea", head_dim=16, k=2, columns=8, num_features=16).eval()
+    with torch.no_grad():
+        for parameter in sea.decoder.out.parameters():
+            parameter.normal_(std=0.3)
+    monkeypatch.setenv("APPROXATTN_FORCE_KERNELS", "1")
+    with torch.no_grad():
+        details = sea.forward_with_details(q, k, v)
+        assert not calls
+        out = sea(q, k, v)
+    assert len(calls) == 1
+    assert rel_err(out, details.output) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@interpreter_only
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_inputs_feed_the_fused_estimator_half_operands(monkeypatch, causal):
     # bf16 inputs: the fused estimator takes bf16 operands (fp32 accumulation) and the estimate's

@@ -81,7 +81,9 @@ class SEAResult:
 
     output ``(B, H, Nq, dv)``; estimated_logits ``(B, H, Nq, T)`` (Ŝ, compressed); selected
     ``(B, H, Nq, T)`` bool; layout (the column map); gates ``(B, H, Nq, 2)`` = σ(g0), σ(g1)
-    (all ones with ``gates=False``).
+    (all ones with ``gates=False``). The module's ``forward`` may skip the estimate's maps and the
+    selection where nothing reads them (see ``SEAAttention._compute``); ``forward_with_details``
+    always fills them.
     """
 
     output: torch.Tensor
@@ -265,7 +267,7 @@ class SEAAttention(RandomFeatureModule):
 
     def attend(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> torch.Tensor:
         return self._compute(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                             shape=shape).output
+                             shape=shape, details=False).output
 
     def forward_with_details(
         self,
@@ -297,7 +299,11 @@ class SEAAttention(RandomFeatureModule):
         return {"attention": result.effective_attention(), "sparse": result.sparse_probabilities(),
                 "estimated": result.estimated_attention()}
 
-    def _compute(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape) -> SEAResult:
+    def _compute(self, q, k, v, *, causal, key_padding_mask, scale, shape: AttentionShape,
+                 details: bool = True) -> SEAResult:
+        """One SEA call. details=False (``forward``): where every row keeps its best cell alone on the
+        fused path, the estimate's logits, probabilities and the selection are never written (the
+        result's estimated_logits and selected are then None; only its output is read)."""
         self._check_heads(shape.heads)
         grouping = self.grouping(causal)
         d, T = self.head_dim, self.options["columns"]
@@ -343,33 +349,48 @@ class SEAAttention(RandomFeatureModule):
             sees_a_key = (layout.row_length > 0)[:, None, :, None]
             context = torch.where(sees_a_key, context, torch.zeros((), dtype=context.dtype, device=q.device))
         own_value = v_fit if shape.seq_q == shape.seq_k else None     # cross-attention: no own token
+        query_valid = key_padding_mask if (key_padding_mask is not None and shape.seq_q == shape.seq_k) else None
+        # unpadded non-causal rows of at least T keys: every column holds keys (no candidate mask needed)
+        every_column = not causal and key_padding_mask is None and shape.seq_k >= T
+        candidates = None if every_column else nonempty_columns(layout)
+        # forward at long N: each row keeps its best cell, so only the rows' argmax and the column
+        # means of the estimate are needed (the head writes neither logits nor probabilities)
+        lean_head = not details and not causal and dtype == torch.float32 and best_cells_only(
+            k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
+            host_row_length=layout.host_row_length)
+        lean = None
         stage = _stage("sea.decoder", stage)
         # half inputs: the estimator's fp32 GEMMs may round their operands to TF32 (the estimate only
         # ranks cells, and its input already passed through bf16 dots); measured on an H100 the
         # decoder's fp32 FFMA GEMMs took ~6.5 ms of the 28 ms module at N = 65,536
         with _tf32_matmuls(q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-            e = self._encode(context, own_value, shape.groups)
+            fused = self._fused_encoder(context, own_value) if half_estimate else None
+            e, fused_gates = fused if fused is not None else (self._encode(context, own_value, shape.groups), None)
             if causal:
                 logits, best = self.causal_decoder(e), None
                 probs = torch.softmax(logits, dim=-1, dtype=dtype)
             else:
                 histogram = context[..., :d] if self.options["decoder_residual"] else None
-                logits, probs, best = self.decoder.logits_and_probs(e, histogram=histogram, n_valid=n_valid,
-                                                                    probs_dtype=dtype)
+                if lean_head:
+                    lean = self.decoder.best_and_column_sums(e, histogram=histogram, n_valid=n_valid)
+                if lean is None:
+                    logits, probs, best = self.decoder.logits_and_probs(e, histogram=histogram, n_valid=n_valid,
+                                                                        probs_dtype=dtype)
 
         # 4. grouped top-k
         stage = _stage("sea.select", stage)
-        query_valid = key_padding_mask if (key_padding_mask is not None and shape.seq_q == shape.seq_k) else None
-        # unpadded non-causal rows of at least T keys: every column holds keys (no candidate mask needed)
-        every_column = not causal and key_padding_mask is None and shape.seq_k >= T
-        candidates = None if every_column else nonempty_columns(layout)
-        selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
-                                grouping=grouping, query_valid=query_valid, host_row_length=layout.host_row_length,
-                                row_best=best)
-        # one best cell a row (long unpadded inputs): the sparse step can take each row's column
-        row_column = best if best is not None and best_cells_only(
-            k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
-            host_row_length=layout.host_row_length) else None
+        if lean is not None:
+            logits = probs = selected = None
+            row_column, column_sums = lean
+            column_mean = column_sums / shape.seq_q                                      # (B, H, T)
+        else:
+            selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
+                                    grouping=grouping, query_valid=query_valid,
+                                    host_row_length=layout.host_row_length, row_best=best)
+            # one best cell a row (long unpadded inputs): the sparse step can take each row's column
+            row_column = best if best is not None and best_cells_only(
+                k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
+                host_row_length=layout.host_row_length) else None
 
         # 5. gates and average context, then the sparse exact attention mixed with them per row
         stage = _stage("sea.gates", stage)
@@ -377,11 +398,13 @@ class SEAAttention(RandomFeatureModule):
         if self.gate is None:
             gates = torch.ones(*q.shape[:3], 2, dtype=dtype, device=q.device)
         else:
-            gates = torch.sigmoid(linear(e, self.gate))
+            gates = fused_gates if fused_gates is not None else torch.sigmoid(linear(e, self.gate))
             if causal:
                 average = self._causal_average(v.to(dtype), layout, key_valid, shape)      # (B, H, Nq, dv)
             else:
-                average_weights = self._average_weights(probs, layout, query_valid, shape)
+                if lean is None:
+                    column_mean = self._column_mean(probs, query_valid)
+                average_weights = self._average_weights(column_mean, layout, shape)
                 grouped = shape.group_queries(average_weights)                             # (B, Hkv, G, Nk)
                 # half maps: a half GEMM (fp32 accumulation) against v as it is, not an fp32 copy of v; the
                 # weights' rounding (2⁻⁹ relative each) averages out over the keys
@@ -399,6 +422,18 @@ class SEAAttention(RandomFeatureModule):
             out = out.to(dtype)
         _stage(None, stage)
         return SEAResult(out, logits, selected, layout, gates, q, k, scale, average_weights)
+
+    def _fused_encoder(self, context: torch.Tensor, own_value: torch.Tensor | None):
+        """``(e, gates fp32)`` from one Triton kernel (``kernels.sea_encoder``: the encoder's two GEMMs,
+        LayerNorm, GELU and the gates' linear, with e written once), or None where it does not apply
+        (no gates, no kernel for these maps)."""
+        if self.gate is None:
+            return None
+        from ..kernels.sea_encoder import fast_encoder_and_gates
+
+        return fast_encoder_and_gates(context, own_value, self.encoder.weight, self.encoder.bias,
+                                      self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps,
+                                      self.gate.weight, self.gate.bias)
 
     def _encode(self, context: torch.Tensor, own_value: torch.Tensor | None, groups: int) -> torch.Tensor:
         """``GELU(LayerNorm(Linear([c, v_i])))`` → ``(B, H, Nq, 2d)``: context ``(B, H, Nq, 2d)``,
@@ -457,7 +492,7 @@ class SEAAttention(RandomFeatureModule):
         """Exact attention on the selected cells, then ``mix`` per row (see apply_row_mix): the Triton
         kernel's output in q's dtype (mixed before its store), else the reference's, mixed in fp32.
         row_column ``(B, H, Nq)`` or None: each row's one selected column, when ``selected`` is
-        ``one_hot(row_column)``; rows then attend to their column's keys without a mask (the
+        ``one_hot(row_column)`` (or None: built from it where needed); rows then attend to their column's keys without a mask (the
         one-column kernel, on layouts it covers)."""
         if row_column is not None:
             from ..kernels.single_column_attention import applies, fast_single_column_attention
@@ -466,6 +501,8 @@ class SEAAttention(RandomFeatureModule):
                 fast = fast_single_column_attention(q, k, v, row_column, layout, scale=scale, mix=mix)
                 if fast is not None:
                     return fast
+            if selected is None:
+                selected = torch.nn.functional.one_hot(row_column, layout.columns).bool()
         try:
             from ..kernels.sparse_attention import fast_column_mask_attention
         except ImportError:  # pragma: no cover - the kernel module is optional
@@ -477,14 +514,17 @@ class SEAAttention(RandomFeatureModule):
         out = column_mask_attention(q, k, v, selected, layout, scale=scale)
         return out if mix is None else apply_row_mix(out, mix)
 
-    def _average_weights(self, probs, layout: ColumnLayout, query_valid, shape: AttentionShape) -> torch.Tensor:
-        """Non-causal average-context weights ``(B, H, Nk)`` (sum 1 over the valid keys): the
-        column mean of A_M over valid query rows, read at each key's column."""
+    @staticmethod
+    def _column_mean(probs: torch.Tensor, query_valid: torch.Tensor | None) -> torch.Tensor:
+        """The column mean ``(B, H, T)`` of A_M ``(B, H, Nq, T)`` over the valid query rows."""
         if query_valid is None:
-            column_mean = probs.mean(dim=2)                                           # (B, H, T)
-        else:
-            rows = query_valid[:, None, :, None].to(probs.dtype)
-            column_mean = (probs * rows).sum(dim=2) / rows.sum(dim=2).clamp(min=1)
+            return probs.mean(dim=2)
+        rows = query_valid[:, None, :, None].to(probs.dtype)
+        return (probs * rows).sum(dim=2) / rows.sum(dim=2).clamp(min=1)
+
+    def _average_weights(self, column_mean, layout: ColumnLayout, shape: AttentionShape) -> torch.Tensor:
+        """Non-causal average-context weights ``(B, H, Nk)`` (sum 1 over the valid keys): the
+        column mean of A_M over valid query rows (``(B, H, T)``), read at each key's column."""
         n = layout.row_length[:, :1]                                                    # (B, 1): n_valid
         rank = layout.key_rank
         key_column = column_of_rank(rank.clamp(min=0), n, layout.columns)              # (B, Nk)
