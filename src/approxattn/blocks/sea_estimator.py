@@ -280,6 +280,15 @@ def _head_choice() -> str:
     return choice
 
 
+def _lean_head_choice() -> str:
+    """The inference head over the row-window GEMMs' map: the head as GEMMs, two taps a row (``pair``,
+    default) or the direct head kernel (``APPROXATTN_SEA_LEAN_HEAD=direct``, for A/B runs)."""
+    choice = os.environ.get("APPROXATTN_SEA_LEAN_HEAD", "pair")
+    if choice not in ("pair", "direct"):
+        raise ValueError(f"APPROXATTN_SEA_LEAN_HEAD: expected 'pair' or 'direct', got {choice!r}")
+    return choice
+
+
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
@@ -404,11 +413,17 @@ class NonCausalDecoder(nn.Module):
         if fast is None or self.num_heads is not None or _head_choice() != "kernel":
             return None
         B, H, N, _ = e.shape
+        hist, weights = self._head_histogram(histogram, n_valid)
         if self._row_gemms_apply(e, histogram):
-            y = self._head_view(self._row_gemm_map(e), N)
+            y = self._row_gemm_map(e)
+            if _lean_head_choice() == "pair":
+                *_, taps, bias = self._row_gemm_matrices(e.dtype, e.device)
+                pair = fast_kernel("sea_decoder_head", "pair_head_best")
+                best, sums = pair(y, taps, bias, rows=N, histogram=hist, hist_weights=weights, heads=H)
+                return best.view(B, H, N), sums.view(B, H, self.columns)
+            y = self._head_view(y, N)
         else:
             y = self._middle(e)
-        hist, weights = self._head_histogram(histogram, n_valid)
         out = fast(y, self.out.weight, self.out.bias,
                    interpolation_matrix(self.width, self.columns, dtype=y.dtype, device=y.device),
                    rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)

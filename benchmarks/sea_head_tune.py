@@ -1,0 +1,80 @@
+"""SEA's non-causal decoder head at inference over the row-window GEMMs' map (N = 65,536, B·H = 16, T = 128,
+bf16 maps, the histogram residual on): the head writing logits and probabilities, its lean form (argmax and
+column sums only), and the head as GEMMs (``pair_head_best``) over a sweep of launch configs. Prints a table;
+writes ``sea_head_tune.json`` to --out.
+
+    PYTHONPATH=src python benchmarks/sea_head_tune.py [--seq 65536] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from approxattn.blocks.sea_estimator import NonCausalDecoder, interpolation_matrix
+from approxattn.kernels import sea_decoder_head as head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=65536)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    n, T = args.seq, 128
+    torch.manual_seed(0)
+    decoder = NonCausalDecoder(64, T, None, zero_last=True).cuda().eval()
+    with torch.no_grad():
+        for parameter in decoder.out.parameters():
+            parameter.normal_(std=0.3)
+    e = torch.randn(1, 16, n, 128, device="cuda").to(torch.bfloat16)
+    hist = torch.rand(1, 16, n, 128, device="cuda").to(torch.bfloat16)[..., :64]
+    n_valid = torch.tensor([n], device="cuda")
+    rows = []
+
+    def timed(name, fn):
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        rows.append({"name": name, "ms": ms})
+        print(f"{name:60s} {ms:8.3f} ms", flush=True)
+
+    with torch.no_grad():
+        y = decoder._row_gemm_map(e)
+        view = decoder._head_view(y, n)
+        *_, taps, bias = decoder._row_gemm_matrices(e.dtype, e.device)
+        h, weights = decoder._head_histogram(hist, n_valid)
+        interp = interpolation_matrix(decoder.width, T, dtype=y.dtype, device=y.device)
+        common = dict(rows=n, histogram=h, hist_weights=weights, heads=16)
+        direct = head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common)
+        pair = head.pair_head_best(y, taps, bias, **common)
+        agree = (direct[0] == pair[0]).float().mean().item()
+        sums = ((direct[1] - pair[1]).norm() / direct[1].norm()).item()
+        print(f"pair vs direct: argmax agree {agree:.5f}, column sums rel diff {sums:.2e}", flush=True)
+        timed("head with maps (logits + probs)",
+              lambda: head.fast_decoder_head(view, decoder.out.weight, decoder.out.bias, interp, **common))
+        timed("direct lean head (argmax + column sums)",
+              lambda: head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common))
+        timed("pair head default", lambda: head.pair_head_best(y, taps, bias, **common))
+        for br, bk, warps, stages in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)):
+            head.PAIR_OVERRIDE.clear()
+            head.PAIR_OVERRIDE.update(BR=br, BK=bk, num_warps=warps, num_stages=stages)
+            try:
+                timed(f"pair BR={br} BK={bk} warps={warps} stages={stages}",
+                      lambda: head.pair_head_best(y, taps, bias, **common))
+            except Exception as error:  # noqa: BLE001  (out of resources: report and go on)
+                print(f"pair BR={br} BK={bk} warps={warps} stages={stages}: {type(error).__name__}", flush=True)
+        head.PAIR_OVERRIDE.clear()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq": n, "columns": T,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argmax_agree": agree,
+                "sums_rel_diff": sums}
+        (args.out / "sea_head_tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
