@@ -2,7 +2,8 @@
 # Run 17's second call (session 23): GPU tests of the lean head, the fused encoder and the one-column kernel
 # through the module; the head's forms at 64K (sea_head_tune.py); the sea module old (.ab_old = 28b0580: the
 # one-column kernel at its first config) against new with the direct lean head and new with the head as GEMMs
-# (pair, the default), alternated twice; the new module's stage profile.
+# (pair, the default), alternated twice; the new module's stage profile. New also writes [P, v] by one kernel.
+# The estimator's launch configs at SEA's shape (sea_estimator_tune.py).
 set -u
 source benchmarks/device_setup.sh
 stamp() { echo "$1 rc=$2 $(date -u +%T)" >> "$OUT/session.log"; }
@@ -10,6 +11,7 @@ timeout 200 python -m pytest -m gpu -q -p no:cacheprovider -rfEx tests/test_sea_
   "tests/test_sparse_attention_gpu.py::test_one_column_kernel_matches_reference_at_real_sizes" \
   > "$OUT/gpu_tests.log" 2>&1; stamp tests $?
 timeout 150 python benchmarks/sea_head_tune.py --out "$OUT" > "$OUT/head_tune.log" 2>&1; stamp head_tune $?
+timeout 90 python benchmarks/sea_estimator_tune.py --out "$OUT" > "$OUT/estimator_tune.log" 2>&1; stamp estimator_tune $?
 for round in 1 2; do
   for side in old direct pair; do
     src=src; [ $side = old ] && src=.ab_old/src
