@@ -59,7 +59,7 @@ def main() -> None:
         timed("direct lean head (argmax + column sums)",
               lambda: head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common))
         timed("pair head default", lambda: head.pair_head_best(y, taps, bias, **common))
-        for br, bk, warps, stages in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)):
+        for br, bk, warps, stages in itertools.product((16, 32, 64), (64,), (4, 8), (1, 2)):
             head.PAIR_OVERRIDE.clear()
             head.PAIR_OVERRIDE.update(BR=br, BK=bk, num_warps=warps, num_stages=stages)
             try:
