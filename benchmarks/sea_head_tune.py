@@ -1,7 +1,8 @@
 """SEA's non-causal decoder head at inference over the row-window GEMMs' map (N = 65,536, B·H = 16, T = 128,
-bf16 maps, the histogram residual on): the head writing logits and probabilities, its lean form (argmax and
-column sums only), and the head as GEMMs (``pair_head_best``) over a sweep of launch configs. Prints a table;
-writes ``sea_head_tune.json`` to --out.
+bf16 maps, the histogram residual on): the head kernel writing logits and probabilities against its lean form
+(argmax and column sums only), and its (BR, num_warps) configs in the lean form. Prints a table; writes
+``sea_head_tune.json`` to --out. (Run 17 also timed the head as GEMMs over the map, since removed: 2.4–5.4 ms
+against 1.65, ``benchmarks/results/h100/run17/call3/head_tune.log``.)
 
     PYTHONPATH=src python benchmarks/sea_head_tune.py [--seq 65536] [--out DIR]
 """
@@ -45,34 +46,31 @@ def main() -> None:
     with torch.no_grad():
         y = decoder._row_gemm_map(e)
         view = decoder._head_view(y, n)
-        *_, taps, bias = decoder._row_gemm_matrices(e.dtype, e.device)
         h, weights = decoder._head_histogram(hist, n_valid)
         interp = interpolation_matrix(decoder.width, T, dtype=y.dtype, device=y.device)
         common = dict(rows=n, histogram=h, hist_weights=weights, heads=16)
-        direct = head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common)
-        pair = head.pair_head_best(y, taps, bias, **common)
-        agree = (direct[0] == pair[0]).float().mean().item()
-        sums = ((direct[1] - pair[1]).norm() / direct[1].norm()).item()
-        print(f"pair vs direct: argmax agree {agree:.5f}, column sums rel diff {sums:.2e}", flush=True)
+        lean = lambda: head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common)  # noqa: E731
+        full = head.fast_decoder_head(view, decoder.out.weight, decoder.out.bias, interp, **common)
+        best, sums = lean()
+        agree = (best == full[2]).float().mean().item()
+        sums_diff = ((sums - full[1].sum(1)).norm() / sums.norm()).item()
+        print(f"lean vs full head: argmax agree {agree:.5f}, column sums rel diff {sums_diff:.2e}", flush=True)
         timed("head with maps (logits + probs)",
               lambda: head.fast_decoder_head(view, decoder.out.weight, decoder.out.bias, interp, **common))
-        timed("direct lean head (argmax + column sums)",
-              lambda: head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common))
-        timed("pair head default", lambda: head.pair_head_best(y, taps, bias, **common))
-        for br, bk, warps, stages in itertools.product((16, 32, 64), (64,), (4, 8), (1, 2)):
-            head.PAIR_OVERRIDE.clear()
-            head.PAIR_OVERRIDE.update(BR=br, BK=bk, num_warps=warps, num_stages=stages)
+        timed("lean head (argmax + column sums)", lean)
+        for br, warps in itertools.product((16, 32, 64), (4, 8)):
+            head.OVERRIDE.clear()
+            head.OVERRIDE.update(BR=br, num_warps=warps)
             try:
-                timed(f"pair BR={br} BK={bk} warps={warps} stages={stages}",
-                      lambda: head.pair_head_best(y, taps, bias, **common))
+                timed(f"lean head BR={br} warps={warps}", lean)
             except Exception as error:  # noqa: BLE001  (out of resources: report and go on)
-                print(f"pair BR={br} BK={bk} warps={warps} stages={stages}: {type(error).__name__}", flush=True)
-        head.PAIR_OVERRIDE.clear()
+                print(f"lean head BR={br} warps={warps}: {type(error).__name__}", flush=True)
+        head.OVERRIDE.clear()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq": n, "columns": T,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argmax_agree": agree,
-                "sums_rel_diff": sums}
+                "sums_rel_diff": sums_diff}
         (args.out / "sea_head_tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -280,15 +280,6 @@ def _head_choice() -> str:
     return choice
 
 
-def _lean_head_choice() -> str:
-    """The inference head over the row-window GEMMs' map: the head as GEMMs, two taps a row (``pair``,
-    default) or the direct head kernel (``APPROXATTN_SEA_LEAN_HEAD=direct``, for A/B runs)."""
-    choice = os.environ.get("APPROXATTN_SEA_LEAN_HEAD", "pair")
-    if choice not in ("pair", "direct"):
-        raise ValueError(f"APPROXATTN_SEA_LEAN_HEAD: expected 'pair' or 'direct', got {choice!r}")
-    return choice
-
-
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
@@ -414,16 +405,10 @@ class NonCausalDecoder(nn.Module):
             return None
         B, H, N, _ = e.shape
         hist, weights = self._head_histogram(histogram, n_valid)
-        if self._row_gemms_apply(e, histogram):
-            y = self._row_gemm_map(e)
-            if _lean_head_choice() == "pair":
-                *_, taps, bias = self._row_gemm_matrices(e.dtype, e.device)
-                pair = fast_kernel("sea_decoder_head", "pair_head_best")
-                best, sums = pair(y, taps, bias, rows=N, histogram=hist, hist_weights=weights, heads=H)
-                return best.view(B, H, N), sums.view(B, H, self.columns)
-            y = self._head_view(y, N)
-        else:
-            y = self._middle(e)
+        # the head kernel reads the row-window GEMMs' map in place. Run 17 also tried the head as GEMMs over
+        # that map (two tap GEMMs an output row, the resize composed in): 2.4–5.4 ms against this kernel's
+        # 1.65 at N = 65,536 on an H100 (benchmarks/results/h100/run17/call3/head_tune.log), so it went
+        y = self._head_view(self._row_gemm_map(e), N) if self._row_gemms_apply(e, histogram) else self._middle(e)
         out = fast(y, self.out.weight, self.out.bias,
                    interpolation_matrix(self.width, self.columns, dtype=y.dtype, device=y.device),
                    rows=N, histogram=hist, hist_weights=weights, heads=H, floor=floor)

@@ -45,7 +45,6 @@ MAX_COLUMNS = 256      # T
 MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
-PAIR_OVERRIDE: dict[str, int] = {}   # and this for pair_head_best (BR, BK, num_warps, num_stages)
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -156,119 +155,6 @@ if HAS_TRITON:
         # one-cell-a-row case reads it instead of another pass over the probabilities
         best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
         tl.store(best_ptr + s * N + offs_u, best.to(tl.int64), mask=u_ok)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _pair_rows_epilogue(logits, u, s, h_ptr, hw_ptr, best_ptr, stride_hs, stride_hn, stride_hd,
-                            N, T, D, HEADS, floor, offs_t, t_ok, BD: tl.constexpr, HAS_HISTOGRAM: tl.constexpr,
-                            EXACT: tl.constexpr):
-        """Output rows u: the residual, softmax, argmax (stored) → their column sums of the probabilities."""
-        u_ok = u < N
-        if HAS_HISTOGRAM:
-            offs_d = tl.arange(0, BD)
-            d_ok = offs_d < D
-            hist = tl.load(h_ptr + s * stride_hs + u[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd,
-                           mask=u_ok[:, None] & d_ok[None, :], other=0.0)
-            hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
-                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            logits += tl.log(tl.maximum(_tf32_dot(hist.to(tl.float32), hw, EXACT), floor))
-        x = tl.where(t_ok[None, :], logits, float("-inf"))
-        x = tl.exp(x - tl.max(x, 1)[:, None])
-        probs = x / tl.sum(x, 1)[:, None]
-        best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
-        tl.store(best_ptr + s * N + u, best.to(tl.int64), mask=u_ok)
-        return tl.sum(tl.where(u_ok[:, None] & t_ok[None, :], probs, 0.0), 0)
-
-    @triton.jit
-    def _pair_head_fwd(
-        y_ptr, a_ptr, bias_ptr, h_ptr, hw_ptr, best_ptr, sums_ptr,
-        stride_ys, stride_yr, stride_yk, stride_hs, stride_hn, stride_hd,
-        R, N, K, T, D, HEADS, NB, floor,
-        BR: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr,
-    ):
-        """Grid (block of BR map rows, sample): output rows 2r and 2r+1 of each map row r, as GEMMs.
-
-        Output row u of the conv over the rows upsampled ×2 reads virtual rows u−1, u, u+1, i.e. map
-        rows (u−1)//2, u//2, (u+1)//2: an even row 2r reads r−1, r, r and an odd row 2r+1 reads r, r, r+1.
-        With A_j the tap matrices composed with the width resize (``a (5, K, T)``: A0, A1+A2, A0+A1, A2,
-        A2), even = y[r−1]·A0 + y[r]·(A1+A2) and odd = y[r]·(A0+A1) + y[r+1]·A2: two dots a row instead
-        of three, then the residual, softmax, argmax and the block's column sums (no maps written)."""
-        pid = tl.program_id(0)
-        s = tl.program_id(1).to(tl.int64)
-        r = pid * BR + tl.arange(0, BR)
-        offs_t = tl.arange(0, BT)
-        t_ok = offs_t < T
-        even = tl.zeros([BR, BT], dtype=tl.float32)
-        odd = tl.zeros([BR, BT], dtype=tl.float32)
-        y_base = y_ptr + s * stride_ys
-        prev_ok = (r >= 1) & (r - 1 < R)
-        cur_ok = r < R
-        next_ok = r + 1 < R
-        # an even row whose third tap (virtual row 2r+1) is past N (odd N, its last map row): that tap is 0
-        short = (2 * r + 1 >= N) & cur_ok
-        has_short = tl.max(short.to(tl.int32), 0) > 0
-        for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            k_ok = offs_k < K
-            cols = offs_k[None, :] * stride_yk
-            x_prev = tl.load(y_base + (r - 1)[:, None].to(tl.int64) * stride_yr + cols,
-                             mask=prev_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            x_cur = tl.load(y_base + r[:, None].to(tl.int64) * stride_yr + cols,
-                            mask=cur_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            x_next = tl.load(y_base + (r + 1)[:, None].to(tl.int64) * stride_yr + cols,
-                             mask=next_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a_rows = offs_k[:, None] * T + offs_t[None, :]
-            a_mask = k_ok[:, None] & t_ok[None, :]
-            even += _tf32_dot(x_prev, tl.load(a_ptr + a_rows, mask=a_mask, other=0.0), EXACT)
-            even += _tf32_dot(x_cur, tl.load(a_ptr + K * T + a_rows, mask=a_mask, other=0.0), EXACT)
-            odd += _tf32_dot(x_cur, tl.load(a_ptr + 2 * K * T + a_rows, mask=a_mask, other=0.0), EXACT)
-            odd += _tf32_dot(x_next, tl.load(a_ptr + 3 * K * T + a_rows, mask=a_mask, other=0.0), EXACT)
-            if has_short:
-                x_short = tl.where(short[:, None], x_cur, 0.0)
-                even -= _tf32_dot(x_short, tl.load(a_ptr + 4 * K * T + a_rows, mask=a_mask, other=0.0), EXACT)
-        bias = tl.load(bias_ptr + offs_t, mask=t_ok, other=0.0)[None, :]
-        sums = _pair_rows_epilogue(even + bias, 2 * r, s, h_ptr, hw_ptr, best_ptr, stride_hs, stride_hn, stride_hd,
-                                   N, T, D, HEADS, floor, offs_t, t_ok, BD, HAS_HISTOGRAM, EXACT)
-        sums += _pair_rows_epilogue(odd + bias, 2 * r + 1, s, h_ptr, hw_ptr, best_ptr, stride_hs, stride_hn,
-                                    stride_hd, N, T, D, HEADS, floor, offs_t, t_ok, BD, HAS_HISTOGRAM, EXACT)
-        tl.store(sums_ptr + (s * NB + pid) * T + offs_t, sums, mask=t_ok)
-
-
-def pair_head_best(y, taps, bias, *, rows, histogram=None, hist_weights=None, heads=1, floor=1e-6):
-    """:func:`fast_decoder_head_best` over the row-window GEMMs' map, with the head as GEMMs: y ``(S, R, K)``
-    (K = C·W, channel-major, R = ⌈rows/2⌉), taps ``(3, K, T)``: the output conv's row taps composed with
-    the width resize, bias ``(T,)``; histogram and hist_weights as :func:`decoder_head`. Returns
-    ``(best (S, rows) int64, column sums (S, T) fp32)``; the caller checked that the kernels apply."""
-    S, R, K = y.shape
-    T = taps.shape[2]
-    if tuple(taps.shape) != (3, K, T) or tuple(bias.shape) != (T,) or R != (rows + 1) // 2:
-        raise ValueError(f"taps, bias, rows: expected (3, {K}, T), (T,) and ⌈rows/2⌉ = {R} map rows, got "
-                         f"{tuple(taps.shape)}, {tuple(bias.shape)} and rows={rows}")
-    check_histogram(S, rows, T, histogram, hist_weights, heads, floor, y.device)
-    taps = taps.to(torch.float32)
-    a = torch.stack([taps[0], taps[1] + taps[2], taps[0] + taps[1], taps[2], taps[2]]).contiguous()
-    best = torch.empty(S, rows, dtype=torch.int64, device=y.device)
-    if interpreting():
-        cfg = {"BR": 16, "BK": 16}
-    else:
-        cfg = {"BR": 32, "BK": 64, "num_warps": 8, **PAIR_OVERRIDE}
-    blocks = triton.cdiv(R, cfg["BR"])
-    sums = torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
-    if histogram is not None:
-        hw = hist_weights.to(torch.float32).contiguous()
-        h, D, strides = histogram, histogram.shape[2], histogram.stride()
-    else:
-        h, hw, D, strides = y, y, 1, (0, 0, 0)
-    _pair_head_fwd[(blocks, S)](
-        y, a, bias.to(torch.float32).contiguous(), h, hw, best, sums, *y.stride(), *strides,
-        R, rows, K, T, D, heads, blocks, float(floor),
-        BT=max(16, triton.next_power_of_2(T)), BD=max(16, triton.next_power_of_2(D)),
-        HAS_HISTOGRAM=histogram is not None, EXACT=y.dtype == torch.float32, **cfg,
-    )
-    return best, sums.sum(1)
 
 
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
