@@ -247,13 +247,18 @@ def fast_decoder_head(y, weight, bias, interp, *, rows, histogram=None, hist_wei
     ``TRITON_INTERPRET=1`` and ``APPROXATTN_FORCE_KERNELS=1``), a gradient is required, or the sizes
     or dtype are past the kernel's limits. Bad inputs raise.
     """
-    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
-    if not kernels_enabled(y) or _kernel_limit(y, interp, histogram) is not None:
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (y, weight, bias, interp, histogram, hist_weights)):
+    if not _dispatches(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor):
         return None
     return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+
+
+def _dispatches(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> bool:
+    """The dispatching forms' checks: bad inputs raise; False where the kernel does not apply."""
+    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
+    if not kernels_enabled(y) or _kernel_limit(y, interp, histogram) is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (y, weight, bias, interp, histogram, hist_weights)))
 
 
 def decoder_head_best_reference(y, weight, bias, interp, *, rows, histogram=None, hist_weights=None, heads=1,
@@ -271,11 +276,7 @@ def fast_decoder_head_best(y, weight, bias, interp, *, rows, histogram=None, his
     int64, the probabilities' column sums (S, T) fp32)``, neither logits nor probabilities written
     (at SEA's 64K maps they are 0.8 GB). None where the kernel does not apply (as
     :func:`fast_decoder_head`)."""
-    _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor)
-    if not kernels_enabled(y) or _kernel_limit(y, interp, histogram) is not None:
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (y, weight, bias, interp, histogram, hist_weights)):
+    if not _dispatches(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor):
         return None
     return _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor, maps=False)
 

@@ -25,13 +25,14 @@ import torch
 
 from ..blocks.sparse_attention import ColumnLayout, check_row_mix
 from .dispatch import HAS_TRITON, interpreting, kernels_enabled
+from .sparse_attention import row_mix_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from ._feature_map import _cast_out
-    from .sparse_attention import _mma
+    from .sparse_attention import _mma, _online_softmax_step
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -159,12 +160,7 @@ if HAS_TRITON:
                             mask=key_ok[:, None] & (offs_v[None, :] < dv), other=0.0)
                 s = _mma(q, tl.trans(k), PREC) * qk_scale
                 s = tl.where(key_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))      # finite: every tile holds a key of the range
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _mma(p, v, PREC)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PREC)
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]   # an empty column (L < T) gives 0
             if MIX:   # out·a + c·z per row, as the general kernel
                 a = tl.load(a_ptr + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
@@ -197,13 +193,7 @@ def single_column_attention_triton(q, k, v, row_column, layout: ColumnLayout, *,
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     order, row_start, block_start = column_blocks(row_column, T, BM)
     out = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=q.device)
-    if mix is not None:
-        a, c, z = mix
-        a, c = (t.to(torch.float32).contiguous() for t in (a, c))
-        z_strides = (z.stride(0), z.stride(1), 0 if z.shape[2] == 1 else z.stride(2), z.stride(3))
-    else:
-        a = c = z = out       # never read
-        z_strides = (0, 0, 0, 0)
+    a, c, z, z_strides = row_mix_args(mix, out)
     grid = (triton.cdiv(Nq, BM) + T, B * H)                # at least the blocks of any head
     _single_column_fwd[grid](
         q, k, v, out, order, row_start, block_start, a, c, z, *z_strides,

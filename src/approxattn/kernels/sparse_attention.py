@@ -288,6 +288,16 @@ if HAS_TRITON:
             return tl.dot(a.to(b.dtype), b, input_precision=PREC)
 
     @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+        """One key tile of flash attention's online softmax: scores ``s (BM, BN)`` in base-2 units (masked
+        keys −inf), values ``v (BN, BDV)`` → the new running max, sum and output accumulator of each row."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _mma(p, v, PREC)
+
+    @triton.jit
     def _column_mask_fwd(
         q_ptr, k_ptr, v_ptr, o_ptr, sel_ptr, rank_ptr, len_ptr, start_ptr, count_ptr, runs_ptr, order_ptr,
         a_ptr, c_ptr, z_ptr, stride_zb, stride_zh, stride_zn, stride_zd,
@@ -368,13 +378,7 @@ if HAS_TRITON:
                     col = tl.minimum(tl.maximum(col, 0), T - 1)
                     keep = tl.load(sel_row[:, None] + col, mask=eligible, other=0) != 0
                     s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing yet
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _mma(p, v, PREC)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PREC)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         if MIX:   # out·a + c·z per row (a, c contiguous (B, H, Nq) fp32; z one vector a head or a row)
             a = tl.load(a_ptr + bh.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
@@ -562,6 +566,17 @@ def _cheaper_row_order(selected: torch.Tensor, layout: ColumnLayout, block_m: in
     return order, start, count, runs
 
 
+def row_mix_args(mix, out: torch.Tensor):
+    """The kernels' MIX arguments ``(a, c, z, z strides)`` for ``mix = (scale, shift_scale, shift)``: scale and
+    shift_scale as contiguous fp32, shift read in place (stride 0 along the rows when it is one vector a
+    head); without a mix, ``out`` as never-read dummies."""
+    if mix is None:
+        return out, out, out, (0, 0, 0, 0)
+    a, c, z = mix
+    a, c = (t.to(torch.float32).contiguous() for t in (a, c))
+    return a, c, z, (z.stride(0), z.stride(1), 0 if z.shape[2] == 1 else z.stride(2), z.stride(3))
+
+
 def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, scale: float, mix=None) -> torch.Tensor:
     """The kernel's output (no checks beyond :func:`supported`; call through the fast path). mix: see
     :func:`fast_column_mask_attention`."""
@@ -584,13 +599,7 @@ def column_mask_attention_triton(q, k, v, selected, layout: ColumnLayout, *, sca
     rank = layout.key_rank if layout.key_rank.stride(1) == 1 else layout.key_rank.contiguous()
     BD = max(16, triton.next_power_of_2(d))
     BDV = max(16, triton.next_power_of_2(dv))
-    if mix is not None:
-        a, c, z = mix
-        a, c = (t.to(torch.float32).contiguous() for t in (a, c))
-        z_strides = (z.stride(0), z.stride(1), 0 if z.shape[2] == 1 else z.stride(2), z.stride(3))
-    else:
-        a = c = z = out       # never read
-        z_strides = (0, 0, 0, 0)
+    a, c, z, z_strides = row_mix_args(mix, out)
     _column_mask_fwd[(nmb, B * H)](
         q, k, v, out, sel, rank, length, start, count, runs, runs if order is None else order,
         a, c, z, *z_strides,
