@@ -32,7 +32,7 @@ if HAS_TRITON:
 
 MAX_WIDTH = 256       # 2d, the context's and e's width
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, num_stages)
 
 
 def _check(context, own_value, weight, bias, norm_weight, norm_bias, eps, gate_weight, gate_bias) -> None:
