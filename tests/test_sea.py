@@ -713,18 +713,18 @@ def test_one_cell_rows_take_the_one_column_kernel(monkeypatch, padded):
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_without_details_skips_the_maps_with_the_same_output(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,seq_k", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 56)])
+def test_forward_without_details_skips_the_maps_with_the_same_output(monkeypatch, dtype, seq_k):
     """forward (no details) on one-cell rows: the head writes no logits or probabilities and nothing is
     selected as a map, yet the output equals forward_with_details' (same kernels, the column means
     summed in the head instead of by torch). bf16 maps come from the row-window GEMMs, fp32 ones from the
-    decoder's layers."""
+    decoder's layers; seq_k: cross-attention (no own value in the encoder, column means over Nq rows)."""
     from approxattn.kernels import sea_decoder_head as head
 
     calls = []
     lean = head.fast_decoder_head_best
     monkeypatch.setattr(head, "fast_decoder_head_best", lambda *a, **kw: calls.append(1) or lean(*a, **kw))
-    q, k, v = qkv(heads=4, kv_heads=2, seq_q=40, head_dim=16, dtype=dtype)
+    q, k, v = qkv(heads=4, kv_heads=2, seq_q=40, seq_k=seq_k, head_dim=16, dtype=dtype)
     sea = approxattn.build("sea", head_dim=16, k=2, columns=8, num_features=16).eval()
     with torch.no_grad():
         for parameter in sea.decoder.out.parameters():
