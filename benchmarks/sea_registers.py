@@ -29,11 +29,12 @@ def _as_on_a_gpu() -> None:
         row_window_gemm,
         sea_decoder_head,
         sea_encoder,
+        sea_values,
         single_column_attention,
     )
 
     _launch.interpreting = lambda: False
-    for module in (sea_decoder_head, sea_encoder, single_column_attention, row_window_gemm):
+    for module in (sea_decoder_head, sea_encoder, sea_values, single_column_attention, row_window_gemm):
         original = module.launch_config
 
         def gpu_config(*args, _original=original, _module=module, **kwargs):

@@ -49,6 +49,11 @@ if HAS_TRITON:
         tl.store(out + D, v, mask=mask)
 
 
+def launch_config(d: int) -> dict[str, int]:
+    """64 rows a program on a GPU (not swept), 16 under the interpreter."""
+    return {"BR": 16 if interpreting() else 64, "BD": max(16, triton.next_power_of_2(d))}
+
+
 def augmented_values(probe: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     """:func:`augmented_values_reference` from one kernel, contiguous; None where it does not apply
     (kernels off or not CUDA unless forced, d over 256, an empty tensor, a gradient required)."""
@@ -60,9 +65,9 @@ def augmented_values(probe: torch.Tensor, values: torch.Tensor) -> torch.Tensor 
     if torch.is_grad_enabled() and (probe.requires_grad or values.requires_grad):
         return None
     out = torch.empty(B, H, N, 2 * d, dtype=values.dtype, device=values.device)
-    BR = 16 if interpreting() else 64
-    _augment_fwd[(triton.cdiv(N, BR), B * H)](probe, values, out, *probe.stride(), *values.stride(), H, N, d,
-                                              BR=BR, BD=max(16, triton.next_power_of_2(d)))
+    cfg = launch_config(d)
+    _augment_fwd[(triton.cdiv(N, cfg["BR"]), B * H)](probe, values, out, *probe.stride(), *values.stride(), H, N, d,
+                                                     **cfg)
     return out
 
 
