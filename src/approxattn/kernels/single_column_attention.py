@@ -8,10 +8,12 @@ T = 128, so each row attends to the ~L/T keys of its best column.
 Why a kernel of its own: the general kernel (``kernels/sparse_attention.py``) cuts blocks of rows
 from a sort by columns, so a block may straddle two columns; it then builds tile runs and checks,
 per KV tile, whether the tile lies in one column for every row of the block (else it computes a
-column per element). Here the blocks are cut *per column*: rows are counting-sorted by column, every
-column's rows are split into blocks of ``BM``, and every block reads exactly its column's keys, a
-contiguous range of ranks ``[lo_c, hi_c)`` (ranks are positions in an unpadded layout). No mask is
-read and no tile runs are built; the masked edge is the range's last tile.
+column per element). Here the blocks are cut *per column*: rows are sorted by column (a 16-bit key),
+every column's rows are split into blocks of ``BM``, and every block reads exactly its column's keys,
+a contiguous range of ranks ``[lo_c, hi_c)`` (ranks are positions in an unpadded layout). No mask is
+read and no tile runs are built; the masked edge is the range's last tile. On an H100 at N = 65,536
+(run 17) the kernel with its tables took 0.78 ms against 2.52 for the general path on the same rows;
+the tables (sort, counts, cumsums) are 0.29 ms of it.
 
 Host side (tensor ops on the device, no host sync): per (batch, head) the rows' columns are sorted
 (``order``), counted per column (``row_start``: the first entry of each column in ``order``) and
