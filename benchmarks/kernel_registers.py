@@ -46,23 +46,12 @@ def record(n: int = 256) -> list[dict]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from sm90_compile import launches_recorded_by, ptxas_usage
+    from sm90_compile import launches_recorded_by, print_usage_table
 
     entries = launches_recorded_by(__file__, record)
     if entries is None:   # this was the recording child
         return
-    print("| kernel | blocks | warps | stages | registers | spill stores / loads (bytes a thread) |")
-    print("|---|---|---|---|---|---|")
-    for entry in sorted(entries, key=lambda e: (e["module"], e["kernel"])):
-        blocks = ", ".join(f"{k}={v}" for k, v in entry["constexprs"].items() if k in SHOWN)
-        options = {"num_warps": 4, "num_stages": 2} | entry["options"]
-        try:
-            regs, stores, loads = ptxas_usage(entry)
-            found = f"{regs} | {stores} / {loads}"
-        except Exception as error:  # noqa: BLE001  (a kernel that does not compile is a row too)
-            found = f"— | {type(error).__name__}"
-        print(f"| {entry['module'].rsplit('.', 1)[-1]}.{entry['kernel']} | {blocks} | {options['num_warps']} | "
-              f"{options['num_stages']} | {found} |", flush=True)
+    print_usage_table(entries, SHOWN)
 
 
 if __name__ == "__main__":

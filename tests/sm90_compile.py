@@ -141,5 +141,23 @@ def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | Non
     return int(re.search(r"Used (\d+) registers", text).group(1)), int(spill.group(1)), int(spill.group(2))
 
 
+def print_usage_table(entries: list[dict], shown: tuple[str, ...]) -> None:
+    """A markdown table of :func:`ptxas_usage` for each recorded launch at its own config: kernel, the
+    constexprs named in ``shown``, warps, stages, registers and spill bytes (a row for a kernel that does not
+    compile, too)."""
+    print("| kernel | blocks | warps | stages | registers | spill stores / loads (bytes a thread) |")
+    print("|---|---|---|---|---|---|")
+    for entry in sorted(entries, key=lambda e: (e["module"], e["kernel"])):
+        blocks = ", ".join(f"{k}={v}" for k, v in entry["constexprs"].items() if k in shown)
+        options = {"num_warps": 4, "num_stages": 2} | entry["options"]
+        try:
+            regs, stores, loads = ptxas_usage(entry)
+            found = f"{regs} | {stores} / {loads}"
+        except Exception as error:  # noqa: BLE001  (a kernel that does not compile is a row too)
+            found = f"— | {type(error).__name__}"
+        print(f"| {entry['module'].rsplit('.', 1)[-1]}.{entry['kernel']} | {blocks} | {options['num_warps']} | "
+              f"{options['num_stages']} | {found} |", flush=True)
+
+
 if __name__ == "__main__":
     sys.exit(compile_all(json.loads(open(sys.argv[1]).read())))

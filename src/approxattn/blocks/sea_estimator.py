@@ -270,8 +270,6 @@ def _check_heads(num_heads: int | None, heads: int) -> None:
         )
 
 
-# decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
-# outside the module so that it pickles and copies as before
 def _head_choice() -> str:
     """The non-causal decoder's fused head: the kernel (default) or ``APPROXATTN_SEA_HEAD=gemm``."""
     choice = os.environ.get("APPROXATTN_SEA_HEAD", "kernel")
@@ -280,6 +278,8 @@ def _head_choice() -> str:
     return choice
 
 
+# decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
+# outside the module so that it pickles and copies as before
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
@@ -349,7 +349,7 @@ class NonCausalDecoder(nn.Module):
             return None
         from ..kernels.row_window_gemm import window_gemm_softmax
 
-        B, H, N, width = e.shape
+        B, H, N, _ = e.shape
         T = self.columns
         head_choice = _head_choice()
         y = self._row_gemm_map(e)

@@ -27,7 +27,7 @@ import torch
 
 from ..blocks.sparse_attention import ColumnLayout, check_row_mix
 from .dispatch import HAS_TRITON, interpreting, kernels_enabled
-from .sparse_attention import row_mix_args
+from .sparse_attention import config_by_width, row_mix_args
 
 if HAS_TRITON:
     import triton
@@ -49,12 +49,7 @@ OVERRIDE: dict[str, int] = {}   # tuning runs set this
 
 
 def launch_config(d: int, dv: int) -> dict[str, int]:
-    if interpreting():
-        return {"BM": 16, "BN": 16}
-    if OVERRIDE:
-        return dict(OVERRIDE)
-    width = max(d, dv)
-    return dict(CONFIGS[64 if width <= 64 else 128 if width <= 128 else 256])
+    return config_by_width(CONFIGS, OVERRIDE, d, dv, interpreted=interpreting())
 
 
 def applies(layout: ColumnLayout) -> bool:

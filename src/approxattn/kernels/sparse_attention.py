@@ -99,13 +99,20 @@ def row_ordering() -> bool:
     return os.environ.get("APPROXATTN_SPARSE_ROW_ORDER", "1") != "0"
 
 
-def launch_config(d: int, dv: int) -> dict[str, int]:
-    if interpreting():
+def config_by_width(configs: dict[int, dict[str, int]], override: dict[str, int], d: int, dv: int, *,
+                    interpreted: bool) -> dict[str, int]:
+    """A sparse kernel's launch config: 16 × 16 tiles under the interpreter, else ``override`` when a tuning
+    run set it, else ``configs`` of the head-dim bucket (64, 128, 256) holding ``max(d, dv)``."""
+    if interpreted:
         return {"BM": 16, "BN": 16}
-    if OVERRIDE:
-        return dict(OVERRIDE)
+    if override:
+        return dict(override)
     width = max(d, dv)
-    return dict(CONFIGS[64 if width <= 64 else 128 if width <= 128 else 256])
+    return dict(configs[64 if width <= 64 else 128 if width <= 128 else 256])
+
+
+def launch_config(d: int, dv: int) -> dict[str, int]:
+    return config_by_width(CONFIGS, OVERRIDE, d, dv, interpreted=interpreting())
 
 
 def first_two_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -350,11 +350,12 @@ class SEAAttention(RandomFeatureModule):
         # unpadded non-causal rows of at least T keys: every column holds keys (no candidate mask needed)
         every_column = not causal and key_padding_mask is None and shape.seq_k >= T
         candidates = None if every_column else nonempty_columns(layout)
-        # forward at long N: each row keeps its best cell, so only the rows' argmax and the column
-        # means of the estimate are needed (the head writes neither logits nor probabilities)
-        lean_head = not details and not causal and dtype == torch.float32 and best_cells_only(
-            k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
-            host_row_length=layout.host_row_length)
+        # long unpadded inputs: each row keeps its best cell (known on the host), so the sparse step can take
+        # each row's column, and forward needs only the rows' argmax and the estimate's column means (the
+        # head then writes neither logits nor probabilities)
+        one_cell_rows = best_cells_only(k=self.options["k"], columns=T, grouping=grouping, candidates=candidates,
+                                        query_valid=query_valid, host_row_length=layout.host_row_length)
+        lean_head = one_cell_rows and not details and not causal and dtype == torch.float32
         lean = None
         stage = _stage("sea.decoder", stage)
         # half inputs: the estimator's fp32 GEMMs may round their operands to TF32 (the estimate only
@@ -384,10 +385,7 @@ class SEAAttention(RandomFeatureModule):
             selected = select_cells(probs, candidates, layout.row_length, k=self.options["k"],
                                     grouping=grouping, query_valid=query_valid,
                                     host_row_length=layout.host_row_length, row_best=best)
-            # one best cell a row (long unpadded inputs): the sparse step can take each row's column
-            row_column = best if best is not None and best_cells_only(
-                k=self.options["k"], columns=T, grouping=grouping, candidates=candidates, query_valid=query_valid,
-                host_row_length=layout.host_row_length) else None
+            row_column = best if one_cell_rows else None
 
         # 5. gates and average context, then the sparse exact attention mixed with them per row
         stage = _stage("sea.gates", stage)
@@ -505,8 +503,8 @@ class SEAAttention(RandomFeatureModule):
         """Exact attention on the selected cells, then ``mix`` per row (see apply_row_mix): the Triton
         kernel's output in q's dtype (mixed before its store), else the reference's, mixed in fp32.
         row_column ``(B, H, Nq)`` or None: each row's one selected column, when ``selected`` is
-        ``one_hot(row_column)`` (or None: built from it where needed); rows then attend to their column's keys without a mask (the
-        one-column kernel, on layouts it covers)."""
+        ``one_hot(row_column)`` (or None: built from it where needed); rows then attend to their
+        column's keys without a mask (the one-column kernel, on layouts it covers)."""
         if row_column is not None:
             from ..kernels.single_column_attention import applies, fast_single_column_attention
 
