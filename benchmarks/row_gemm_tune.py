@@ -25,7 +25,12 @@ from approxattn.kernels.sea_decoder_head import fast_decoder_head
 CONFIGS = {
     "gemm": [{"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 2},
              {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 2}, {"BM": 128, "BN": 256, "num_warps": 8, "num_stages": 2},
-             {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}],
+             {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2},
+             # run 18: deeper pipelines and narrower K blocks (the 128 × 256 strided tile spills 564/708 B at BK 64)
+             {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}, {"BM": 128, "BN": 128, "num_warps": 4, "num_stages": 3},
+             {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 3}, {"BM": 128, "BN": 256, "BK": 32, "num_warps": 8,
+                                                                     "num_stages": 3},
+             {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}, {"BM": 256, "BN": 128, "num_warps": 8, "num_stages": 2}],
     "softmax": [{"BM": 32, "num_warps": 4, "num_stages": 2}, {"BM": 16, "num_warps": 4, "num_stages": 2},
                 {"BM": 16, "num_warps": 2, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 1},
                 {"BM": 32, "num_warps": 4, "BK": 32, "num_stages": 2}],
@@ -41,6 +46,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--columns", type=int, default=128)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--steps", default="first,middle,head,head, half dots",
+                        help="which GEMMs to sweep, comma-separated (first, middle, head, 'head, half dots'); "
+                             "the old layers are timed only with the head")
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
@@ -65,16 +73,17 @@ def main() -> None:
         from approxattn.blocks.sea_estimator import interpolation_matrix
 
         interp = interpolation_matrix(decoder.width, T, dtype=y.dtype, device=y.device)
-        rows["old: row linear + down + middle conv"] = ms(lambda: decoder._middle(e))
-        rows["old: head kernel"] = ms(lambda: fast_decoder_head(y, decoder.out.weight, decoder.out.bias, interp, rows=N,
-                                                                histogram=hist.reshape(H, N, -1), hist_weights=weights,
-                                                                heads=H))
-        rows["new: logits_and_probs (two GEMMs + head kernel)"] = ms(
-            lambda: decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid))
-        os.environ["APPROXATTN_SEA_HEAD"] = "gemm"
-        rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
-                                                                                          n_valid=n_valid))
-        os.environ["APPROXATTN_SEA_HEAD"] = "kernel"
+        if "head" in args.steps:
+            rows["old: row linear + down + middle conv"] = ms(lambda: decoder._middle(e))
+            rows["old: head kernel"] = ms(lambda: fast_decoder_head(y, decoder.out.weight, decoder.out.bias, interp, rows=N,
+                                                                    histogram=hist.reshape(H, N, -1),
+                                                                    hist_weights=weights, heads=H))
+            rows["new: logits_and_probs (two GEMMs + head kernel)"] = ms(
+                lambda: decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid))
+            os.environ["APPROXATTN_SEA_HEAD"] = "gemm"
+            rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
+                                                                                              n_valid=n_valid))
+            os.environ["APPROXATTN_SEA_HEAD"] = "kernel"
         first, taps, first_bias, middle, middle_bias, head, head_bias = decoder._row_gemm_matrices(e.dtype, e.device)
         R = (N + 1) // 2
         x = e.reshape(H, N, 128)
@@ -91,6 +100,8 @@ def main() -> None:
         }
         variants = [(name, fn, kind, nbytes, False) for name, (fn, kind, nbytes) in steps.items()]
         variants.append(("head, half dots", steps["head"][0], "softmax", steps["head"][2], True))
+        wanted = {step.strip() for step in args.steps.split(",")} | ({"head, half dots"} if "half dots" in args.steps else set())
+        variants = [variant for variant in variants if variant[0] in wanted]
         for name, fn, kind, nbytes, half_dots in variants:
             rwg.HALF_SOFTMAX_DOTS = half_dots
             for cfg in [None] + CONFIGS[kind]:
