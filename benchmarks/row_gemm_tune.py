@@ -66,6 +66,7 @@ def main() -> None:
     bandwidth = 2 * src.numel() * 2 / (ms(functools.partial(dst.copy_, src)) * 1e-3)
     del src, dst
     rows = {}
+    swept = []   # {"step", "config" (None: the default), "ms"}, for benchmarks/sea_tuned_ab.py
     with torch.no_grad():
         # the layers the GEMMs replace (what logits_and_probs ran before): row linear + convs, then the head kernel
         y = decoder._middle(e)
@@ -115,6 +116,7 @@ def main() -> None:
                     continue
                 label = f"new: {name} {'default' if cfg is None else cfg}"
                 rows[label] = t
+                swept.append({"step": name, "config": cfg, "ms": t})
                 print(f"{label:80s} {t:8.3f} ms  floor {nbytes / bandwidth * 1e3:6.3f} ms", flush=True)
             rwg.OVERRIDE.clear()
         rwg.HALF_SOFTMAX_DOTS = False
@@ -124,7 +126,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "seq": N, "heads": H, "columns": T,
-                       "bandwidth": bandwidth, "ms": rows}, f, indent=1)
+                       "bandwidth": bandwidth, "ms": rows, "swept": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ MAX_HISTOGRAM = 128
 MAX_SAMPLES = 65535     # the grid's third dimension
 # the softmax form's dots on half operands (its weights rounded to x's dtype) instead of TF32: a tuning switch
 HALF_SOFTMAX_DOTS = os.environ.get("APPROXATTN_ROW_GEMM_HALF_SOFTMAX", "0") == "1"
-OVERRIDE: dict[str, dict[str, int]] = {}   # tuning runs set this: {"gemm" | "softmax": {BM, BN, BK, num_warps, num_stages}}
+# tuning runs set this: {"gemm" | "softmax" | "gemm:step2" (the strided GEMM alone) | ...: {BM, BN, BK, num_warps,
+# num_stages}}; a "kind:stepS" entry wins over the kind's
+OVERRIDE: dict[str, dict[str, int]] = {}
 
 
 def _check(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows) -> tuple[int, int]:
@@ -259,7 +261,8 @@ def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = F
         BM, warps = 128, 8
     else:
         BM, warps = (64 if kind == "gemm" or BN <= 128 else 32), (4 if kind == "gemm" else 8)
-    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2, **OVERRIDE.get(kind, {})}
+    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2,
+           **OVERRIDE.get(f"{kind}:step{step}", OVERRIDE.get(kind, {}))}
     if kind == "softmax" and cfg["BN"] < nout:
         raise ValueError(f"OVERRIDE['softmax']: BN must hold the whole row ({nout} columns), got {cfg['BN']}")
     return cfg
@@ -323,7 +326,7 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
         # the half-operand GEMM config was tuned where a block may take 227 KiB of shared memory (H100);
         # a part with less (99 KiB on sm_86/89) gets the narrower one. A tuning override fails as it is.
         narrower = launch_config(kind, nout, K, step=step, half=False)
-        if narrower == cfg or kind in OVERRIDE:
+        if narrower == cfg or kind in OVERRIDE or f"{kind}:step{step}" in OVERRIDE:
             raise
         launch(narrower)
     return (out, probs, best) if softmax else out
