@@ -84,9 +84,9 @@ def main() -> None:
         timed("banded head with maps", full)
         timed("banded lean head (default config)", lean)
         if args.configs:
-            for bm, bk, bd, warps, stages in itertools.product((32, 64, 128), (32, 64), (32,), (4, 8), (2, 3)):
-                if bm == 128 and warps == 4:
-                    continue
+            configs = [(bm, 64, 32, warps, stages) for bm, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3))
+                       if not (bm == 128 and warps == 4)] + [(64, 32, 32, 8, 2), (64, 32, 32, 8, 3)]
+            for bm, bk, bd, warps, stages in configs:
                 cfg = {"BM": bm, "BK": bk, "BD": bd, "num_warps": warps, "num_stages": stages}
                 timed(f"banded lean BM={bm} BK={bk} BD={bd} warps={warps} stages={stages}",
                       with_override(cfg, lean), config=cfg)
