@@ -39,7 +39,7 @@ def picked_overrides(results: Path) -> dict[str, tuple[dict, dict]]:
     head = results / "sea_head_tune.json"
     if head.exists():
         rows = json.loads(head.read_text())["rows"]
-        default = next((r["ms"] for r in rows if r["name"].startswith("banded lean head (default")), None)
+        default = next((r["ms"] for r in rows if r["name"].startswith("lean head (argmax")), None)
         best = _best(rows, default)
         if best:
             picked["head"] = (sea_decoder_head.OVERRIDE, best)

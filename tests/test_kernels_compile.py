@@ -92,8 +92,8 @@ def test_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
     assert len(kernels) >= 15, sorted(kernels)  # SEA's own kernels among them (sparse step, convs, head, ...)
     # SEA's non-causal bf16 forward at k·T/N < 1.5: one cell a row (the lean head, one-column sparse step)
     assert {"_single_column_fwd", "_encoder_gates_fwd", "_augment_fwd", "_column_mask_fwd",
-            "_banded_head_fwd"} <= kernels, sorted(kernels)
-    assert {e["constexprs"].get("STORE_MAPS") for e in entries if e["kernel"] == "_banded_head_fwd"} == {False, True}
+            "_decoder_head_fwd"} <= kernels, sorted(kernels)
+    assert {e["constexprs"].get("STORE_MAPS") for e in entries if e["kernel"] == "_decoder_head_fwd"} == {False, True}
     (tmp_path / "launches.json").write_text(json.dumps(entries))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "APPROXATTN_FORCE_KERNELS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")

@@ -35,7 +35,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _INTERPRET, _cast_out, _dot
+    from ._feature_map import _INTERPRET, _cast_out
 else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
     triton = None
 
@@ -44,7 +44,7 @@ MAX_WIDTH = 128        # W, the decoder's width before the resize
 MAX_COLUMNS = 256      # T
 MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-OVERRIDE: dict = {}   # tuning runs set this: kernel ("banded" | "direct"), BM/BK/BD (banded), BR (direct), num_warps
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -157,102 +157,15 @@ if HAS_TRITON:
         tl.store(best_ptr + s * N + offs_u, best.to(tl.int64), mask=u_ok)
 
 
-    @triton.jit
-    def _banded_head_fwd(
-        y_ptr, m_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
-        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
-        CW, W, N, T, D, HEADS, NB, floor,
-        BM: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-    ):
-        """Grid (row block, sample): BM output rows × all T columns of one sample. The conv as a GEMM over
-        y's rows flattened channel-major (k = c·W + w, C·W long): output row u is
-        ``Σ_kr y[(u − 1 + kr) // 2] @ M_kr`` with M_kr ``(C·W, W)`` the banded matrix of row tap kr
-        (:func:`head_taps`), K in blocks of BK on tensor cores (the direct kernel read 36 shifted
-        ``(rows, W)`` tiles an output row); then the resize and the residual as TF32 dots, the softmax."""
-        pid = tl.program_id(0)
-        s = tl.program_id(1).to(tl.int64)
-        offs_u = pid * BM + tl.arange(0, BM)
-        offs_w = tl.arange(0, BW)
-        offs_t = tl.arange(0, BT)
-        u_ok = offs_u < N
-        w_ok = offs_w < W
-        t_ok = offs_t < T
-        y_s = y_ptr + s * stride_ys
-        conv = tl.zeros([BM, BW], dtype=tl.float32)
-        for kr in tl.static_range(3):
-            v = offs_u - 1 + kr                       # the virtual row of the ×2 map, zero outside [0, N)
-            v_ok = u_ok & (v >= 0) & (v < N)
-            row_ptr = y_s + (tl.maximum(v, 0) // 2).to(tl.int64) * stride_yr
-            for k0 in range(0, CW, BK):
-                offs_k = k0 + tl.arange(0, BK)
-                k_ok = offs_k < CW
-                yt = tl.load(row_ptr[:, None] + ((offs_k // W) * stride_yc + (offs_k % W) * stride_yw)[None, :],
-                             mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-                mt = tl.load(m_ptr + (kr * CW + offs_k[:, None]) * W + offs_w[None, :],
-                             mask=k_ok[:, None] & w_ok[None, :], other=0.0)
-                conv += _dot(yt, mt, not EXACT)
-        conv += tl.load(b_ptr).to(tl.float32)
-        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        logits = _tf32_dot(conv, interp, EXACT)                                      # (BM, BT) fp32
-        if HAS_HISTOGRAM:   # the log-histogram residual, d in blocks of BD
-            counts = tl.zeros([BM, BT], dtype=tl.float32)
-            hist_rows = h_ptr + s * stride_hs + offs_u[:, None].to(tl.int64) * stride_hn
-            hw_s = hw_ptr + (s // HEADS) * D * T
-            for d0 in range(0, D, BD):
-                offs_d = d0 + tl.arange(0, BD)
-                d_ok = offs_d < D
-                hist = tl.load(hist_rows + offs_d[None, :] * stride_hd, mask=u_ok[:, None] & d_ok[None, :], other=0.0)
-                hw = tl.load(hw_s + offs_d[:, None] * T + offs_t[None, :], mask=d_ok[:, None] & t_ok[None, :],
-                             other=0.0)
-                counts += _tf32_dot(hist.to(tl.float32), hw, EXACT)
-            logits += tl.log(tl.maximum(counts, floor))
-        x = tl.where(t_ok[None, :], logits, float("-inf"))
-        x = tl.exp(x - tl.max(x, 1)[:, None])
-        probs = x / tl.sum(x, 1)[:, None]
-        keep = u_ok[:, None] & t_ok[None, :]
-        if STORE_MAPS:
-            out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
-            tl.store(logit_ptr + out, _cast_out(logits, logit_ptr.dtype.element_ty), mask=keep)
-            tl.store(prob_ptr + out, probs, mask=keep)
-        if COLUMN_SUMS:
-            tl.store(sums_ptr + (s * NB + pid) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
-        best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
-        tl.store(best_ptr + s * N + offs_u, best.to(tl.int64), mask=u_ok)
-
-
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
-    """Block sizes of the direct kernel: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a
-    program at 8 warps on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with
-    64 rows; benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
+    """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a program at 8 warps
+    on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with 64 rows;
+    benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
     blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
               "BD": max(16, triton.next_power_of_2(dim))}
     if interpreting():
         return {**blocks, "BR": 16}
-    return {**blocks, "BR": 16, "num_warps": 8, **{k: v for k, v in OVERRIDE.items() if k in ("BR", "num_warps")}}
-
-
-def banded_launch_config(channels: int, width: int, columns: int, dim: int) -> dict[str, int]:
-    """Block sizes of the banded kernel: BW, BT the next powers of two (≥ 16, for tl.dot), K = C·W and d in
-    blocks of at most 64 and 32; 64 rows a program at 8 warps on a GPU (not yet tuned), 16 under the
-    interpreter."""
-    blocks = {"BK": min(64, max(16, triton.next_power_of_2(channels * width))),
-              "BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
-              "BD": min(32, max(16, triton.next_power_of_2(dim)))}
-    if interpreting():
-        return {**blocks, "BM": 16}
-    tuned = {k: v for k, v in OVERRIDE.items() if k in ("BM", "BK", "BD", "num_warps", "num_stages")}
-    return {**blocks, "BM": 64, "num_warps": 8, "num_stages": 2, **tuned}
-
-
-def head_taps(weight: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(3, C·W, W)`` in ``dtype``: the output conv ``weight (1, C, 3, 3)`` (width padding 1) as one banded
-    matrix per row tap, ``[kr, c·W + w_in, w_out] = weight[0, c, kr, w_in − w_out + 1]`` where that
-    column tap exists (``blocks.sea_estimator.conv_row_matrices`` for one output channel, in four ops)."""
-    w = torch.arange(width, device=weight.device)
-    tap = w[:, None] - w[None, :] + 1                                     # (W_in, W_out)
-    band = weight[0].to(dtype)[:, :, tap.clamp(0, 2)] * ((tap >= 0) & (tap <= 2)).to(dtype)   # (C, 3, W, W)
-    return band.transpose(0, 1).reshape(3, weight.shape[1] * width, width).contiguous()
+    return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
 
 
 def _kernel_limit(y, interp, histogram) -> Exception | None:
@@ -313,24 +226,13 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
-    if OVERRIDE.get("kernel", "banded") == "direct":
-        cfg = launch_config(W, T, D)
-        blocks = triton.cdiv(rows, cfg["BR"])
-        sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
-        _decoder_head_fwd[(blocks, S)](
-            y, weight, bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
-            R, W, rows, T, D, heads, blocks, float(floor),
-            C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps,
-            COLUMN_SUMS=not maps, **cfg,
-        )
-        return (logits, probs, best) if maps else (best, sums.sum(1))
-    cfg = banded_launch_config(C, W, T, D)
-    blocks = triton.cdiv(rows, cfg["BM"])
+    cfg = launch_config(W, T, D)
+    blocks = triton.cdiv(rows, cfg["BR"])
     sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
-    _banded_head_fwd[(blocks, S)](
-        y, head_taps(weight, W, y.dtype), bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
-        C * W, W, rows, T, D, heads, blocks, float(floor),
-        HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps, COLUMN_SUMS=not maps,
+    _decoder_head_fwd[(blocks, S)](
+        y, weight, bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
+        R, W, rows, T, D, heads, blocks, float(floor),
+        C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps, COLUMN_SUMS=not maps,
         **cfg,
     )
     return (logits, probs, best) if maps else (best, sums.sum(1))
@@ -380,4 +282,4 @@ def fast_decoder_head_best(y, weight, bias, interp, *, rows, histogram=None, his
 
 
 __all__ = ["decoder_head", "decoder_head_best_reference", "decoder_head_reference", "fast_decoder_head",
-           "fast_decoder_head_best", "head_taps"]
+           "fast_decoder_head_best"]

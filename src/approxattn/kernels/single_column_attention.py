@@ -46,10 +46,6 @@ CONFIGS = {64: {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
            128: {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
            256: {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}}
 OVERRIDE: dict[str, int] = {}   # tuning runs set this
-# the counting sort: rows a program (CHUNK) and a step (SUB: a (SUB, T) one-hot in registers; 64 spilt in
-# _column_slots at sm_90 ptxas, 32 does not); not timed against other sizes
-TABLE_CHUNK, TABLE_SUB = 1024, 32
-MAX_TABLE_COLUMNS = 1024
 
 
 def launch_config(d: int, dv: int) -> dict[str, int]:
@@ -79,14 +75,13 @@ def check_row_columns(row_column: torch.Tensor, q: torch.Tensor, layout: ColumnL
                          "key_padding_mask): a column then means the same keys for every row")
 
 
-def column_blocks_reference(row_column: torch.Tensor, columns: int, block_m: int):
-    """The block tables of the kernel in torch ops: ``order (B, H, Nq)`` int32 (each head's rows
-    sorted by column, stably), ``row_start`` and ``block_start`` ``(B, H, T + 1)`` int32 (column c's rows
-    are ``order[row_start[c]:row_start[c+1]]``, its blocks ``[block_start[c], block_start[c+1])``).
-    The twin of :func:`column_blocks`' counting sort (on an H100 at N = 65,536 these ops took 0.29 ms)."""
+def column_blocks(row_column: torch.Tensor, columns: int, block_m: int):
+    """The block tables of the kernel: ``order (B, H, Nq)`` int32 (each head's rows sorted by
+    column), ``row_start`` and ``block_start`` ``(B, H, T + 1)`` int32 (column c's rows are
+    ``order[row_start[c]:row_start[c+1]]``, its blocks ``[block_start[c], block_start[c+1])``)."""
     B, H, Nq = row_column.shape
     keys = row_column.to(torch.int16 if columns < 2**15 else torch.int32)   # a 16-bit radix sort: two passes
-    order = keys.sort(dim=-1, stable=True).indices.to(torch.int32)
+    order = keys.sort(dim=-1).indices.to(torch.int32)      # unstable: a row's output does not depend on its block
     counts = torch.zeros(B, H, columns, dtype=torch.int32, device=row_column.device)
     counts.scatter_add_(-1, row_column.long(), torch.ones_like(order))
     zero = counts.new_zeros(B, H, 1)
@@ -94,32 +89,6 @@ def column_blocks_reference(row_column: torch.Tensor, columns: int, block_m: int
     blocks = (counts + (block_m - 1)) // block_m
     block_start = torch.cat([zero, blocks.cumsum(-1, dtype=torch.int32)], dim=-1)
     return order.contiguous(), row_start.contiguous(), block_start.contiguous()
-
-
-def column_blocks(row_column: torch.Tensor, columns: int, block_m: int):
-    """:func:`column_blocks_reference`'s tables by a counting sort in two Triton kernels (each head's rows
-    in chunks: the chunks' column counts, then each row's slot from the counts before it), where the
-    kernels run (CUDA, or the interpreter when forced); else the reference. Same tables: the sort is stable."""
-    if not (HAS_TRITON and kernels_enabled(row_column)) or columns > MAX_TABLE_COLUMNS:
-        return column_blocks_reference(row_column, columns, block_m)
-    B, H, Nq = row_column.shape
-    device = row_column.device
-    order = torch.empty(B, H, Nq, dtype=torch.int32, device=device)
-    row_start = torch.empty(B, H, columns + 1, dtype=torch.int32, device=device)
-    block_start = torch.empty(B, H, columns + 1, dtype=torch.int32, device=device)
-    if B * H == 0 or Nq == 0:
-        row_start.zero_()
-        block_start.zero_()
-        return order, row_start, block_start
-    chunk, sub = (64, 16) if interpreting() else (TABLE_CHUNK, TABLE_SUB)
-    chunks = triton.cdiv(Nq, chunk)
-    counts = torch.empty(B * H, chunks, columns, dtype=torch.int32, device=device)
-    bt = max(16, triton.next_power_of_2(columns))
-    cols = row_column.contiguous()
-    _chunk_counts[(chunks, B * H)](cols, counts, Nq, columns, chunks, CHUNK=chunk, SUB=sub, BT=bt)
-    _column_slots[(chunks, B * H)](cols, counts, order, row_start, block_start, Nq, columns, chunks, block_m,
-                                   CHUNK=chunk, SUB=sub, BT=bt, BCH=min(64, triton.next_power_of_2(chunks)))
-    return order, row_start, block_start
 
 
 def smooth_columns(batch: int, heads: int, seq: int, columns: int, *, generator: torch.Generator,
@@ -136,54 +105,6 @@ def smooth_columns(batch: int, heads: int, seq: int, columns: int, *, generator:
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _chunk_counts(col_ptr, counts_ptr, Nq, T, CHUNKS, CHUNK: tl.constexpr, SUB: tl.constexpr, BT: tl.constexpr):
-        """Grid (chunk, batch·head): ``counts[bh, chunk, c]``, the rows of the chunk that chose column c."""
-        chunk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        bins = tl.arange(0, BT)
-        total = tl.zeros([BT], dtype=tl.int32)
-        for sub in range(CHUNK // SUB):
-            rows = chunk * CHUNK + sub * SUB + tl.arange(0, SUB)
-            col = tl.load(col_ptr + bh * Nq + rows, mask=rows < Nq, other=-1).to(tl.int32)
-            total += tl.sum((col[:, None] == bins[None, :]).to(tl.int32), 0)
-        tl.store(counts_ptr + (bh * CHUNKS + chunk) * T + bins, total, mask=bins < T)
-
-    @triton.jit
-    def _column_slots(col_ptr, counts_ptr, order_ptr, row_start_ptr, block_start_ptr, Nq, T, CHUNKS, BLOCK_M,
-                      CHUNK: tl.constexpr, SUB: tl.constexpr, BT: tl.constexpr, BCH: tl.constexpr):
-        """Grid (chunk, batch·head): each row of the chunk to its slot in ``order``: its column's start, plus
-        that column's rows in earlier chunks, plus those before it in this chunk (a stable counting
-        sort). The first chunk also writes the head's row_start and block_start."""
-        chunk = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        bins = tl.arange(0, BT)
-        totals = tl.zeros([BT], dtype=tl.int32)
-        before = tl.zeros([BT], dtype=tl.int32)
-        for c0 in range(0, CHUNKS, BCH):
-            chunk_ids = c0 + tl.arange(0, BCH)
-            tile = tl.load(counts_ptr + (bh * CHUNKS + chunk_ids[:, None]) * T + bins[None, :],
-                           mask=(chunk_ids[:, None] < CHUNKS) & (bins[None, :] < T), other=0)
-            totals += tl.sum(tile, 0)
-            before += tl.sum(tl.where(chunk_ids[:, None] < chunk, tile, 0), 0)
-        ends = tl.cumsum(totals, 0)
-        slot_base = ends - totals + before                     # (BT,): this chunk's first slot in each column
-        for sub in range(CHUNK // SUB):
-            rows = chunk * CHUNK + sub * SUB + tl.arange(0, SUB)
-            row_ok = rows < Nq
-            col = tl.load(col_ptr + bh * Nq + rows, mask=row_ok, other=-1).to(tl.int32)
-            hit = (col[:, None] == bins[None, :]).to(tl.int32)                  # (SUB, BT) one-hot
-            slot = tl.sum(hit * (tl.cumsum(hit, 0) - 1 + slot_base[None, :]), 1)
-            tl.store(order_ptr + bh * Nq + slot, rows, mask=row_ok)
-            slot_base += tl.sum(hit, 0)
-        if chunk == 0:
-            blocks = tl.cumsum((totals + BLOCK_M - 1) // BLOCK_M, 0)
-            table = bh * (T + 1)
-            tl.store(row_start_ptr + table + 1 + bins, ends, mask=bins < T)
-            tl.store(block_start_ptr + table + 1 + bins, blocks, mask=bins < T)
-            tl.store(row_start_ptr + table, 0)
-            tl.store(block_start_ptr + table, 0)
 
     @triton.jit
     def _single_column_fwd(
@@ -300,4 +221,4 @@ def fast_single_column_attention(q, k, v, row_column, layout: ColumnLayout, *, s
     return single_column_attention_triton(q, k, v, row_column, layout, scale=scale, mix=mix)
 
 
-__all__ = ["applies", "column_blocks", "column_blocks_reference", "fast_single_column_attention", "smooth_columns"]
+__all__ = ["applies", "column_blocks", "fast_single_column_attention", "smooth_columns"]
