@@ -67,12 +67,9 @@ def record(n: int = 192) -> list[dict]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from sm90_compile import launches_recorded_by, print_usage_table
+    from sm90_compile import report_usage
 
-    entries = launches_recorded_by(__file__, record)
-    if entries is None:   # this was the recording child
-        return
-    print_usage_table(entries, SHOWN)
+    report_usage(__file__, record, SHOWN)
 
 
 if __name__ == "__main__":

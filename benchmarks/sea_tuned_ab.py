@@ -33,30 +33,26 @@ def _best(rows: list[dict], default_ms: float | None) -> dict | None:
     return best["config"] if default_ms is None or best["ms"] < default_ms else None
 
 
+# the single-kernel sweeps: (file, the name prefix of their default row, the OVERRIDE a pick goes into)
+SWEEPS = {"head": ("sea_head_tune.json", "lean head (argmax", sea_decoder_head.OVERRIDE),
+          "encoder": ("sea_encoder_tune.json", "fused kernel, default", sea_encoder.OVERRIDE)}
+
+
 def picked_overrides(results: Path) -> dict[str, tuple[dict, dict]]:
     """{kernel: (the OVERRIDE dict to update, the entries)} from the sweeps found in results."""
     picked = {}
-    head = results / "sea_head_tune.json"
-    if head.exists():
-        rows = json.loads(head.read_text())["rows"]
-        default = next((r["ms"] for r in rows if r["name"].startswith("lean head (argmax")), None)
-        best = _best(rows, default)
-        if best:
-            picked["head"] = (sea_decoder_head.OVERRIDE, best)
-    encoder = results / "sea_encoder_tune.json"
-    if encoder.exists():
-        rows = json.loads(encoder.read_text())["rows"]
-        default = next((r["ms"] for r in rows if r["name"].startswith("fused kernel, default")), None)
-        best = _best(rows, default)
-        if best:
-            picked["encoder"] = (sea_encoder.OVERRIDE, best)
+    for name, (file, default_name, target) in SWEEPS.items():
+        if (results / file).exists():
+            rows = json.loads((results / file).read_text())["rows"]
+            best = _best(rows, next((r["ms"] for r in rows if r["name"].startswith(default_name)), None))
+            if best:
+                picked[name] = (target, best)
     gemms = results / "row_gemm_tune.json"
     if gemms.exists():
         swept = json.loads(gemms.read_text()).get("swept", [])
         for step, key in (("first", "gemm:step2"), ("middle", "gemm:step1")):
             rows = [r for r in swept if r["step"] == step]
-            default = next((r["ms"] for r in rows if r["config"] is None), None)
-            best = _best(rows, default)
+            best = _best(rows, next((r["ms"] for r in rows if r["config"] is None), None))
             if best:
                 picked[f"row gemm {step}"] = (row_window_gemm.OVERRIDE, {key: best})
     return picked

@@ -159,5 +159,13 @@ def print_usage_table(entries: list[dict], shown: tuple[str, ...]) -> None:
               f"{options['num_stages']} | {found} |", flush=True)
 
 
+def report_usage(script: str, record, shown: tuple[str, ...]) -> None:
+    """A register script's ``main``: record ``record()``'s launches in a child (:func:`launches_recorded_by`), then
+    print their :func:`print_usage_table`; in the recording child, nothing more."""
+    entries = launches_recorded_by(script, record)
+    if entries is not None:
+        print_usage_table(entries, shown)
+
+
 if __name__ == "__main__":
     sys.exit(compile_all(json.loads(open(sys.argv[1]).read())))

@@ -245,6 +245,11 @@ if HAS_TRITON:
             tl.store(best_ptr + s * R_out + offs_r, best.to(tl.int64), mask=r_ok)
 
 
+def _override(kind: str, step: int) -> dict[str, int] | None:
+    """A tuning run's entry for this GEMM: ``kind:stepS`` over ``kind``, or None."""
+    return OVERRIDE.get(f"{kind}:step{step}", OVERRIDE.get(kind))
+
+
 def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = False) -> dict[str, int]:
     """Block sizes. ``gemm``: 64 rows × up to 128 columns, K in blocks of 64, 4 warps; with half
     operands 128 rows and 8 warps, and up to 256 columns for a strided (``step`` 2) window — the H100
@@ -261,8 +266,7 @@ def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = F
         BM, warps = 128, 8
     else:
         BM, warps = (64 if kind == "gemm" or BN <= 128 else 32), (4 if kind == "gemm" else 8)
-    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2,
-           **OVERRIDE.get(f"{kind}:step{step}", OVERRIDE.get(kind, {}))}
+    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2, **(_override(kind, step) or {})}
     if kind == "softmax" and cfg["BN"] < nout:
         raise ValueError(f"OVERRIDE['softmax']: BN must hold the whole row ({nout} columns), got {cfg['BN']}")
     return cfg
@@ -326,7 +330,7 @@ def _launch(x, weights, bias, tap_bias, step, pad, up, virtual_rows, out_rows, *
         # the half-operand GEMM config was tuned where a block may take 227 KiB of shared memory (H100);
         # a part with less (99 KiB on sm_86/89) gets the narrower one. A tuning override fails as it is.
         narrower = launch_config(kind, nout, K, step=step, half=False)
-        if narrower == cfg or kind in OVERRIDE or f"{kind}:step{step}" in OVERRIDE:
+        if narrower == cfg or _override(kind, step) is not None:
             raise
         launch(narrower)
     return (out, probs, best) if softmax else out
