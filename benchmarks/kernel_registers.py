@@ -9,6 +9,11 @@ registers with spills is a candidate for a smaller block or more warps; see ``pr
 sequence projection's config sweep.
 
     python benchmarks/kernel_registers.py                # ~5 minutes on 2 cores
+
+With the GPU machine's Triton on a CPU machine that has another: ``pip install --target .triton36
+triton==3.6.0``, then ``PYTHONPATH=.triton36:src RECORD_PYTHONPATH=src python benchmarks/kernel_registers.py`` (records
+under the installed Triton, compiles with 3.6). Launches compile as the GPU's JIT specializes them (unit
+strides constant, 16-divisible ints and pointers hinted: ``tests/sm90_compile.py``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ do not grow with r; spills were the suspect. No GPU is needed: each kernel is re
 from the GPU machine's (3.9 here, 3.6 there), so the counts are its code generation, not necessarily the GPU's.
 
     python benchmarks/projection_registers.py            # r = 128 and 256, d = 64, bf16; ~2 minutes on 2 cores
+
+With the GPU machine's Triton on a CPU machine that has another: ``pip install --target .triton36
+triton==3.6.0``, then ``PYTHONPATH=.triton36:src RECORD_PYTHONPATH=src python benchmarks/projection_registers.py`` (records
+under the installed Triton, compiles with 3.6). Launches compile as the GPU's JIT specializes them (unit
+strides constant, 16-divisible ints and pointers hinted: ``tests/sm90_compile.py``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ compiler and its launch options, and ptxas ``-v`` reports registers and spill by
 machine's Triton's code generation (3.9 here; the GPU machine has 3.6).
 
     python benchmarks/sea_registers.py                # ~2 minutes on 2 cores
+
+With the GPU machine's Triton on a CPU machine that has another: ``pip install --target .triton36
+triton==3.6.0``, then ``PYTHONPATH=.triton36:src RECORD_PYTHONPATH=src python benchmarks/sea_registers.py`` (records
+under the installed Triton, compiles with 3.6). Launches compile as the GPU's JIT specializes them (unit
+strides constant, 16-divisible ints and pointers hinted: ``tests/sm90_compile.py``).
 """
 
 from __future__ import annotations

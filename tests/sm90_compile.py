@@ -6,6 +6,11 @@ fail only on a GPU. :func:`recording` notes each interpreted launch (kernel, arg
 values, launch options); ``python tests/sm90_compile.py launches.json``, run without ``TRITON_INTERPRET``,
 compiles each for sm_90 (to a cubin, with the ptxas that Triton ships), prints one ``FAIL`` line a launch
 that does not compile and ``compiled N failed M``, and exits 1 on a failure. No GPU is needed.
+
+Each launch is compiled as Triton's JIT specializes it on a GPU: an int argument equal to 1 becomes a constant
+(a unit stride makes loads contiguous, so they vectorize), and an int divisible by 16 or a tensor whose address
+is carries the ``tt.divisibility`` hint. The values are those of the recorded (small) launch; strides of the same
+layouts at long sequences keep these properties.
 """
 
 from __future__ import annotations
@@ -28,29 +33,34 @@ def describe(fn, args: tuple, kwargs: dict) -> dict:
 
     params = inspect.signature(fn).parameters
     bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, param in params.items():
         value = bound.get(name, param.default)
-        if "constexpr" in str(param.annotation) or value is None:
-            signature[name] = "constexpr"
+        if "constexpr" in str(param.annotation) or value is None or (type(value) is int and value == 1):
+            signature[name] = "constexpr"    # the JIT makes an int equal to 1 a constant too
             constexprs[name] = {"dtype": str(value)} if isinstance(value, tl.dtype) else value
         elif isinstance(value, torch.Tensor):
             signature[name] = POINTER_TYPES[str(value.dtype).removeprefix("torch.")]
+            if value.data_ptr() % 16 == 0:
+                divisible.append(name)
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                divisible.append(name)
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__} is not described")
     return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}}
+            "divisible": divisible, "options": {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}}
 
 
 @contextlib.contextmanager
 def recording():
-    """Within the block, every interpreted kernel launch is described into the yielded dict (deduplicated)."""
+    """Within the block, every interpreted kernel launch is described into the yielded dict (deduplicated; an
+    entry's ``grids`` lists the grid of each of its launches)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches: dict[str, dict] = {}
@@ -58,7 +68,9 @@ def recording():
 
     def record(self, *args, grid, warmup, **kwargs):
         entry = describe(self.fn, args, kwargs)
-        launches.setdefault(json.dumps(entry, sort_keys=True), entry)
+        kept = launches.setdefault(json.dumps(entry, sort_keys=True), entry)
+        if isinstance(grid, (tuple, list)):    # each launch's grid, for a census of programs
+            kept.setdefault("grids", []).append([int(g) for g in grid])
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = record
@@ -77,7 +89,8 @@ def compile_entry(entry: dict, constexprs: dict | None = None, options: dict | N
 
     fn = getattr(importlib.import_module(entry["module"]), entry["kernel"])
     recorded = {k: getattr(tl, v["dtype"]) if isinstance(v, dict) else v for k, v in entry["constexprs"].items()}
-    return triton.compile(ASTSource(fn, entry["signature"], constexprs=recorded | (constexprs or {})),
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in entry.get("divisible", ())}
+    return triton.compile(ASTSource(fn, entry["signature"], constexprs=recorded | (constexprs or {}), attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "num_stages": 2} | entry["options"] | (options or {}))
 
@@ -99,7 +112,9 @@ def launches_recorded_by(script: str, record) -> list[dict] | None:
     """The launches ``record()`` describes, recorded under the interpreter in a child process (interpreted kernels
     cannot be compiled in the process that recorded them): ``python script --record PATH`` with the interpreter on
     and kernels forced. In that child (``sys.argv`` says ``--record PATH``) this writes ``record()`` as JSON to PATH
-    and returns None; the caller then stops."""
+    and returns None; the caller then stops. ``RECORD_PYTHONPATH``, where set, is the child's ``PYTHONPATH``: the
+    GPU machine's Triton (3.6) compiles but its interpreter fails on these kernels, so
+    ``PYTHONPATH=.triton36:src RECORD_PYTHONPATH=src`` records under the installed Triton and compiles with 3.6."""
     import os
     import subprocess
     import tempfile
@@ -111,6 +126,8 @@ def launches_recorded_by(script: str, record) -> list[dict] | None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "launches.json"
         env = dict(os.environ, TRITON_INTERPRET="1", APPROXATTN_FORCE_KERNELS="1")
+        if "RECORD_PYTHONPATH" in os.environ:   # record under another Triton than the one that compiles
+            env["PYTHONPATH"] = os.environ["RECORD_PYTHONPATH"]
         subprocess.run([sys.executable, script, "--record", str(path)], env=env, check=True)
         return json.loads(path.read_text())
 
