@@ -1,6 +1,7 @@
 """SEA's non-causal decoder head at inference over the row-window GEMMs' map (N = 65,536, B·H = 16, T = 128,
 bf16 maps, the histogram residual on): the head kernel writing logits and probabilities against its lean form
-(argmax and column sums only), and its (BR, num_warps) configs in the lean form. Prints a table; writes
+(argmax and column sums only), its configs in the lean form (BR, num_warps, SPLIT_DOTS, maxnreg), and the TF32
+and split dots' column sums and argmax against the fp64 twin. Prints a table; writes
 ``sea_head_tune.json`` to --out. (Run 17 also timed the head as GEMMs over the map, since removed: 2.4–5.4 ms
 against 1.65, ``benchmarks/results/h100/run17/call3/head_tune.log``; run 18 a banded kernel, the conv as three
 tap GEMMs over the flattened map rows, since removed: 1.774 ms lean against 1.651,
@@ -22,6 +23,31 @@ import triton.testing
 
 from approxattn.blocks.sea_estimator import NonCausalDecoder, interpolation_matrix
 from approxattn.kernels import sea_decoder_head as head
+
+
+# (BR, warps) with the TF32 dots and with SPLIT_DOTS (half dots over hi + lo splits: half the shared memory);
+# maxnreg 64 lets an SM hold 4 CTAs of 8 warps instead of 3 (the CPU census: 4 / 12 spill bytes split, none TF32)
+CONFIGS = [{"BR": br, "num_warps": warps, "SPLIT_DOTS": split}
+           for split, br, warps in itertools.product((0, 1), (16, 32), (4, 8))]
+CONFIGS += [{"BR": 16, "num_warps": 8, "SPLIT_DOTS": split, "maxnreg": 64} for split in (0, 1)]
+CONFIGS += [{"BR": 64, "num_warps": 8, "SPLIT_DOTS": 1}]
+
+
+def _precision(view, decoder, interp, common) -> dict[str, dict[str, float]]:
+    """The lean head's column sums and argmax against the fp64 twin, TF32 dots and SPLIT_DOTS."""
+    best_ref, sums_ref = head.decoder_head_best_reference(view.double(), decoder.out.weight.to(view.dtype),
+                                                          decoder.out.bias.to(view.dtype), interp.double(),
+                                                          **{**common, "histogram": common["histogram"].double()})
+    found = {}
+    for split in (0, 1):
+        head.OVERRIDE.clear()
+        head.OVERRIDE["SPLIT_DOTS"] = split
+        best, sums = head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common)
+        found["split" if split else "tf32"] = {
+            "sums_rel_err": float((sums.double() - sums_ref).norm() / sums_ref.norm()),
+            "argmax_agree": float((best == best_ref).float().mean())}
+        print(f"SPLIT_DOTS={split} against the fp64 twin: {found['split' if split else 'tf32']}", flush=True)
+    return found
 
 
 def main() -> None:
@@ -60,19 +86,21 @@ def main() -> None:
         timed("head with maps (logits + probs)",
               lambda: head.fast_decoder_head(view, decoder.out.weight, decoder.out.bias, interp, **common))
         timed("lean head (argmax + column sums)", lean)
-        for br, warps in itertools.product((16, 32, 64), (4, 8)):
+        for config in CONFIGS:
             head.OVERRIDE.clear()
-            head.OVERRIDE.update(BR=br, num_warps=warps)
+            head.OVERRIDE.update(config)
+            name = "lean head " + " ".join(f"{k}={v}" for k, v in config.items())
             try:
-                timed(f"lean head BR={br} warps={warps}", lean, config={"BR": br, "num_warps": warps})
+                timed(name, lean, config=config)
             except Exception as error:  # noqa: BLE001  (out of resources: report and go on)
-                print(f"lean head BR={br} warps={warps}: {type(error).__name__}", flush=True)
+                print(f"{name}: {type(error).__name__}", flush=True)
+        precision = _precision(view, decoder, interp, common)
         head.OVERRIDE.clear()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq": n, "columns": T,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argmax_agree": agree,
-                "sums_rel_diff": sums_diff}
+                "sums_rel_diff": sums_diff, "precision": precision}
         (args.out / "sea_head_tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

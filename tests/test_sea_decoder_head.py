@@ -20,6 +20,7 @@ from approxattn.blocks.sea_estimator import (
     probe_histogram_logits,
     resize_width,
 )
+from approxattn.kernels import sea_decoder_head
 from approxattn.kernels.sea_decoder_head import (
     decoder_head,
     decoder_head_best_reference,
@@ -88,6 +89,30 @@ def test_best_and_column_sums_without_the_maps(forced_kernels, dtype, histogram)
                                                      hist_weights=weights, heads=2)
     assert rel_err(sums, ref_sums) < TOL[dtype]
     assert (best == ref_best).float().mean() > 0.95              # near-ties may flip under rounding
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("histogram", [True, False])
+def test_split_half_dots_match_the_twin(forced_kernels, monkeypatch, dtype, histogram):
+    """SPLIT_DOTS (interp in y's half dtype, as the module passes it): the maps and the lean form against the
+    fp64 twin, at least as close as the TF32 dots (on a GPU; the interpreter multiplies exactly)."""
+    gen = torch.Generator().manual_seed(21)
+    y, weight, bias, interp, rows, hist, weights = _case(4, 4, 29, 16, 32, 16, 2, dtype, gen, histogram=histogram)
+    interp = interp.to(dtype)                      # 0.25 / 0.75 weights: exact in either half dtype
+    kwargs = dict(rows=rows, histogram=hist, hist_weights=weights, heads=2)
+    ref_logits, ref_probs, _ = decoder_head_reference(y.double(), weight.to(dtype), bias.to(dtype), interp.double(),
+                                                      **{**kwargs, "histogram": None if hist is None else hist.double()})
+    errors = {}
+    for split in (0, 1):
+        monkeypatch.setitem(sea_decoder_head.OVERRIDE, "SPLIT_DOTS", split)
+        logits, probs, best = decoder_head(y, weight, bias, interp, **kwargs)
+        lean_best, sums = fast_decoder_head_best(y, weight, bias, interp, **kwargs)
+        assert torch.equal(best, probs.argmax(-1)) and torch.equal(lean_best, best)
+        assert rel_err(sums, probs.sum(1)) < 1e-6
+        errors[split] = rel_err(probs, ref_probs)
+        assert rel_err(logits, ref_logits) < TOL[dtype]
+    assert errors[1] < 1e-5 and errors[1] <= errors[0] * 1.01, errors
 
 
 @needs_triton

@@ -35,7 +35,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _INTERPRET, _cast_out
+    from ._feature_map import _INTERPRET, _cast_out, _dot_split, _dot_split_left
 else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
     triton = None
 
@@ -44,7 +44,11 @@ MAX_WIDTH = 128        # W, the decoder's width before the resize
 MAX_COLUMNS = 256      # T
 MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps)
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, SPLIT_DOTS)
+# The two dots as half dots over hi + lo splits of the fp32 operand (where interp and the histogram come in y's
+# half dtype) instead of TF32: more precise, half the shared memory. Off until a GPU A/B times it
+# (benchmarks/sea_head_tune.py); OVERRIDE["SPLIT_DOTS"] = 1 turns it on.
+SPLIT_DOTS = False
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -99,10 +103,13 @@ if HAS_TRITON:
         R, W, N, T, D, HEADS, NB, floor,
         C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
         HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+        SPLIT_DOTS: tl.constexpr,
     ):
         """Grid (row block, sample): BR output rows × all T columns of one sample. STORE_MAPS: write the
         logits and probabilities; COLUMN_SUMS: write the block's column sums of the probabilities
-        (``sums (S, NB, T)``, NB = the grid's row blocks)."""
+        (``sums (S, NB, T)``, NB = the grid's row blocks). SPLIT_DOTS: interp and the histogram in y's half
+        dtype; the two dots on half tensor cores with the fp32 operand split into hi + lo halves (~16-bit
+        mantissas against TF32's 10, half the shared memory of fp32 operands)."""
         pid = tl.program_id(0)
         s = tl.program_id(1).to(tl.int64)
         offs_u = pid * BR + tl.arange(0, BR)          # output rows = virtual rows of the ×2 map
@@ -130,7 +137,10 @@ if HAS_TRITON:
         # 2. the width resize, (BR, W) @ (W, T): fp32 operands on TF32 tensor cores (10-bit mantissas,
         # against bf16's 7; exact fp32 dots would be ~17 G FMAs on the CUDA cores at N = 65,536)
         interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        logits = _tf32_dot(conv, interp, EXACT)                                      # (BR, BT) fp32
+        if SPLIT_DOTS:
+            logits = _dot_split_left(conv, interp)                                   # (BR, BT) fp32
+        else:
+            logits = _tf32_dot(conv, interp, EXACT)
         # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element
         if HAS_HISTOGRAM:
             offs_d = tl.arange(0, BD)
@@ -139,7 +149,11 @@ if HAS_TRITON:
                            mask=u_ok[:, None] & d_ok[None, :], other=0.0)
             hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
                          mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            logits += tl.log(tl.maximum(_tf32_dot(hist.to(tl.float32), hw, EXACT), floor))
+            if SPLIT_DOTS:     # the histogram in y's dtype, as the reference reads it
+                mass = _dot_split(hist.to(y_ptr.dtype.element_ty), hw, True, False)
+            else:
+                mass = _tf32_dot(hist.to(tl.float32), hw, EXACT)
+            logits += tl.log(tl.maximum(mass, floor))
         # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
         x = tl.where(t_ok[None, :], logits, float("-inf"))
         x = tl.exp(x - tl.max(x, 1)[:, None])
@@ -162,7 +176,7 @@ def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
     on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with 64 rows;
     benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
     blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
-              "BD": max(16, triton.next_power_of_2(dim))}
+              "BD": max(16, triton.next_power_of_2(dim)), "SPLIT_DOTS": bool(OVERRIDE.get("SPLIT_DOTS", SPLIT_DOTS))}
     if interpreting():
         return {**blocks, "BR": 16}
     return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
@@ -219,14 +233,16 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         return (logits, probs, best) if maps else (best, torch.zeros(S, T, device=y.device))
     # the conv's weights in y's dtype (as the unfused path casts them); the small matrices in fp32
     weight, bias = (t.to(y.dtype).contiguous() for t in (weight, bias))
-    interp = interp.to(torch.float32).contiguous()
+    cfg = launch_config(W, T, histogram.shape[2] if histogram is not None else 1)
+    # half dots only where interp is exact in y's half dtype (the module passes it in y's dtype)
+    cfg["SPLIT_DOTS"] = cfg["SPLIT_DOTS"] and y.dtype in (torch.float16, torch.bfloat16) and interp.dtype == y.dtype
+    interp = interp.to(y.dtype if cfg["SPLIT_DOTS"] else torch.float32).contiguous()
     has_histogram = histogram is not None
     if has_histogram:
         hist_weights = hist_weights.to(torch.float32).contiguous()
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
-    cfg = launch_config(W, T, D)
     blocks = triton.cdiv(rows, cfg["BR"])
     sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
     _decoder_head_fwd[(blocks, S)](
