@@ -1,7 +1,7 @@
 """SEA's non-causal decoder head at inference over the row-window GEMMs' map (N = 65,536, B·H = 16, T = 128,
 bf16 maps, the histogram residual on): the head kernel writing logits and probabilities against its lean form
-(argmax and column sums only), its configs in the lean form (BR, num_warps, SPLIT_DOTS, maxnreg), and the TF32
-and split dots' column sums and argmax against the fp64 twin. Prints a table; writes
+(argmax and column sums only), its configs in the lean form (BR, num_warps, SPLIT_DOTS, PAIRED, maxnreg), and the
+TF32 and split dots' and the paired kernel's column sums and argmax against the fp64 twin. Prints a table; writes
 ``sea_head_tune.json`` to --out. (Run 17 also timed the head as GEMMs over the map, since removed: 2.4–5.4 ms
 against 1.65, ``benchmarks/results/h100/run17/call3/head_tune.log``; run 18 a banded kernel, the conv as three
 tap GEMMs over the flattened map rows, since removed: 1.774 ms lean against 1.651,
@@ -31,22 +31,28 @@ CONFIGS = [{"BR": br, "num_warps": warps, "SPLIT_DOTS": split}
            for split, br, warps in itertools.product((0, 1), (16, 32), (4, 8))]
 CONFIGS += [{"BR": 16, "num_warps": 8, "SPLIT_DOTS": split, "maxnreg": 64} for split in (0, 1)]
 CONFIGS += [{"BR": 64, "num_warps": 8, "SPLIT_DOTS": 1}]
+# the paired kernel (BR counts pairs of rows), at the configs the CPU census found spill-free: 16 rows at 8 warps
+# capped to 80 registers (3 CTAs an SM, issue floor 0.855 ms against the direct kernel's 1.000), 32 rows at 8 warps
+# capped to 128 (2 CTAs, 0.674), 16 rows at 4 warps (3 CTAs, 0.686); uncapped and split forms beside them
+CONFIGS += [{"PAIRED": 1, "BR": br, "num_warps": warps, **({"maxnreg": cap} if cap else {}), "SPLIT_DOTS": split}
+            for br, warps, cap, split in ((8, 8, 80, 0), (8, 8, None, 0), (16, 8, 128, 0), (16, 8, None, 0),
+                                          (8, 4, 128, 0), (8, 4, None, 0), (16, 8, 128, 1), (8, 4, 128, 1))]
 
 
 def _precision(view, decoder, interp, common) -> dict[str, dict[str, float]]:
-    """The lean head's column sums and argmax against the fp64 twin, TF32 dots and SPLIT_DOTS."""
+    """The lean head's column sums and argmax against the fp64 twin: TF32 or split dots, direct or paired."""
     best_ref, sums_ref = head.decoder_head_best_reference(view.double(), decoder.out.weight.to(view.dtype),
                                                           decoder.out.bias.to(view.dtype), interp.double(),
                                                           **{**common, "histogram": common["histogram"].double()})
     found = {}
-    for split in (0, 1):
+    for name, config in (("tf32", {}), ("split", {"SPLIT_DOTS": 1}), ("paired", {"PAIRED": 1}),
+                         ("paired split", {"PAIRED": 1, "SPLIT_DOTS": 1})):
         head.OVERRIDE.clear()
-        head.OVERRIDE["SPLIT_DOTS"] = split
+        head.OVERRIDE.update(config)
         best, sums = head.fast_decoder_head_best(view, decoder.out.weight, decoder.out.bias, interp, **common)
-        found["split" if split else "tf32"] = {
-            "sums_rel_err": float((sums.double() - sums_ref).norm() / sums_ref.norm()),
-            "argmax_agree": float((best == best_ref).float().mean())}
-        print(f"SPLIT_DOTS={split} against the fp64 twin: {found['split' if split else 'tf32']}", flush=True)
+        found[name] = {"sums_rel_err": float((sums.double() - sums_ref).norm() / sums_ref.norm()),
+                       "argmax_agree": float((best == best_ref).float().mean())}
+        print(f"{name} against the fp64 twin: {found[name]}", flush=True)
     return found
 
 

@@ -76,16 +76,17 @@ def _sea_calls():
                     out.sum().backward()
                 else:   # the maps' head (forward above took the lean head on these one-cell rows)
                     sea.forward_with_details(q, k, v, causal=causal)
-    # the head's half dots over hi + lo splits (an opt-in config until a GPU A/B times it)
+    # the head's opt-in forms until a GPU A/B times them: half dots over hi + lo splits, the paired kernel
     from approxattn.kernels import sea_decoder_head
 
-    sea_decoder_head.OVERRIDE["SPLIT_DOTS"] = 1
-    try:
-        with torch.no_grad():
-            approxattn.build("sea", head_dim=16, k=4, columns=8, num_features=16).eval()(q.bfloat16(), k.bfloat16(),
-                                                                                         v.bfloat16())
-    finally:
-        sea_decoder_head.OVERRIDE.pop("SPLIT_DOTS")
+    for options in ({"SPLIT_DOTS": 1}, {"PAIRED": 1}, {"PAIRED": 1, "SPLIT_DOTS": 1}):
+        sea_decoder_head.OVERRIDE.update(options)
+        try:
+            with torch.no_grad():
+                approxattn.build("sea", head_dim=16, k=4, columns=8, num_features=16).eval()(
+                    q.bfloat16(), k.bfloat16(), v.bfloat16())
+        finally:
+            sea_decoder_head.OVERRIDE.clear()
 
 
 @pytest.mark.slow
@@ -105,6 +106,8 @@ def test_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
             "_decoder_head_fwd"} <= kernels, sorted(kernels)
     assert {e["constexprs"].get("STORE_MAPS") for e in entries if e["kernel"] == "_decoder_head_fwd"} == {False, True}
     assert {e["constexprs"].get("SPLIT_DOTS") for e in entries if e["kernel"] == "_decoder_head_fwd"} == {False, True}
+    assert {e["constexprs"].get("SPLIT_DOTS") for e in entries if e["kernel"] == "_decoder_head_paired_fwd"} == {False,
+                                                                                                              True}
     (tmp_path / "launches.json").write_text(json.dumps(entries))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "APPROXATTN_FORCE_KERNELS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")

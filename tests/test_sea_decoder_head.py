@@ -116,6 +116,36 @@ def test_split_half_dots_match_the_twin(forced_kernels, monkeypatch, dtype, hist
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("R,rows,histogram", [
+    (23, 45, True),         # odd rows: the last pair's odd row is past the end, its even row's third tap reads zeros
+    (23, 46, True),         # every row of y used, even rows
+    (40, 37, False),        # y has more rows than the head reads: taps past row 36 read zeros
+    (3, 1, True),           # one row
+])
+def test_paired_kernel_matches_the_direct_one(forced_kernels, monkeypatch, dtype, R, rows, histogram):
+    """PAIRED (two output rows from the same three y rows) against the direct kernel and the twin, maps and lean
+    form; BR = 16 pairs under the interpreter, so 45 rows are 2 programs, one ragged."""
+    gen = torch.Generator().manual_seed(R * 10 + rows)
+    y, weight, bias, interp, rows, hist, weights = _case(3, 4, R, 16, 32, 16, 3, dtype, gen, rows=rows,
+                                                         histogram=histogram)
+    kwargs = dict(rows=rows, histogram=hist, hist_weights=weights, heads=3)
+    found = {}
+    for paired in (0, 1):
+        monkeypatch.setitem(sea_decoder_head.OVERRIDE, "PAIRED", paired)
+        found[paired] = (*decoder_head(y, weight, bias, interp, **kwargs),
+                         *fast_decoder_head_best(y, weight, bias, interp, **kwargs))
+    ref_logits, ref_probs, _ = decoder_head_reference(y.double() if dtype == torch.float32 else y, weight, bias,
+                                                      interp, **kwargs)
+    logits, probs, best, lean_best, sums = found[1]
+    assert logits.shape == probs.shape == (3, rows, 32) and best.shape == lean_best.shape == (3, rows)
+    assert rel_err(logits, ref_logits) < TOL[dtype] and rel_err(probs, ref_probs) < TOL[dtype]
+    assert rel_err(probs, found[0][1]) < (1e-6 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(best, probs.argmax(-1)) and torch.equal(lean_best, best)
+    assert rel_err(sums, probs.sum(1)) < 1e-6
+
+
+@needs_triton
 def test_decoder_best_and_column_sums_match_its_logits_and_probs(forced_kernels):
     torch.manual_seed(3)
     decoder = NonCausalDecoder(8, 12, None, zero_last=True).eval()

@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _INTERPRET, _cast_out, _dot
+    from ._feature_map import _INTERPRET, _cast_out, _dot, _dot_split
     from ._launch import OutOfResources
 else:  # pragma: no cover - the module still imports, the fast_ ops return None
     triton = None
@@ -174,6 +174,47 @@ def residual_softmax_reference(logits, histogram, hist_weights, heads, floor, ou
 if HAS_TRITON:
 
     @triton.jit
+    def _histogram_weights(hw_ptr, s, offs_n, n_ok, D, NOUT, HEADS, BD: tl.constexpr):
+        """Sample s's batch element's (s // HEADS) histogram resampling weights ``(BD, BN)``, as stored (fp32)."""
+        offs_d = tl.arange(0, BD)
+        return tl.load(hw_ptr + (s // HEADS) * D * NOUT + offs_d[:, None] * NOUT + offs_n[None, :],
+                       mask=(offs_d < D)[:, None] & n_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _log_histogram(h_ptr, hw_ptr, hw, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd, D, NOUT,
+                       HEADS, floor, BD: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr,
+                       PRELOADED: tl.constexpr):
+        """The fused heads' log-histogram residual, ``log(max(hist @ hw, floor))`` ``(BM, BN)`` fp32: rows offs_r of
+        sample s's histogram ``(d)`` against its batch element's resampling weights ``(d, NOUT)``: hw where
+        PRELOADED (:func:`_histogram_weights`), else loaded here after the histogram rows (loaded before them, the
+        compiler's schedule took more instructions). DOTS 0: the histogram in HALF (a half dtype) against hi + lo
+        halves of the weights; 1: TF32; 2: exact fp32 products (and every fp32 dot under the interpreter)."""
+        offs_d = tl.arange(0, BD)
+        hist = tl.load(h_ptr + s * stride_hs + offs_r[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd,
+                       mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        if not PRELOADED:
+            hw = _histogram_weights(hw_ptr, s, offs_n, n_ok, D, NOUT, HEADS, BD)
+        if DOTS == 0:
+            mass = _dot_split(hist.to(HALF), hw, True, False)
+        elif DOTS == 1 and not _INTERPRET:
+            mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="tf32")
+        else:
+            mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="ieee")
+        return tl.log(tl.maximum(mass, floor))
+
+    @triton.jit
+    def _softmax(logits, n_ok):
+        """The softmax of fp32 ``logits (BM, BN)`` over the valid columns."""
+        z = tl.where(n_ok[None, :], logits, float("-inf"))
+        z = tl.exp(z - tl.max(z, 1)[:, None])
+        return z / tl.sum(z, 1)[:, None]
+
+    @triton.jit
+    def _row_argmax(probs, n_ok):
+        """Each row's most probable valid column, the first of equal maxima (as torch.argmax)."""
+        return tl.argmax(tl.where(n_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
+
+    @triton.jit
     def _window_dot(a, b, MODE: tl.constexpr):
         """``a @ b`` with fp32 accumulation. MODE 0: half operands (b in a's dtype); 1: fp32 operands on
         TF32 tensor cores; 2: exact fp32 products (fp32 x, and every fp32 dot under the interpreter)."""
@@ -227,22 +268,14 @@ if HAS_TRITON:
                 acc = tl.maximum(acc, 0.0)
             tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty), mask=keep)
         else:
-            if HAS_HISTOGRAM:   # the log-histogram residual: (BM, d) @ (d, T) of this sample's batch element
-                offs_d = tl.arange(0, BD)
-                d_ok = offs_d < D
-                hist = tl.load(h_ptr + s * stride_hs + offs_r[:, None].to(tl.int64) * stride_hn
-                               + offs_d[None, :] * stride_hd, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-                hw = tl.load(hw_ptr + (s // HEADS) * D * NOUT + offs_d[:, None] * NOUT + offs_n[None, :],
-                             mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.log(tl.maximum(_window_dot(hist, hw, 2 if MODE == 2 else 1), floor))
+            if HAS_HISTOGRAM:
+                acc += _log_histogram(h_ptr, hw_ptr, 0.0, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd,
+                                      D, NOUT, HEADS, floor, BD, 2 if MODE == 2 else 1, tl.float32, False)
             stored = _cast_out(acc, o_ptr.dtype.element_ty)
-            z = tl.where(n_ok[None, :], acc, float("-inf"))
-            z = tl.exp(z - tl.max(z, 1)[:, None])
-            probs = z / tl.sum(z, 1)[:, None]
+            probs = _softmax(acc, n_ok)
             tl.store(o_ptr + out, stored, mask=keep)
             tl.store(prob_ptr + out, probs, mask=keep)
-            best = tl.argmax(tl.where(n_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
-            tl.store(best_ptr + s * R_out + offs_r, best.to(tl.int64), mask=r_ok)
+            tl.store(best_ptr + s * R_out + offs_r, _row_argmax(probs, n_ok).to(tl.int64), mask=r_ok)
 
 
 def _override(kind: str, step: int) -> dict[str, int] | None:

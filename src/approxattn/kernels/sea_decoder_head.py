@@ -21,6 +21,12 @@ rounded the map and the residual to bf16 before the softmax, which flips near-ti
 logits are returned in y's dtype (for inspection), the probabilities in fp32 from the unrounded
 logits.
 :func:`fast_decoder_head` is the dispatching form: None where the kernel does not apply.
+
+Two kernels, one op (OVERRIDE picks; both share steps 2–4, :func:`_head_rows`, whose residual, softmax and argmax
+are ``row_window_gemm``'s too): the direct kernel reads 36 shifted y tiles for its BR rows; the paired kernel
+reads 36 for BR pairs of rows, since rows 2m and 2m + 1 of the ×2 map tap the same three y rows. Opt-in options
+(``OVERRIDE``): ``PAIRED``, ``SPLIT_DOTS`` (the dots as half dots over hi + lo splits), ``maxnreg``; a static census
+of their machine code is in ``benchmarks/results/cpu/NOTES.md`` (session 25), their GPU timing in the next run.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _INTERPRET, _cast_out, _dot_split, _dot_split_left
+    from ._feature_map import _INTERPRET, _cast_out, _dot_split_left
+    from .row_window_gemm import _histogram_weights, _log_histogram, _row_argmax, _softmax  # the shared epilogue
 else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
     triton = None
 
@@ -44,11 +51,14 @@ MAX_WIDTH = 128        # W, the decoder's width before the resize
 MAX_COLUMNS = 256      # T
 MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, SPLIT_DOTS)
+OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, SPLIT_DOTS, PAIRED, maxnreg)
 # The two dots as half dots over hi + lo splits of the fp32 operand (where interp and the histogram come in y's
 # half dtype) instead of TF32: more precise, half the shared memory. Off until a GPU A/B times it
 # (benchmarks/sea_head_tune.py); OVERRIDE["SPLIT_DOTS"] = 1 turns it on.
 SPLIT_DOTS = False
+# The paired kernel (two output rows from the same three y rows: half the loads, two thirds of the FMAs; BR counts
+# pairs). Off until a GPU A/B times it; OVERRIDE["PAIRED"] = 1 turns it on.
+PAIRED = False
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -97,6 +107,55 @@ if HAS_TRITON:
             return tl.dot(a, b, input_precision="tf32")
 
     @triton.jit
+    def _head_rows(conv, interp, hw, offs_u, u_ok, s, slot, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
+                   sums_ptr, stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok,
+                   BD: tl.constexpr, HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr,
+                   COLUMN_SUMS: tl.constexpr, SPLIT_DOTS: tl.constexpr, HALF: tl.constexpr, PRELOADED: tl.constexpr):
+        """Steps 2–4 of the head for the conv rows ``conv (BR, BW)`` (output rows offs_u of sample s): the resize,
+        the residual, the softmax, then the maps (STORE_MAPS), the probabilities' column sums over the valid rows
+        into ``sums[s, slot]`` (COLUMN_SUMS; ``sums (S, NB, T)``) and each row's argmax. PRELOADED: interp and hw
+        are the small matrices as :func:`_small_matrices` loads them; else (unused) they are loaded here, each just
+        before its dot (the direct kernel's order, as timed: loaded together first it took 16 more instructions)."""
+        # 2. the width resize, (BR, W) @ (W, T): fp32 operands on TF32 tensor cores (10-bit mantissas, against
+        # bf16's 7; exact fp32 dots would be ~17 G FMAs on the CUDA cores at N = 65,536), or split half dots
+        if not PRELOADED:
+            interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :],
+                             other=0.0)
+        if SPLIT_DOTS:
+            logits = _dot_split_left(conv, interp)                                   # (BR, BT) fp32
+        else:
+            logits = _tf32_dot(conv, interp, EXACT)
+        # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element (split: the histogram in
+        # y's dtype, as the reference reads it)
+        if HAS_HISTOGRAM:
+            logits += _log_histogram(h_ptr, hw_ptr, hw, s, offs_u, u_ok, offs_t, t_ok, stride_hs, stride_hn, stride_hd,
+                                     D, T, HEADS, floor, BD, 0 if SPLIT_DOTS else (2 if EXACT else 1), HALF, PRELOADED)
+        # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
+        probs = _softmax(logits, t_ok)
+        keep = u_ok[:, None] & t_ok[None, :]
+        if STORE_MAPS:
+            out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
+            tl.store(logit_ptr + out, _cast_out(logits, logit_ptr.dtype.element_ty), mask=keep)
+            tl.store(prob_ptr + out, probs, mask=keep)
+        if COLUMN_SUMS:   # the average context's column means, without the probabilities going to memory
+            tl.store(sums_ptr + (s * NB + slot) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
+        # each row's most probable column: the selection's one-cell-a-row case reads it instead of another pass
+        # over the probabilities
+        tl.store(best_ptr + s * N + offs_u, _row_argmax(probs, t_ok).to(tl.int64), mask=u_ok)
+
+    @triton.jit
+    def _small_matrices(r_ptr, hw_ptr, s, T, D, HEADS, offs_w, w_ok, offs_t, t_ok, BD: tl.constexpr,
+                        HAS_HISTOGRAM: tl.constexpr):
+        """interp ``(BW, BT)`` and the sample's histogram resampling weights ``(BD, BT)`` (those of batch element
+        s // HEADS; interp again where there is no histogram)."""
+        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
+        if HAS_HISTOGRAM:
+            hw = _histogram_weights(hw_ptr, s, offs_t, t_ok, D, T, HEADS, BD)
+        else:
+            hw = interp
+        return interp, hw
+
+    @triton.jit
     def _decoder_head_fwd(
         y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
         stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
@@ -134,49 +193,70 @@ if HAS_TRITON:
                     conv += tl.load(w_ptr + (ci * 3 + kr) * 3 + kc).to(tl.float32) * tile
             y_ci += stride_yc
         conv += tl.load(b_ptr).to(tl.float32)
-        # 2. the width resize, (BR, W) @ (W, T): fp32 operands on TF32 tensor cores (10-bit mantissas,
-        # against bf16's 7; exact fp32 dots would be ~17 G FMAs on the CUDA cores at N = 65,536)
-        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        if SPLIT_DOTS:
-            logits = _dot_split_left(conv, interp)                                   # (BR, BT) fp32
-        else:
-            logits = _tf32_dot(conv, interp, EXACT)
-        # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element
-        if HAS_HISTOGRAM:
-            offs_d = tl.arange(0, BD)
-            d_ok = offs_d < D
-            hist = tl.load(h_ptr + s * stride_hs + offs_u[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd,
-                           mask=u_ok[:, None] & d_ok[None, :], other=0.0)
-            hw = tl.load(hw_ptr + (s // HEADS) * D * T + offs_d[:, None] * T + offs_t[None, :],
-                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)
-            if SPLIT_DOTS:     # the histogram in y's dtype, as the reference reads it
-                mass = _dot_split(hist.to(y_ptr.dtype.element_ty), hw, True, False)
-            else:
-                mass = _tf32_dot(hist.to(tl.float32), hw, EXACT)
-            logits += tl.log(tl.maximum(mass, floor))
-        # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
-        x = tl.where(t_ok[None, :], logits, float("-inf"))
-        x = tl.exp(x - tl.max(x, 1)[:, None])
-        probs = x / tl.sum(x, 1)[:, None]
-        keep = u_ok[:, None] & t_ok[None, :]
-        if STORE_MAPS:
-            out = (s * N + offs_u[:, None].to(tl.int64)) * T + offs_t[None, :]
-            tl.store(logit_ptr + out, _cast_out(logits, logit_ptr.dtype.element_ty), mask=keep)
-            tl.store(prob_ptr + out, probs, mask=keep)
-        if COLUMN_SUMS:   # the average context's column means, without the probabilities going to memory
-            tl.store(sums_ptr + (s * NB + pid) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
-        # each row's most probable column (the first of equal maxima, as torch.argmax): the selection's
-        # one-cell-a-row case reads it instead of another pass over the probabilities
-        best = tl.argmax(tl.where(t_ok[None, :], probs, -1.0), axis=1, tie_break_left=True)
-        tl.store(best_ptr + s * N + offs_u, best.to(tl.int64), mask=u_ok)
+        _head_rows(conv, 0.0, 0.0, offs_u, u_ok, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
+                   stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok, BD,
+                   HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty, False)
 
+    @triton.jit
+    def _decoder_head_paired_fwd(
+        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
+        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
+        R, W, N, T, D, HEADS, NB, floor,
+        C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+        SPLIT_DOTS: tl.constexpr,
+    ):
+        """:func:`_decoder_head_fwd` over BR pairs of output rows (2m, 2m + 1) a program. Upsampled ×2, the rows a
+        pair's taps read are y's rows m − 1, m, m + 1 only: row 2m is ``w0·y[m−1] + (w1 + w2)·y[m]``, row 2m + 1
+        ``(w0 + w1)·y[m] + w2·y[m+1]`` (a tap past the last virtual row N − 1 reads zeros). So each y tile a program
+        loads serves both rows of its pairs: half the loads and two thirds of the FMAs a row. The two rows of a
+        pair go through steps 2–4 as two (BR, ·) blocks, even rows then odd."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1).to(tl.int64)
+        offs_m = pid * BR + tl.arange(0, BR)          # pairs = y's rows
+        offs_w = tl.arange(0, BW)
+        offs_t = tl.arange(0, BT)
+        even = 2 * offs_m
+        even_ok = even < N
+        odd_ok = even + 1 < N
+        w_ok = offs_w < W
+        t_ok = offs_t < T
+        conv_even = tl.zeros([BR, BW], dtype=tl.float32)
+        conv_odd = tl.zeros([BR, BW], dtype=tl.float32)
+        prev_ok = even_ok & (offs_m >= 1)
+        next_ok = even + 2 < N
+        y_s = y_ptr + s * stride_ys
+        for ci in tl.static_range(C):
+            y_ci = y_s + ci * stride_yc
+            for kc in tl.static_range(3):
+                col = offs_w - 1 + kc
+                col_ok = (w_ok & (col >= 0) & (col < W))[None, :]
+                tile = y_ci + offs_m[:, None].to(tl.int64) * stride_yr + col[None, :] * stride_yw
+                y_prev = tl.load(tile - stride_yr, mask=prev_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+                y_mid = tl.load(tile, mask=even_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+                y_next = tl.load(tile + stride_yr, mask=next_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+                w0 = tl.load(w_ptr + ci * 9 + kc).to(tl.float32)
+                w1 = tl.load(w_ptr + ci * 9 + 3 + kc).to(tl.float32)
+                w2 = tl.load(w_ptr + ci * 9 + 6 + kc).to(tl.float32)
+                mid_even = w1 + tl.where(odd_ok, w2, 0.0)      # tap 2m + 1 of row 2m: zero past the last row
+                conv_even += w0 * y_prev + mid_even[:, None] * y_mid
+                conv_odd += (w0 + w1) * y_mid + w2 * y_next
+        # the pairs' rows interleaved back into output order, (2·BR, BW): one block through steps 2–4
+        conv = tl.reshape(tl.permute(tl.join(conv_even, conv_odd), (0, 2, 1)), (2 * BR, BW))
+        conv += tl.load(b_ptr).to(tl.float32)
+        offs_u = 2 * pid * BR + tl.arange(0, 2 * BR)
+        interp, hw = _small_matrices(r_ptr, hw_ptr, s, T, D, HEADS, offs_w, w_ok, offs_t, t_ok, BD, HAS_HISTOGRAM)
+        _head_rows(conv, interp, hw, offs_u, offs_u < N, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
+                   sums_ptr, stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok, BD,
+                   HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty, True)
 
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
     """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a program at 8 warps
     on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with 64 rows;
     benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
     blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
-              "BD": max(16, triton.next_power_of_2(dim)), "SPLIT_DOTS": bool(OVERRIDE.get("SPLIT_DOTS", SPLIT_DOTS))}
+              "BD": max(16, triton.next_power_of_2(dim)), "SPLIT_DOTS": bool(OVERRIDE.get("SPLIT_DOTS", SPLIT_DOTS)),
+              "PAIRED": bool(OVERRIDE.get("PAIRED", PAIRED))}
     if interpreting():
         return {**blocks, "BR": 16}
     return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
@@ -243,9 +323,10 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
-    blocks = triton.cdiv(rows, cfg["BR"])
+    kernel = _decoder_head_paired_fwd if cfg.pop("PAIRED") else _decoder_head_fwd
+    blocks = triton.cdiv(triton.cdiv(rows, 2) if kernel is _decoder_head_paired_fwd else rows, cfg["BR"])
     sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
-    _decoder_head_fwd[(blocks, S)](
+    kernel[(blocks, S)](
         y, weight, bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
         R, W, rows, T, D, heads, blocks, float(floor),
         C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps, COLUMN_SUMS=not maps,
