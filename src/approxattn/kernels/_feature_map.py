@@ -30,6 +30,37 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
+def _exp2_ftz(x):
+    """2^x of fp32 x on the special-function unit with denormals flushed to zero (``ex2.approx.ftz``): tl.exp2
+    adds a range check and two multiplies an element to keep denormal results."""
+    if _INTERPRET:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _log2_ftz(x):
+    """log2 of fp32 x > 0 (``lg2.approx.ftz``; denormal inputs read as zero)."""
+    if _INTERPRET:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _rcp_ftz(x):
+    """1 / x of fp32 x (``rcp.approx.ftz``, ~1 ulp): a division adds range checks an element."""
+    if _INTERPRET:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _round_bf16(x):
     """fp32 → nearest-even bf16 value, kept in fp32 (interpreter only)."""
     bits = x.to(tl.float32).to(tl.uint32, bitcast=True)

@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _INTERPRET, _cast_out, _dot, _dot_split
+    from ._feature_map import _INTERPRET, _cast_out, _dot, _dot_split, _exp2_ftz, _log2_ftz, _rcp_ftz
     from ._launch import OutOfResources
 else:  # pragma: no cover - the module still imports, the fast_ ops return None
     triton = None
@@ -200,14 +200,15 @@ if HAS_TRITON:
             mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="tf32")
         else:
             mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="ieee")
-        return tl.log(tl.maximum(mass, floor))
+        return _log2_ftz(tl.maximum(mass, floor)) * 0.6931471805599453
 
     @triton.jit
     def _softmax(logits, n_ok):
-        """The softmax of fp32 ``logits (BM, BN)`` over the valid columns."""
+        """The softmax of fp32 ``logits (BM, BN)`` over the valid columns: exp2 with denormals flushed and one
+        reciprocal a row (tl.exp and a division add range checks to every element)."""
         z = tl.where(n_ok[None, :], logits, float("-inf"))
-        z = tl.exp(z - tl.max(z, 1)[:, None])
-        return z / tl.sum(z, 1)[:, None]
+        z = _exp2_ftz((z - tl.max(z, 1)[:, None]) * 1.4426950408889634)
+        return z * _rcp_ftz(tl.sum(z, 1))[:, None]
 
     @triton.jit
     def _row_argmax(probs, n_ok):

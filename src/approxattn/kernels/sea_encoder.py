@@ -27,7 +27,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._feature_map import _cast_out
+    from ._feature_map import _cast_out, _exp2_ftz, _rcp_ftz
     from .sparse_attention import _mma
 
 MAX_WIDTH = 256       # 2d, the context's and e's width
@@ -91,6 +91,16 @@ def encoder_and_gates_reference(context, own_value, weight, bias, norm_weight, n
 if HAS_TRITON:
 
     @triton.jit
+    def _erf(x):
+        """erf(x) to 1.5e-7 (Abramowitz & Stegun 7.1.26): a reciprocal and an exp2 an element on the special-function
+        unit, against libdevice's two-branch erff (its polynomials for both branches and selects)."""
+        a = tl.abs(x)
+        t = _rcp_ftz(1.0 + 0.3275911 * a)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        r = 1.0 - poly * _exp2_ftz(-1.4426950408889634 * a * a)
+        return tl.where(x < 0, -r, r)
+
+    @triton.jit
     def _encoder_gates_fwd(
         c_ptr, v_ptr, wc_ptr, wv_ptr, b_ptr, nw_ptr, nb_ptr, gw_ptr, gb_ptr, e_ptr, g_ptr,
         stride_cb, stride_ch, stride_cn, stride_cw,
@@ -133,7 +143,7 @@ if HAS_TRITON:
         y = centred * (1.0 / tl.sqrt(var + eps))[:, None]
         y = y * tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] \
             + tl.load(nb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        y = 0.5 * y * (1.0 + _erf(y * 0.7071067811865476))
         e = _cast_out(y, e_ptr.dtype.element_ty)
         out = (bh.to(tl.int64) * N + rows[:, None].to(tl.int64)) * W + cols[None, :]
         tl.store(e_ptr + out, e, mask=row_ok[:, None] & col_ok[None, :])
