@@ -174,26 +174,18 @@ def residual_softmax_reference(logits, histogram, hist_weights, heads, floor, ou
 if HAS_TRITON:
 
     @triton.jit
-    def _histogram_weights(hw_ptr, s, offs_n, n_ok, D, NOUT, HEADS, BD: tl.constexpr):
-        """Sample s's batch element's (s // HEADS) histogram resampling weights ``(BD, BN)``, as stored (fp32)."""
-        offs_d = tl.arange(0, BD)
-        return tl.load(hw_ptr + (s // HEADS) * D * NOUT + offs_d[:, None] * NOUT + offs_n[None, :],
-                       mask=(offs_d < D)[:, None] & n_ok[None, :], other=0.0)
-
-    @triton.jit
-    def _log_histogram(h_ptr, hw_ptr, hw, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd, D, NOUT,
-                       HEADS, floor, BD: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr,
-                       PRELOADED: tl.constexpr):
+    def _log_histogram(h_ptr, hw_ptr, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd, D, NOUT, HEADS,
+                       floor, BD: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr):
         """The fused heads' log-histogram residual, ``log(max(hist @ hw, floor))`` ``(BM, BN)`` fp32: rows offs_r of
-        sample s's histogram ``(d)`` against its batch element's resampling weights ``(d, NOUT)``: hw where
-        PRELOADED (:func:`_histogram_weights`), else loaded here after the histogram rows (loaded before them, the
-        compiler's schedule took more instructions). DOTS 0: the histogram in HALF (a half dtype) against hi + lo
-        halves of the weights; 1: TF32; 2: exact fp32 products (and every fp32 dot under the interpreter)."""
+        sample s's histogram ``(d)`` against its batch element's (s // HEADS) resampling weights ``(d, NOUT)``.
+        DOTS 0: the histogram in HALF (a half dtype) against hi + lo halves of the weights; 1: TF32; 2: exact fp32
+        products (and every fp32 dot under the interpreter)."""
         offs_d = tl.arange(0, BD)
+        d_ok = offs_d < D
         hist = tl.load(h_ptr + s * stride_hs + offs_r[:, None].to(tl.int64) * stride_hn + offs_d[None, :] * stride_hd,
-                       mask=r_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-        if not PRELOADED:
-            hw = _histogram_weights(hw_ptr, s, offs_n, n_ok, D, NOUT, HEADS, BD)
+                       mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        hw = tl.load(hw_ptr + (s // HEADS) * D * NOUT + offs_d[:, None] * NOUT + offs_n[None, :],
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         if DOTS == 0:
             mass = _dot_split(hist.to(HALF), hw, True, False)
         elif DOTS == 1 and not _INTERPRET:
@@ -270,8 +262,8 @@ if HAS_TRITON:
             tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty), mask=keep)
         else:
             if HAS_HISTOGRAM:
-                acc += _log_histogram(h_ptr, hw_ptr, 0.0, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd,
-                                      D, NOUT, HEADS, floor, BD, 2 if MODE == 2 else 1, tl.float32, False)
+                acc += _log_histogram(h_ptr, hw_ptr, s, offs_r, r_ok, offs_n, n_ok, stride_hs, stride_hn, stride_hd,
+                                      D, NOUT, HEADS, floor, BD, 2 if MODE == 2 else 1, tl.float32)
             stored = _cast_out(acc, o_ptr.dtype.element_ty)
             probs = _softmax(acc, n_ok)
             tl.store(o_ptr + out, stored, mask=keep)

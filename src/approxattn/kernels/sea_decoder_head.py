@@ -22,8 +22,8 @@ logits are returned in y's dtype (for inspection), the probabilities in fp32 fro
 logits.
 :func:`fast_decoder_head` is the dispatching form: None where the kernel does not apply.
 
-Two kernels, one op (OVERRIDE picks; both share steps 2–4, :func:`_head_rows`, whose residual, softmax and argmax
-are ``row_window_gemm``'s too): the direct kernel reads 36 shifted y tiles for its BR rows; the paired kernel
+Two convolutions, one kernel (steps 2–4 are :func:`_head_rows`, whose residual, softmax and argmax are
+``row_window_gemm``'s too): the direct one reads 36 shifted y tiles for its BR rows; the paired one (``PAIRED``)
 reads 36 for BR pairs of rows, since rows 2m and 2m + 1 of the ×2 map tap the same three y rows. Opt-in options
 (``OVERRIDE``): ``PAIRED``, ``SPLIT_DOTS`` (the dots as half dots over hi + lo splits), ``maxnreg``; a static census
 of their machine code is in ``benchmarks/results/cpu/NOTES.md`` (session 25), their GPU timing in the next run.
@@ -42,7 +42,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._feature_map import _INTERPRET, _cast_out, _dot_split_left
-    from .row_window_gemm import _histogram_weights, _log_histogram, _row_argmax, _softmax  # the shared epilogue
+    from .row_window_gemm import _log_histogram, _row_argmax, _softmax  # the epilogue both fused heads share
 else:  # pragma: no cover - the module still imports, fast_decoder_head returns None
     triton = None
 
@@ -107,20 +107,16 @@ if HAS_TRITON:
             return tl.dot(a, b, input_precision="tf32")
 
     @triton.jit
-    def _head_rows(conv, interp, hw, offs_u, u_ok, s, slot, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
-                   sums_ptr, stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok,
+    def _head_rows(conv, offs_u, u_ok, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
+                   stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok,
                    BD: tl.constexpr, HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr,
-                   COLUMN_SUMS: tl.constexpr, SPLIT_DOTS: tl.constexpr, HALF: tl.constexpr, PRELOADED: tl.constexpr):
+                   COLUMN_SUMS: tl.constexpr, SPLIT_DOTS: tl.constexpr, HALF: tl.constexpr):
         """Steps 2–4 of the head for the conv rows ``conv (BR, BW)`` (output rows offs_u of sample s): the resize,
         the residual, the softmax, then the maps (STORE_MAPS), the probabilities' column sums over the valid rows
-        into ``sums[s, slot]`` (COLUMN_SUMS; ``sums (S, NB, T)``) and each row's argmax. PRELOADED: interp and hw
-        are the small matrices as :func:`_small_matrices` loads them; else (unused) they are loaded here, each just
-        before its dot (the direct kernel's order, as timed: loaded together first it took 16 more instructions)."""
+        into ``sums[s, pid]`` (COLUMN_SUMS; ``sums (S, NB, T)``) and each row's argmax."""
         # 2. the width resize, (BR, W) @ (W, T): fp32 operands on TF32 tensor cores (10-bit mantissas, against
         # bf16's 7; exact fp32 dots would be ~17 G FMAs on the CUDA cores at N = 65,536), or split half dots
-        if not PRELOADED:
-            interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :],
-                             other=0.0)
+        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
         if SPLIT_DOTS:
             logits = _dot_split_left(conv, interp)                                   # (BR, BT) fp32
         else:
@@ -128,8 +124,8 @@ if HAS_TRITON:
         # 3. the log-histogram residual: (BR, d) @ (d, T) of this sample's batch element (split: the histogram in
         # y's dtype, as the reference reads it)
         if HAS_HISTOGRAM:
-            logits += _log_histogram(h_ptr, hw_ptr, hw, s, offs_u, u_ok, offs_t, t_ok, stride_hs, stride_hn, stride_hd,
-                                     D, T, HEADS, floor, BD, 0 if SPLIT_DOTS else (2 if EXACT else 1), HALF, PRELOADED)
+            logits += _log_histogram(h_ptr, hw_ptr, s, offs_u, u_ok, offs_t, t_ok, stride_hs, stride_hn, stride_hd,
+                                     D, T, HEADS, floor, BD, 0 if SPLIT_DOTS else (2 if EXACT else 1), HALF)
         # 4. the softmax over T of the fp32 logits; the logits stored in y's dtype
         probs = _softmax(logits, t_ok)
         keep = u_ok[:, None] & t_ok[None, :]
@@ -138,48 +134,18 @@ if HAS_TRITON:
             tl.store(logit_ptr + out, _cast_out(logits, logit_ptr.dtype.element_ty), mask=keep)
             tl.store(prob_ptr + out, probs, mask=keep)
         if COLUMN_SUMS:   # the average context's column means, without the probabilities going to memory
-            tl.store(sums_ptr + (s * NB + slot) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
+            tl.store(sums_ptr + (s * NB + pid) * T + offs_t, tl.sum(tl.where(keep, probs, 0.0), 0), mask=t_ok)
         # each row's most probable column: the selection's one-cell-a-row case reads it instead of another pass
         # over the probabilities
         tl.store(best_ptr + s * N + offs_u, _row_argmax(probs, t_ok).to(tl.int64), mask=u_ok)
 
     @triton.jit
-    def _small_matrices(r_ptr, hw_ptr, s, T, D, HEADS, offs_w, w_ok, offs_t, t_ok, BD: tl.constexpr,
-                        HAS_HISTOGRAM: tl.constexpr):
-        """interp ``(BW, BT)`` and the sample's histogram resampling weights ``(BD, BT)`` (those of batch element
-        s // HEADS; interp again where there is no histogram)."""
-        interp = tl.load(r_ptr + offs_w[:, None] * T + offs_t[None, :], mask=w_ok[:, None] & t_ok[None, :], other=0.0)
-        if HAS_HISTOGRAM:
-            hw = _histogram_weights(hw_ptr, s, offs_t, t_ok, D, T, HEADS, BD)
-        else:
-            hw = interp
-        return interp, hw
-
-    @triton.jit
-    def _decoder_head_fwd(
-        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
-        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
-        R, W, N, T, D, HEADS, NB, floor,
-        C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-        SPLIT_DOTS: tl.constexpr,
-    ):
-        """Grid (row block, sample): BR output rows × all T columns of one sample. STORE_MAPS: write the
-        logits and probabilities; COLUMN_SUMS: write the block's column sums of the probabilities
-        (``sums (S, NB, T)``, NB = the grid's row blocks). SPLIT_DOTS: interp and the histogram in y's half
-        dtype; the two dots on half tensor cores with the fp32 operand split into hi + lo halves (~16-bit
-        mantissas against TF32's 10, half the shared memory of fp32 operands)."""
-        pid = tl.program_id(0)
-        s = tl.program_id(1).to(tl.int64)
-        offs_u = pid * BR + tl.arange(0, BR)          # output rows = virtual rows of the ×2 map
-        offs_w = tl.arange(0, BW)
-        offs_t = tl.arange(0, BT)
-        u_ok = offs_u < N
-        w_ok = offs_w < W
-        t_ok = offs_t < T
-        # 1. the 3×3 convolution (padding 1) over the rows upsampled ×2, fp32 registers
+    def _direct_conv(y_s, w_ptr, offs_u, u_ok, offs_w, w_ok, stride_yc, stride_yr, stride_yw, N, W,
+                     C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr):
+        """The 3×3 convolution (padding 1) over the rows upsampled ×2 for output rows offs_u, ``(BR, BW)`` fp32:
+        36 shifted y tiles (C = 4)."""
         conv = tl.zeros([BR, BW], dtype=tl.float32)
-        y_ci = y_ptr + s * stride_ys
+        y_ci = y_s
         for ci in tl.static_range(C):
             for kr in tl.static_range(3):
                 u = offs_u - 1 + kr
@@ -192,40 +158,22 @@ if HAS_TRITON:
                                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
                     conv += tl.load(w_ptr + (ci * 3 + kr) * 3 + kc).to(tl.float32) * tile
             y_ci += stride_yc
-        conv += tl.load(b_ptr).to(tl.float32)
-        _head_rows(conv, 0.0, 0.0, offs_u, u_ok, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
-                   stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok, BD,
-                   HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty, False)
+        return conv
 
     @triton.jit
-    def _decoder_head_paired_fwd(
-        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
-        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
-        R, W, N, T, D, HEADS, NB, floor,
-        C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
-        SPLIT_DOTS: tl.constexpr,
-    ):
-        """:func:`_decoder_head_fwd` over BR pairs of output rows (2m, 2m + 1) a program. Upsampled ×2, the rows a
-        pair's taps read are y's rows m − 1, m, m + 1 only: row 2m is ``w0·y[m−1] + (w1 + w2)·y[m]``, row 2m + 1
-        ``(w0 + w1)·y[m] + w2·y[m+1]`` (a tap past the last virtual row N − 1 reads zeros). So each y tile a program
-        loads serves both rows of its pairs: half the loads and two thirds of the FMAs a row. The two rows of a
-        pair go through steps 2–4 as two (BR, ·) blocks, even rows then odd."""
-        pid = tl.program_id(0)
-        s = tl.program_id(1).to(tl.int64)
-        offs_m = pid * BR + tl.arange(0, BR)          # pairs = y's rows
-        offs_w = tl.arange(0, BW)
-        offs_t = tl.arange(0, BT)
+    def _paired_conv(y_s, w_ptr, offs_m, offs_w, w_ok, stride_yc, stride_yr, stride_yw, N, W,
+                     C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr):
+        """The same convolution for BR pairs of output rows (2m, 2m + 1), m in offs_m, as ``(2·BR, BW)`` in output
+        order. Upsampled ×2, a pair's taps read y's rows m − 1, m, m + 1 only: row 2m is ``w0·y[m−1] +
+        (w1 + w2)·y[m]``, row 2m + 1 ``(w0 + w1)·y[m] + w2·y[m+1]`` (a tap past the last virtual row N − 1 reads
+        zeros). So each y tile serves both rows: half the loads and two thirds of the FMAs a row."""
         even = 2 * offs_m
         even_ok = even < N
         odd_ok = even + 1 < N
-        w_ok = offs_w < W
-        t_ok = offs_t < T
-        conv_even = tl.zeros([BR, BW], dtype=tl.float32)
-        conv_odd = tl.zeros([BR, BW], dtype=tl.float32)
         prev_ok = even_ok & (offs_m >= 1)
         next_ok = even + 2 < N
-        y_s = y_ptr + s * stride_ys
+        conv_even = tl.zeros([BR, BW], dtype=tl.float32)
+        conv_odd = tl.zeros([BR, BW], dtype=tl.float32)
         for ci in tl.static_range(C):
             y_ci = y_s + ci * stride_yc
             for kc in tl.static_range(3):
@@ -241,14 +189,43 @@ if HAS_TRITON:
                 mid_even = w1 + tl.where(odd_ok, w2, 0.0)      # tap 2m + 1 of row 2m: zero past the last row
                 conv_even += w0 * y_prev + mid_even[:, None] * y_mid
                 conv_odd += (w0 + w1) * y_mid + w2 * y_next
-        # the pairs' rows interleaved back into output order, (2·BR, BW): one block through steps 2–4
-        conv = tl.reshape(tl.permute(tl.join(conv_even, conv_odd), (0, 2, 1)), (2 * BR, BW))
+        # the pairs' rows interleaved back into output order
+        return tl.reshape(tl.permute(tl.join(conv_even, conv_odd), (0, 2, 1)), (2 * BR, BW))
+
+    @triton.jit
+    def _decoder_head_fwd(
+        y_ptr, w_ptr, b_ptr, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
+        stride_ys, stride_yc, stride_yr, stride_yw, stride_hs, stride_hn, stride_hd,
+        R, W, N, T, D, HEADS, NB, floor,
+        C: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+        HAS_HISTOGRAM: tl.constexpr, EXACT: tl.constexpr, STORE_MAPS: tl.constexpr, COLUMN_SUMS: tl.constexpr,
+        SPLIT_DOTS: tl.constexpr, PAIRED: tl.constexpr,
+    ):
+        """Grid (row block, sample): BR output rows (PAIRED: BR pairs of rows, :func:`_paired_conv`) × all T columns
+        of one sample. STORE_MAPS: write the logits and probabilities; COLUMN_SUMS: write the block's column sums of
+        the probabilities (``sums (S, NB, T)``, NB = the grid's row blocks). SPLIT_DOTS: interp and the histogram in
+        y's half dtype; the two dots on half tensor cores with the fp32 operand split into hi + lo halves (~16-bit
+        mantissas against TF32's 10, half the shared memory of fp32 operands)."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1).to(tl.int64)
+        offs_w = tl.arange(0, BW)
+        offs_t = tl.arange(0, BT)
+        w_ok = offs_w < W
+        t_ok = offs_t < T
+        y_s = y_ptr + s * stride_ys
+        # 1. the 3×3 convolution over the rows upsampled ×2, fp32 registers; output rows = virtual rows of the map
+        if PAIRED:
+            offs_u = 2 * pid * BR + tl.arange(0, 2 * BR)
+            conv = _paired_conv(y_s, w_ptr, pid * BR + tl.arange(0, BR), offs_w, w_ok, stride_yc, stride_yr,
+                                stride_yw, N, W, C, BR, BW)
+        else:
+            offs_u = pid * BR + tl.arange(0, BR)
+            conv = _direct_conv(y_s, w_ptr, offs_u, offs_u < N, offs_w, w_ok, stride_yc, stride_yr, stride_yw, N, W,
+                                C, BR, BW)
         conv += tl.load(b_ptr).to(tl.float32)
-        offs_u = 2 * pid * BR + tl.arange(0, 2 * BR)
-        interp, hw = _small_matrices(r_ptr, hw_ptr, s, T, D, HEADS, offs_w, w_ok, offs_t, t_ok, BD, HAS_HISTOGRAM)
-        _head_rows(conv, interp, hw, offs_u, offs_u < N, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr,
-                   sums_ptr, stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok, BD,
-                   HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty, True)
+        _head_rows(conv, offs_u, offs_u < N, s, pid, r_ptr, h_ptr, hw_ptr, logit_ptr, prob_ptr, best_ptr, sums_ptr,
+                   stride_hs, stride_hn, stride_hd, N, T, D, HEADS, NB, floor, offs_w, w_ok, offs_t, t_ok, BD,
+                   HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty)
 
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
     """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a program at 8 warps
@@ -323,10 +300,9 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
-    kernel = _decoder_head_paired_fwd if cfg.pop("PAIRED") else _decoder_head_fwd
-    blocks = triton.cdiv(triton.cdiv(rows, 2) if kernel is _decoder_head_paired_fwd else rows, cfg["BR"])
+    blocks = triton.cdiv(triton.cdiv(rows, 2) if cfg["PAIRED"] else rows, cfg["BR"])
     sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
-    kernel[(blocks, S)](
+    _decoder_head_fwd[(blocks, S)](
         y, weight, bias, interp, h, hw, logits, probs, best, sums, *y.stride(), *strides,
         R, W, rows, T, D, heads, blocks, float(floor),
         C=C, HAS_HISTOGRAM=has_histogram, EXACT=y.dtype == torch.float32, STORE_MAPS=maps, COLUMN_SUMS=not maps,
