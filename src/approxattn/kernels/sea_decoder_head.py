@@ -56,8 +56,8 @@ OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, SPLIT_DOT
 # half dtype) instead of TF32: more precise, half the shared memory. Off until a GPU A/B times it
 # (benchmarks/sea_head_tune.py); OVERRIDE["SPLIT_DOTS"] = 1 turns it on.
 SPLIT_DOTS = False
-# The paired kernel (two output rows from the same three y rows: half the loads, two thirds of the FMAs; BR counts
-# pairs). Off until a GPU A/B times it; OVERRIDE["PAIRED"] = 1 turns it on.
+# The paired convolution (two output rows from the same three y rows: half the loads, two thirds of the FMAs; BR
+# counts pairs). Off until a GPU A/B times it; OVERRIDE["PAIRED"] = 1 turns it on.
 PAIRED = False
 
 
