@@ -42,10 +42,11 @@ def record(n: int) -> list[dict]:
     return sea_registers.record(n)
 
 
-def sass(entry: dict) -> tuple[list[tuple[int, str, str]], int]:
-    """(the kernel's instructions as (address, opcode, operands), its shared memory in bytes), compiled for sm_90."""
+def sass(entry: dict) -> tuple[list[tuple[int, str, str]], int, tuple[int, int, int]]:
+    """The launch compiled for sm_90: its instructions as (address, opcode, operands), its shared memory in bytes,
+    and (registers, spill store bytes, spill load bytes) a thread."""
     import triton
-    from sm90_compile import compile_entry
+    from sm90_compile import compile_entry, compiled_usage
 
     compiled = compile_entry(entry)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -54,7 +55,7 @@ def sass(entry: dict) -> tuple[list[tuple[int, str, str]], int]:
         cubin.flush()
         text = subprocess.run([str(tool), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
     instructions = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in SASS_LINE.findall(text)]
-    return instructions, compiled.metadata.shared
+    return instructions, compiled.metadata.shared, compiled_usage(compiled)
 
 
 def loop_bodies(instructions: list[tuple[int, str, str]]) -> list[int]:
@@ -81,8 +82,6 @@ def programs(entry: dict) -> int:
 
 def census(small: list[dict], large: list[dict], seq: int, heads: int) -> list[dict]:
     """One row a kernel launch config: the static counts of ``large``'s entry, programs fitted to (seq, heads)."""
-    from sm90_compile import ptxas_usage
-
     (n1, n2), rows = RECORDED_SIZES, []
     paired = collections.defaultdict(list)
     for entry in small:
@@ -92,8 +91,7 @@ def census(small: list[dict], large: list[dict], seq: int, heads: int) -> list[d
         name = entry["kernel"]
         twin = paired[name][seen[name]] if seen[name] < len(paired[name]) else None
         seen[name] += 1
-        instructions, shared = sass(entry)
-        registers, spill_stores, spill_loads = ptxas_usage(entry)
+        instructions, shared, (registers, spill_stores, spill_loads) = sass(entry)
         warps = entry["options"].get("num_warps", 4)
         p2 = programs(entry)
         p1 = programs(twin) if twin else None

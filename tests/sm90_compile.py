@@ -136,6 +136,11 @@ def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | Non
     """(registers, spill store bytes, spill load bytes) a thread of one recorded launch compiled for sm_90, with
     ``constexprs`` / ``options`` overriding the recorded ones: ptxas ``-v`` (the newest ptxas Triton ships) on the
     compiler's PTX. No GPU needed; counts are this Triton's code generation."""
+    return compiled_usage(compile_entry(entry, constexprs, options))
+
+
+def compiled_usage(compiled) -> tuple[int, int, int]:
+    """:func:`ptxas_usage` of a kernel already compiled by :func:`compile_entry`."""
     import os
     import re
     import subprocess
@@ -144,7 +149,6 @@ def ptxas_usage(entry: dict, constexprs: dict | None = None, options: dict | Non
 
     import triton
 
-    compiled = compile_entry(entry, constexprs, options)
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

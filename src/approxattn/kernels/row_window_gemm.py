@@ -188,10 +188,8 @@ if HAS_TRITON:
                      mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         if DOTS == 0:
             mass = _dot_split(hist.to(HALF), hw, True, False)
-        elif DOTS == 1 and not _INTERPRET:
-            mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="tf32")
         else:
-            mass = tl.dot(hist.to(tl.float32), hw.to(tl.float32), input_precision="ieee")
+            mass = _window_dot(hist, hw, DOTS)
         return _log2_ftz(tl.maximum(mass, floor)) * 0.6931471805599453
 
     @triton.jit

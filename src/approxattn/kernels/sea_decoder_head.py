@@ -290,16 +290,16 @@ def _launch(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor
         return (logits, probs, best) if maps else (best, torch.zeros(S, T, device=y.device))
     # the conv's weights in y's dtype (as the unfused path casts them); the small matrices in fp32
     weight, bias = (t.to(y.dtype).contiguous() for t in (weight, bias))
-    cfg = launch_config(W, T, histogram.shape[2] if histogram is not None else 1)
-    # half dots only where interp is exact in y's half dtype (the module passes it in y's dtype)
-    cfg["SPLIT_DOTS"] = cfg["SPLIT_DOTS"] and y.dtype in (torch.float16, torch.bfloat16) and interp.dtype == y.dtype
-    interp = interp.to(y.dtype if cfg["SPLIT_DOTS"] else torch.float32).contiguous()
     has_histogram = histogram is not None
     if has_histogram:
         hist_weights = hist_weights.to(torch.float32).contiguous()
         h, hw, D, strides = histogram, hist_weights, histogram.shape[2], histogram.stride()
     else:
         h, hw, D, strides = y, y, 1, (0, 0, 0)    # never read
+    cfg = launch_config(W, T, D)
+    # half dots only where interp is exact in y's half dtype (the module passes it in y's dtype)
+    cfg["SPLIT_DOTS"] = cfg["SPLIT_DOTS"] and y.dtype in (torch.float16, torch.bfloat16) and interp.dtype == y.dtype
+    interp = interp.to(y.dtype if cfg["SPLIT_DOTS"] else torch.float32).contiguous()
     blocks = triton.cdiv(triton.cdiv(rows, 2) if cfg["PAIRED"] else rows, cfg["BR"])
     sums = best if maps else torch.empty(S, blocks, T, dtype=torch.float32, device=y.device)
     _decoder_head_fwd[(blocks, S)](
