@@ -12,7 +12,7 @@ is a lower bound on its time from instruction issue alone (one instruction a sch
 cores and stalls come on top). A kernel far above its floor waits on latency or memory, one near it is bound by
 its instruction count. Kernels with loops show their loop bodies' sizes instead (their trip counts are runtime).
 
-    python benchmarks/sass_census.py [--seq 65536] [--heads 16]    # ~3 minutes on 2 cores
+    python benchmarks/sass_census.py [--seq 65536] [--heads 16] [--head-configs]   # ~1 (+3) minutes on 2 cores
 
 The counts are the code generation of the Triton that runs it (the GPU machine has 3.6; for its counts on a CPU
 machine with another, ``pip install --target .triton36 triton==3.6.0`` and run with ``PYTHONPATH=.triton36:src``).
@@ -42,13 +42,15 @@ def record(n: int) -> list[dict]:
     return sea_registers.record(n)
 
 
-def sass(entry: dict) -> tuple[list[tuple[int, str, str]], int, tuple[int, int, int]]:
-    """The launch compiled for sm_90: its instructions as (address, opcode, operands), its shared memory in bytes,
-    and (registers, spill store bytes, spill load bytes) a thread."""
+def sass(entry: dict, constexprs: dict | None = None,
+         options: dict | None = None) -> tuple[list[tuple[int, str, str]], int, tuple[int, int, int]]:
+    """The launch compiled for sm_90 (``constexprs`` / ``options`` over the recorded ones): its instructions as
+    (address, opcode, operands), its shared memory in bytes, and (registers, spill store bytes, spill load bytes)
+    a thread."""
     import triton
     from sm90_compile import compile_entry, compiled_usage
 
-    compiled = compile_entry(entry)
+    compiled = compile_entry(entry, constexprs, options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -114,6 +116,50 @@ def census(small: list[dict], large: list[dict], seq: int, heads: int) -> list[d
     return rows
 
 
+def head_configs(large: list[dict], rows: list[dict]) -> list[dict]:
+    """The lean head at each config ``benchmarks/sea_head_tune.py`` sweeps (its CONFIGS: BR, warps, SPLIT_DOTS,
+    PAIRED, maxnreg), compiled as the module would launch it; programs scaled from the recorded default's by the
+    rows a program (BR, or 2·BR pairs' rows where PAIRED)."""
+    import copy
+
+    from sea_head_tune import CONFIGS
+
+    entry = next(e for e in large if e["kernel"] == "_decoder_head_fwd" and not e["constexprs"].get("STORE_MAPS"))
+    default = next(r for r in rows if r["kernel"].endswith("._decoder_head_fwd"))
+    default_rows = entry["constexprs"]["BR"]
+    found = []
+    for config in CONFIGS:
+        variant = copy.deepcopy(entry)
+        if config.get("SPLIT_DOTS"):        # interp comes in y's dtype (bf16) where the dots are split
+            variant["signature"]["r_ptr"] = "*bf16"
+        constexprs = {"BR": config["BR"], "SPLIT_DOTS": bool(config.get("SPLIT_DOTS")),
+                      "PAIRED": bool(config.get("PAIRED"))}
+        options = {k: config[k] for k in ("num_warps", "maxnreg") if k in config}
+        instructions, shared, (registers, spill_stores, spill_loads) = sass(variant, constexprs, options)
+        warps = config["num_warps"]
+        program_rows = config["BR"] * (2 if config.get("PAIRED") else 1)
+        target = default["programs"] * default_rows // program_rows
+        ctas = resident_ctas(registers, shared, warps)
+        found.append({"config": config, "rows_a_program": program_rows, "registers": registers,
+                      "spill_bytes": [spill_stores, spill_loads], "shared_kib": round(shared / 1024, 1),
+                      "ctas_per_sm": ctas, "warps_per_sm": ctas * warps, "instructions_per_warp": len(instructions),
+                      "programs": target,
+                      "issue_floor_ms": round(len(instructions) * warps * target / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3, 3)})
+        print(f"head {config}: {len(instructions)} instructions a warp", file=sys.stderr, flush=True)
+    return found
+
+
+def print_head_table(found: list[dict]) -> None:
+    print("| head config (sea_head_tune.CONFIGS) | rows a program | registers | spills (B) | shared KiB | "
+          "CTAs/SM (warps) | instr./warp | issue floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in found:
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        print(f"| {config} | {r['rows_a_program']} | {r['registers']} | {r['spill_bytes'][0]} / {r['spill_bytes'][1]} | "
+              f"{r['shared_kib']} | {r['ctas_per_sm']} ({r['warps_per_sm']}) | {r['instructions_per_warp']} | "
+              f"{r['issue_floor_ms']:.3f} |")
+
+
 def print_table(rows: list[dict], seq: int, heads: int) -> None:
     print(f"| kernel | blocks | warps | registers | spills (B) | shared KiB | CTAs/SM (warps) | instr./warp "
           f"(tensor core) | loop bodies | programs at N={seq:,}, H={heads} | issue floor ms |")
@@ -139,17 +185,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--head-configs", action="store_true",
+                        help="also the lean head at each config sea_head_tune.py sweeps")
     args = parser.parse_args()
     small, large = recorded
     rows = census(small, large, args.seq, args.heads)
+    found = head_configs(large, rows) if args.head_configs else []
     import triton
 
     print(f"Triton {triton.__version__}, sm_90; SEA bf16 forward, one cell a row; programs fitted from N = "
           f"{RECORDED_SIZES[0]} and {RECORDED_SIZES[1]} at {RECORDED_HEADS} heads.\n")
     print_table(rows, args.seq, args.heads)
+    if found:
+        print()
+        print_head_table(found)
     if args.json:
         args.json.write_text(json.dumps({"triton": triton.__version__, "seq": args.seq, "heads": args.heads,
-                                         "rows": rows}, indent=1))
+                                         "rows": rows, "head_configs": found}, indent=1))
 
 
 if __name__ == "__main__":
