@@ -25,18 +25,19 @@ from approxattn.blocks.sea_estimator import NonCausalDecoder, interpolation_matr
 from approxattn.kernels import sea_decoder_head as head
 
 
+# the paired kernel first, since the census gives it the lowest floors and a call's time limit may cut the sweep
+# (BR counts pairs of rows), at the configs the CPU census found spill-free: 16 rows at 8 warps capped to 80
+# registers (3 CTAs an SM), 32 rows at 8 warps capped to 128 (2 CTAs), 16 rows at 4 warps (3 CTAs); uncapped and
+# split forms beside them
+CONFIGS = [{"PAIRED": 1, "BR": br, "num_warps": warps, **({"maxnreg": cap} if cap else {}), "SPLIT_DOTS": split}
+            for br, warps, cap, split in ((8, 8, 80, 0), (8, 8, None, 0), (16, 8, 128, 0), (16, 8, None, 0),
+                                          (8, 4, 128, 0), (8, 4, None, 0), (16, 8, 128, 1), (8, 4, 128, 1))]
 # (BR, warps) with the TF32 dots and with SPLIT_DOTS (half dots over hi + lo splits: half the shared memory);
 # maxnreg 64 lets an SM hold 4 CTAs of 8 warps instead of 3 (the CPU census: 4 / 12 spill bytes split, none TF32)
-CONFIGS = [{"BR": br, "num_warps": warps, "SPLIT_DOTS": split}
+CONFIGS += [{"BR": br, "num_warps": warps, "SPLIT_DOTS": split}
            for split, br, warps in itertools.product((0, 1), (16, 32), (4, 8))]
 CONFIGS += [{"BR": 16, "num_warps": 8, "SPLIT_DOTS": split, "maxnreg": 64} for split in (0, 1)]
 CONFIGS += [{"BR": 64, "num_warps": 8, "SPLIT_DOTS": 1}]
-# the paired kernel (BR counts pairs of rows), at the configs the CPU census found spill-free: 16 rows at 8 warps
-# capped to 80 registers (3 CTAs an SM, issue floor 0.855 ms against the direct kernel's 1.000), 32 rows at 8 warps
-# capped to 128 (2 CTAs, 0.674), 16 rows at 4 warps (3 CTAs, 0.686); uncapped and split forms beside them
-CONFIGS += [{"PAIRED": 1, "BR": br, "num_warps": warps, **({"maxnreg": cap} if cap else {}), "SPLIT_DOTS": split}
-            for br, warps, cap, split in ((8, 8, 80, 0), (8, 8, None, 0), (16, 8, 128, 0), (16, 8, None, 0),
-                                          (8, 4, 128, 0), (8, 4, None, 0), (16, 8, 128, 1), (8, 4, 128, 1))]
 
 
 def _precision(view, decoder, interp, common) -> dict[str, dict[str, float]]:
@@ -89,9 +90,18 @@ def main() -> None:
         agree = (best == full[2]).float().mean().item()
         sums_diff = ((sums - full[1].sum(1)).norm() / sums.norm()).item()
         print(f"lean vs full head: argmax agree {agree:.5f}, column sums rel diff {sums_diff:.2e}", flush=True)
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq": n, "columns": T,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argmax_agree": agree,
+                "sums_rel_diff": sums_diff}
+        # precision first and the file rewritten after every row: a call's time limit can cut the sweep
+        # (each config compiles), and what was measured must survive it
+        meta["precision"] = _precision(view, decoder, interp, common)
+        head.OVERRIDE.clear()
+        save = lambda: _save(args.out, meta, rows)  # noqa: E731
         timed("head with maps (logits + probs)",
               lambda: head.fast_decoder_head(view, decoder.out.weight, decoder.out.bias, interp, **common))
         timed("lean head (argmax + column sums)", lean)
+        save()
         for config in CONFIGS:
             head.OVERRIDE.clear()
             head.OVERRIDE.update(config)
@@ -100,14 +110,14 @@ def main() -> None:
                 timed(name, lean, config=config)
             except Exception as error:  # noqa: BLE001  (out of resources: report and go on)
                 print(f"{name}: {type(error).__name__}", flush=True)
-        precision = _precision(view, decoder, interp, common)
+            save()
         head.OVERRIDE.clear()
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seq": n, "columns": T,
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argmax_agree": agree,
-                "sums_rel_diff": sums_diff, "precision": precision}
-        (args.out / "sea_head_tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def _save(out: Path | None, meta: dict, rows: list[dict]) -> None:
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sea_head_tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
