@@ -4,12 +4,13 @@
 # process a side; the head's configs (paired first) and precision against the fp64 twin, its JSON rewritten per
 # row; the encoder's and the row-window GEMMs' sweeps; the module with every sweep's pick against its default;
 # SEA's and the row-window GEMMs' GPU tests with what time is left.
+#   DEADLINE (s, default 585): when the steps stop; set it under a short budget.
 #   run(command="bash benchmarks/results/h100/run19/call1b.sh", carry=[".whl", ".ab_old"], kind="nvidia-h100-x1")
 set -u
 START=$(date +%s)
 source benchmarks/device_setup.sh
 stamp() { echo "$1 rc=$2 $(date -u +%T)" >> "$OUT/session.log"; }
-left() { local l=$(( 585 - ($(date +%s) - START) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+left() { local l=$(( ${DEADLINE:-585} - ($(date +%s) - START) )); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 for side in old new; do
   src=src; [ $side = old ] && src=.ab_old/src
   PYTHONPATH=$src:/tmp/site timeout 35 python -m approxattn.bench run --preset sea --seq 65536 \
