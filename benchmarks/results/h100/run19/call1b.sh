@@ -2,7 +2,8 @@
 # Run 19 as one call (session 26: device starts failed for two sessions, so call1.sh and next_call_2.sh are merged
 # and cut to fit 600 s), in order of need: the sea module old (.ab_old = 38e272a's source) against new at 64K, one
 # process a side; the head's configs (paired first) and precision against the fp64 twin, its JSON rewritten per
-# row; the encoder's and the row-window GEMMs' sweeps; the module with every sweep's pick against its default;
+# row; the module with the head's pick against its default (first: the head is the prediction to check); the
+# encoder's and the row-window GEMMs' sweeps;
 # SEA's and the row-window GEMMs' GPU tests with what time is left.
 #   DEADLINE (s, default 585): when the steps stop; set it under a short budget.
 #   run(command="bash benchmarks/results/h100/run19/call1b.sh", carry=[".whl", ".ab_old"], kind="nvidia-h100-x1")
@@ -20,10 +21,10 @@ for side in old new; do
   echo "== $side done" >> "$OUT/sea_ab.log"
 done
 timeout $(left 200) python benchmarks/sea_head_tune.py --out "$OUT" > "$OUT/head_tune.log" 2>&1; stamp head_tune $?
+timeout $(left 60) python benchmarks/sea_tuned_ab.py --results "$OUT" > "$OUT/tuned_ab.log" 2>&1; stamp tuned_ab $?
 timeout $(left 55) python benchmarks/sea_encoder_tune.py --out "$OUT" > "$OUT/encoder_tune.log" 2>&1
 stamp encoder_tune $?
 timeout $(left 55) python benchmarks/row_gemm_tune.py --steps first,middle --json "$OUT/row_gemm_tune.json" \
   > "$OUT/row_gemm_tune.log" 2>&1; stamp row_gemm_tune $?
-timeout $(left 60) python benchmarks/sea_tuned_ab.py --results "$OUT" > "$OUT/tuned_ab.log" 2>&1; stamp tuned_ab $?
 timeout $(left 100) python -m pytest -m gpu -q -p no:cacheprovider -rfEx tests/test_sea_gpu.py \
   tests/test_row_window_gemm.py > "$OUT/gpu_tests.log" 2>&1; stamp tests $?
