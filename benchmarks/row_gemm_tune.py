@@ -19,6 +19,7 @@ import torch
 from triton.testing import do_bench
 
 from approxattn.blocks.sea_estimator import NonCausalDecoder, histogram_resampling
+from approxattn.kernels import band_conv as bc
 from approxattn.kernels import row_window_gemm as rwg
 from approxattn.kernels.sea_decoder_head import fast_decoder_head
 
@@ -31,6 +32,10 @@ CONFIGS = {
              {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 3}, {"BM": 128, "BN": 256, "BK": 32, "num_warps": 8,
                                                                      "num_stages": 3},
              {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}, {"BM": 256, "BN": 128, "num_warps": 8, "num_stages": 2}],
+    # the middle conv as the band kernel (K = 4·P + 32 of the GEMM's 256; session 26, CPU census only)
+    "band": [{"BM": bm, "P": p, "num_warps": w, "num_stages": st}
+             for bm, p, w, st in ((128, 16, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2), (256, 16, 8, 2), (128, 16, 4, 1),
+                                  (128, 32, 8, 2), (64, 32, 4, 2), (256, 16, 4, 2))],
     "softmax": [{"BM": 32, "num_warps": 4, "num_stages": 2}, {"BM": 16, "num_warps": 4, "num_stages": 2},
                 {"BM": 16, "num_warps": 2, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 1},
                 {"BM": 32, "num_warps": 4, "BK": 32, "num_stages": 2}],
@@ -85,7 +90,8 @@ def main() -> None:
             rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
                                                                                               n_valid=n_valid))
             os.environ["APPROXATTN_SEA_HEAD"] = "kernel"
-        first, taps, first_bias, middle, middle_bias, head, head_bias = decoder._row_gemm_matrices(e.dtype, e.device)
+        matrices = decoder._row_gemm_matrices(e.dtype, e.device)
+        first, taps, first_bias, middle, middle_bias, head, head_bias = matrices[:7]
         R = (N + 1) // 2
         x = e.reshape(H, N, 128)
         y1 = rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N, out_rows=R, relu=True)
@@ -99,6 +105,8 @@ def main() -> None:
                                                      histogram=hist.reshape(H, N, -1), hist_weights=weights, heads=H),
                      "softmax", y2.numel() * 2 + H * N * 64 * 2 + H * N * T * (2 + 4 + 0) + H * N * 8),
         }
+        if "band" in args.steps:
+            _band_sweep(decoder, x, matrices[7:], y2, R, N, rows, swept, bandwidth)
         variants = [(name, fn, kind, nbytes, False) for name, (fn, kind, nbytes) in steps.items()]
         variants.append(("head, half dots", steps["head"][0], "softmax", steps["head"][2], True))
         wanted = {step.strip() for step in args.steps.split(",")} | ({"head, half dots"} if "half dots" in args.steps else set())
@@ -127,6 +135,32 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "seq": N, "heads": H, "columns": T,
                        "bandwidth": bandwidth, "ms": rows, "swept": swept}, f, indent=1)
+
+
+def _band_sweep(decoder, x, position_major, y2, R, N, rows, swept, bandwidth) -> None:
+    """The middle conv as the band kernel over the first GEMM's position-major map, at its configs (each with
+    the band tile for its P), and its output against the middle GEMM's (y2)."""
+    first, taps, first_bias, tile = position_major
+    y1 = rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N, out_rows=R, relu=True)
+    weight, bias = decoder.middle.weight, decoder.middle.bias
+    nbytes = 2 * y1.numel() * 2
+    for cfg in [None] + CONFIGS["band"]:
+        bc.OVERRIDE.clear()
+        bc.OVERRIDE.update(cfg or {})
+        P = bc.positions_per_block(decoder.width, decoder.splits)
+        band = tile if cfg is None else bc.band_tile(weight.float(), P).to(y1.dtype)
+        try:
+            out = bc.band_conv(y1, weight, bias, relu=True, tile=band)
+            t = ms(lambda band=band: bc.band_conv(y1, weight, bias, relu=True, tile=band))
+        except Exception as error:  # noqa: BLE001  (a config past the device's resources)
+            print(f"band {cfg}: failed ({type(error).__name__}: {str(error)[:80]})", flush=True)
+            continue
+        diff = float((out.float() - y2.float()).norm() / y2.float().norm())
+        label = f"new: band {'default' if cfg is None else cfg}"
+        rows[label] = t
+        swept.append({"step": "band", "config": cfg, "ms": t, "rel_diff_vs_gemm": diff})
+        print(f"{label:80s} {t:8.3f} ms  floor {nbytes / bandwidth * 1e3:6.3f} ms  vs GEMM {diff:.1e}", flush=True)
+    bc.OVERRIDE.clear()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SHOWN = ("BM", "BN", "BK", "BR", "BW", "BT", "BD", "BDV", "BMB", "C", "STORE_MAPS", "COLUMN_SUMS", "HAS_VALUE",
+SHOWN = ("BM", "BN", "BK", "P", "BR", "BW", "BT", "BD", "BDV", "BMB", "C", "STORE_MAPS", "COLUMN_SUMS", "HAS_VALUE",
          "MIX", "FOLDED")
 
 
@@ -31,6 +31,7 @@ def _as_on_a_gpu() -> None:
     """Each SEA kernel module's launch config as a GPU gets it (the kernels still run interpreted)."""
     from approxattn.kernels import (
         _launch,
+        band_conv,
         row_window_gemm,
         sea_decoder_head,
         sea_encoder,
@@ -39,7 +40,7 @@ def _as_on_a_gpu() -> None:
     )
 
     _launch.interpreting = lambda: False
-    for module in (sea_decoder_head, sea_encoder, sea_values, single_column_attention, row_window_gemm):
+    for module in (sea_decoder_head, sea_encoder, sea_values, single_column_attention, row_window_gemm, band_conv):
         original = module.launch_config
 
         def gpu_config(*args, _original=original, _module=module, **kwargs):

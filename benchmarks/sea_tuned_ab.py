@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import approxattn
-from approxattn.kernels import row_window_gemm, sea_decoder_head, sea_encoder
+from approxattn.kernels import band_conv, row_window_gemm, sea_decoder_head, sea_encoder
 
 
 def _best(rows: list[dict], default_ms: float | None) -> dict | None:
@@ -55,6 +55,10 @@ def picked_overrides(results: Path) -> dict[str, tuple[dict, dict]]:
             best = _best(rows, next((r["ms"] for r in rows if r["config"] is None), None))
             if best:
                 picked[f"row gemm {step}"] = (row_window_gemm.OVERRIDE, {key: best})
+        rows = [r for r in swept if r["step"] == "band"]
+        best = _best(rows, next((r["ms"] for r in rows if r["config"] is None), None))
+        if best:
+            picked["band conv"] = (band_conv.OVERRIDE, best)
     return picked
 
 
@@ -72,7 +76,7 @@ def main() -> None:
     sea = approxattn.build("sea", head_dim=64).cuda().eval()
 
     def apply(tuned: bool) -> None:
-        for target in (sea_decoder_head.OVERRIDE, sea_encoder.OVERRIDE, row_window_gemm.OVERRIDE):
+        for target in (sea_decoder_head.OVERRIDE, sea_encoder.OVERRIDE, row_window_gemm.OVERRIDE, band_conv.OVERRIDE):
             target.clear()
         if tuned:
             for target, entries in picked.values():

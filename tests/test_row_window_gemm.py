@@ -91,12 +91,14 @@ def test_window_gemm_softmax_matches_its_twin(forced_kernels, dtype, histogram):
 
 @pytest.fixture
 def gemm_calls(monkeypatch):
-    """Counts the row-window GEMM launches the decoder makes (the old layers give the same answers)."""
-    from approxattn.kernels import row_window_gemm
+    """The row-window GEMM ("gemm") and band-conv ("band") launches the decoder makes, in order (the old layers
+    give the same answers)."""
+    from approxattn.kernels import band_conv, row_window_gemm
 
     calls = []
-    original = row_window_gemm.window_gemm
-    monkeypatch.setattr(row_window_gemm, "window_gemm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for module, name, label in ((row_window_gemm, "window_gemm", "gemm"), (band_conv, "band_conv", "band")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _l=label, **k: calls.append(_l) or _f(*a, **k))
     return calls
 
 
@@ -109,13 +111,15 @@ def _decoder(columns, gen):
 
 
 @needs_triton
-@pytest.mark.parametrize("head", ["kernel", "gemm"])
+@pytest.mark.parametrize("head,middle", [("kernel", "band"), ("gemm", "band"), ("kernel", "gemm"), ("gemm", "gemm")])
 @pytest.mark.parametrize("columns,n", [(12, 21), (12, 20), (40, 9), (9, 16)])
-def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, gemm_calls, monkeypatch, columns, n, head):
-    """Half maps: the GEMMs against the layers in fp32, within 1e-2 (logits) / 2e-2 (probabilities) or
-    1.5× the unfused bf16 layers' own error, whichever is larger; rows whose two best cells are not
-    near-tied select the same column."""
+def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, gemm_calls, monkeypatch, columns, n, head,
+                                                      middle):
+    """Half maps: the GEMMs (the middle conv as the band kernel or a GEMM) against the layers in fp32, within
+    1e-2 (logits) / 2e-2 (probabilities) or 1.5× the unfused bf16 layers' own error, whichever is larger;
+    rows whose two best cells are not near-tied select the same column."""
     monkeypatch.setenv("APPROXATTN_SEA_HEAD", head)
+    monkeypatch.setenv("APPROXATTN_SEA_MIDDLE", middle)
     gen = torch.Generator().manual_seed(columns + n)
     decoder = _decoder(columns, gen)
     e = torch.randn(2, 3, n, 16, generator=gen).bfloat16()
@@ -127,7 +131,7 @@ def test_decoder_through_row_gemms_matches_its_layers(forced_kernels, gemm_calls
             mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
             half_logits, half_probs, _ = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
             exact_logits, exact_probs, _ = decoder.logits_and_probs(e.float(), histogram=hist.float(), n_valid=n_valid)
-    assert len(gemm_calls) == 2                       # the GEMM path ran (the layers give the same answers)
+    assert gemm_calls == ["gemm", middle]             # the GEMM path ran (the layers give the same answers)
     assert logits.shape == (2, 3, n, columns) and logits.dtype == torch.bfloat16
     assert torch.isfinite(probs).all() and torch.equal(best, probs.argmax(-1))
     assert rel_err(logits.float(), exact_logits) < max(1e-2, 1.5 * rel_err(half_logits.float(), exact_logits))
@@ -156,7 +160,7 @@ def test_decoder_gemm_weights_follow_parameter_updates(forced_kernels, gemm_call
         with monkeypatch.context() as mp:
             mp.setenv("APPROXATTN_DISABLE_KERNELS", "1")
             layers = decoder.logits_and_probs(e.float())[0]
-    assert len(gemm_calls) == 4
+    assert gemm_calls == ["gemm", "band"] * 2         # the band tile too was rebuilt from the new weight
     assert rel_err(after.float(), layers) < 1e-2 and rel_err(before.float(), layers) > 1e-1
 
 
@@ -183,6 +187,14 @@ def test_bad_head_choice_names_the_variable(forced_kernels, monkeypatch):
     monkeypatch.setenv("APPROXATTN_SEA_HEAD", "fast")
     decoder = _decoder(12, torch.Generator().manual_seed(1))
     with torch.no_grad(), pytest.raises(ValueError, match="APPROXATTN_SEA_HEAD"):
+        decoder.logits_and_probs(torch.randn(1, 1, 5, 16).bfloat16())
+
+
+@needs_triton
+def test_bad_middle_choice_names_the_variable(forced_kernels, monkeypatch):
+    monkeypatch.setenv("APPROXATTN_SEA_MIDDLE", "fast")
+    decoder = _decoder(12, torch.Generator().manual_seed(1))
+    with torch.no_grad(), pytest.raises(ValueError, match="APPROXATTN_SEA_MIDDLE"):
         decoder.logits_and_probs(torch.randn(1, 1, 5, 16).bfloat16())
 
 
@@ -277,13 +289,14 @@ def test_errors_name_the_argument(forced_kernels):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head", ["kernel", "gemm"])
+@pytest.mark.parametrize("head,middle", [("kernel", "band"), ("gemm", "band"), ("kernel", "gemm")])
 @pytest.mark.parametrize("columns,n", [(128, 8192), (256, 4097)])
-def test_decoder_at_real_size_on_gpu(monkeypatch, gemm_calls, columns, n, head):
+def test_decoder_at_real_size_on_gpu(monkeypatch, gemm_calls, columns, n, head, middle):
     """SEA's decoder shapes (16 heads, d = 64, T = 128 and the paper's 256, an odd row count) on CUDA
     through the compiled kernels: the GEMMs against the layers in fp32, as on CPU."""
     monkeypatch.delenv("APPROXATTN_DISABLE_KERNELS", raising=False)
     monkeypatch.setenv("APPROXATTN_SEA_HEAD", head)
+    monkeypatch.setenv("APPROXATTN_SEA_MIDDLE", middle)
     gen = torch.Generator(device="cuda").manual_seed(columns)
     decoder = NonCausalDecoder(64, columns, None, zero_last=True).cuda().eval()
     with torch.no_grad():
@@ -296,7 +309,7 @@ def test_decoder_at_real_size_on_gpu(monkeypatch, gemm_calls, columns, n, head):
         logits, probs, best = decoder.logits_and_probs(e, histogram=hist, n_valid=n_valid)
         monkeypatch.setenv("APPROXATTN_DISABLE_KERNELS", "1")
         exact_logits, exact_probs, _ = decoder.logits_and_probs(e.float(), histogram=hist.float(), n_valid=n_valid)
-    assert len(gemm_calls) == 2
+    assert gemm_calls == ["gemm", middle]
     assert torch.isfinite(probs).all() and torch.equal(best, probs.argmax(-1))
     assert rel_err(logits.float(), exact_logits) < 1e-2
     assert rel_err(probs, exact_probs) < 2e-2

@@ -278,6 +278,15 @@ def _head_choice() -> str:
     return choice
 
 
+def _middle_choice() -> str:
+    """The non-causal decoder's middle conv on the row-GEMM path: the band kernel over a position-major map
+    (default, ``kernels.band_conv``) or ``APPROXATTN_SEA_MIDDLE=gemm``, a row-window GEMM over the whole band."""
+    choice = os.environ.get("APPROXATTN_SEA_MIDDLE", "band")
+    if choice not in ("band", "gemm"):
+        raise ValueError(f"APPROXATTN_SEA_MIDDLE: expected 'band' or 'gemm', got {choice!r}")
+    return choice
+
+
 # decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
 # outside the module so that it pickles and copies as before
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -359,23 +368,34 @@ class NonCausalDecoder(nn.Module):
             fast = self._kernel_head(self._head_view(y, N), (B, H, N), histogram, n_valid, floor)
             if fast is not None:
                 return fast
-        *_, head, head_bias = self._row_gemm_matrices(e.dtype, e.device)
+        head, head_bias = self._row_gemm_matrices(e.dtype, e.device)[5:7]
         hist, weights = self._head_histogram(histogram, n_valid)
         logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
                                                   histogram=hist, hist_weights=weights, heads=H, floor=floor)
         return logits.view(B, H, N, T), probs.view(B, H, N, T), best.view(B, H, N)
 
     def _row_gemm_map(self, e: torch.Tensor) -> torch.Tensor:
-        """The row linear and the strided and middle convs as two row-window GEMMs: e ``(B, H, N, 2d)`` →
-        the map ``(B·H, ⌈N/2⌉, 4·W)`` before the head (callers checked that the GEMMs apply)."""
+        """The row linear and the strided and middle convs: e ``(B, H, N, 2d)`` → the map
+        ``(B·H, ⌈N/2⌉, 4·W)`` before the head, channel-major (callers checked that the GEMMs apply). The
+        first is a row-window GEMM (the linear folded into the strided conv); the middle conv is the band
+        kernel over the first's map written position-major (its columns permuted in the weights), or with
+        ``APPROXATTN_SEA_MIDDLE=gemm`` a second row-window GEMM over the whole band."""
+        from ..kernels.band_conv import band_conv
         from ..kernels.row_window_gemm import window_gemm
 
         B, H, N, width = e.shape
-        first, first_taps, first_bias, middle, middle_bias, *_ = self._row_gemm_matrices(e.dtype, e.device)
+        matrices = self._row_gemm_matrices(e.dtype, e.device)
         rows = (N + 1) // 2                     # the strided conv's output rows
-        y = window_gemm(e.reshape(B * H, N, width), first, first_bias, tap_bias=first_taps, step=2, pad=1,
-                        virtual_rows=N, out_rows=rows, relu=True)
-        return window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+        x = e.reshape(B * H, N, width)
+        if _middle_choice() == "gemm":
+            first, first_taps, first_bias, middle, middle_bias = matrices[:5]
+            y = window_gemm(x, first, first_bias, tap_bias=first_taps, step=2, pad=1, virtual_rows=N,
+                            out_rows=rows, relu=True)
+            return window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+        first, first_taps, first_bias, tile = matrices[7:]
+        y = window_gemm(x, first, first_bias, tap_bias=first_taps, step=2, pad=1, virtual_rows=N, out_rows=rows,
+                        relu=True)
+        return band_conv(y, self.middle.weight, self.middle.bias, relu=True, tile=tile)
 
     def _head_view(self, y: torch.Tensor, N: int) -> torch.Tensor:
         """The GEMMs' map ``(B·H, rows, 4·W)`` as the head kernel's ``(B·H, 4, rows, W)`` (a strided view)."""
@@ -441,16 +461,20 @@ class NonCausalDecoder(nn.Module):
         return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
 
     def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The three GEMMs' weights, built in fp32 from the layers and cached until a parameter's version or
+        """The GEMMs' weights, built in fp32 from the layers and cached until a parameter's version or
         address changes:
         (first ``(3, 2d, 4W)``, its per-tap bias ``(3, 4W)`` (the row linear's bias through the
         strided conv), bias ``(4W,)``; middle ``(3, 4W, 4W)``, bias; head ``(3, 4W, T)`` (output conv
-        then the resize), bias ``(T,)``). The first two in the maps' dtype, the head's in fp32 (TF32
-        dots: its logits rank cells)."""
+        then the resize), bias ``(T,)``; the first's three with their columns position-major (``w·4 + c``,
+        the band kernel's input), and the middle conv's ``band_conv.band_tile``). The head's in fp32 (TF32
+        dots: its logits rank cells), the rest in the maps' dtype."""
+        from ..kernels.band_conv import band_tile, positions_per_block
+
         params = tuple(self.parameters())
+        positions = positions_per_block(self.width, self.splits)
         # version and address: in-place updates and `.data =` replacements; writes through `.data` in place, or
         # to inference tensors (no version counter), are not seen
-        key = (tuple((version(p), p.data_ptr()) for p in params), dtype, device)
+        key = (tuple((version(p), p.data_ptr()) for p in params), dtype, device, positions)
         cached = _ROW_GEMM_CACHE.get(self)
         if cached is not None and cached[1] == key and all(r() is p for r, p in zip(cached[0], params)):
             return handed_out(cached[2])
@@ -467,7 +491,11 @@ class NonCausalDecoder(nn.Module):
             interp = _interpolation_matrix(W, self.columns).to(**f32)           # (W, T)
             head = conv_row_matrices(self.out.weight.to(**f32), W) @ interp      # (3, 4W, T)
             head_bias = self.out.bias.to(**f32) * interp.sum(0)
-            value = (first.to(dtype), first_taps, first_bias, middle.to(dtype), middle_bias, head, head_bias)
+            # position-major column w·4 + c holds channel-major column c·W + w
+            order = torch.arange(self.splits * W, device=device).view(self.splits, W).t().reshape(-1)
+            band = band_tile(self.middle.weight.to(**f32), positions)
+            value = (first.to(dtype), first_taps, first_bias, middle.to(dtype), middle_bias, head, head_bias,
+                     first[..., order].to(dtype), first_taps[:, order], first_bias[order], band.to(dtype))
         _ROW_GEMM_CACHE[self] = (tuple(weakref.ref(p) for p in params), key, value)
         return handed_out(value)
 
