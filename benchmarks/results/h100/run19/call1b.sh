@@ -30,5 +30,5 @@ timeout $(left 55) python benchmarks/sea_encoder_tune.py --out "$OUT" > "$OUT/en
 stamp encoder_tune $?
 timeout $(left 55) python benchmarks/row_gemm_tune.py --steps first,middle --json "$OUT/row_gemm_tune_gemms.json" \
   > "$OUT/row_gemm_tune.log" 2>&1; stamp row_gemm_tune $?
-timeout $(left 100) python -m pytest -m gpu -q -p no:cacheprovider -rfEx tests/test_sea_gpu.py \
+timeout $(left 100) python -m pytest -m gpu -q -p no:cacheprovider -rfEx tests/test_sea_gpu.py tests/test_band_conv.py \
   tests/test_row_window_gemm.py > "$OUT/gpu_tests.log" 2>&1; stamp tests $?
