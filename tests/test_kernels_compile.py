@@ -76,10 +76,10 @@ def _sea_calls():
                     out.sum().backward()
                 else:   # the maps' head (forward above took the lean head on these one-cell rows)
                     sea.forward_with_details(q, k, v, causal=causal)
-    # the head's opt-in forms until a GPU A/B times them: half dots over hi + lo splits, the paired kernel
+    # the head's other forms (the default is paired with split dots): direct or paired, TF32 or split dots
     from approxattn.kernels import sea_decoder_head
 
-    for options in ({"SPLIT_DOTS": 1}, {"PAIRED": 1}, {"PAIRED": 1, "SPLIT_DOTS": 1}):
+    for options in ({"PAIRED": 0, "SPLIT_DOTS": 0}, {"PAIRED": 0, "SPLIT_DOTS": 1}, {"PAIRED": 1, "SPLIT_DOTS": 0}):
         sea_decoder_head.OVERRIDE.update(options)
         try:
             with torch.no_grad():
@@ -102,7 +102,7 @@ def test_kernel_launches_compile_for_sm90(monkeypatch, tmp_path):
     assert {e["constexprs"].get("EXACT") for e in entries if e["kernel"] == "_causal_dq"} == {False, True}
     assert len(kernels) >= 15, sorted(kernels)  # SEA's own kernels among them (sparse step, convs, head, ...)
     # SEA's non-causal bf16 forward at k·T/N < 1.5: one cell a row (the lean head, one-column sparse step)
-    assert {"_single_column_fwd", "_encoder_gates_fwd", "_augment_fwd", "_column_mask_fwd",
+    assert {"_single_column_fwd", "_encoder_gates_fwd", "_augment_fwd", "_column_mask_fwd", "_band_conv_fwd",
             "_decoder_head_fwd"} <= kernels, sorted(kernels)
     assert {e["constexprs"].get("STORE_MAPS") for e in entries if e["kernel"] == "_decoder_head_fwd"} == {False, True}
     assert {e["constexprs"].get("SPLIT_DOTS") for e in entries if e["kernel"] == "_decoder_head_fwd"} == {False, True}

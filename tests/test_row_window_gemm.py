@@ -214,9 +214,8 @@ def test_decoder_keeps_its_layers_under_autograd(forced_kernels):
 @needs_triton
 @pytest.mark.parametrize("fits", [True, False])
 def test_half_gemm_falls_back_to_the_narrower_config_when_shared_memory_runs_out(forced_kernels, monkeypatch, fits):
-    """The GPU config of half-operand GEMMs (128 rows, 8 warps, 256 columns when strided) was tuned on an
-    H100; where a launch of it runs out of shared memory the GEMM launches the 64-row / 4-warp one
-    instead. A fake kernel stands in (the interpreter never runs out), with the GPU configs."""
+    """The GPU config of half-operand GEMMs (128 rows, 3 stages) was tuned on an H100; where a launch of it
+    runs out of shared memory the GEMM launches the 64-row / 2-stage one instead. A fake kernel stands in (the interpreter never runs out), with the GPU configs."""
     from approxattn.kernels import row_window_gemm as rwg
     from approxattn.kernels._launch import OutOfResources
 
@@ -225,7 +224,7 @@ def test_half_gemm_falls_back_to_the_narrower_config_when_shared_memory_runs_out
     class FakeKernel:
         def __getitem__(self, grid):
             def launch(*args, **meta):
-                tried.append((meta["BM"], meta["BN"], meta["num_warps"]))
+                tried.append((meta["BM"], meta["BN"], meta["num_stages"]))
                 if meta["BM"] == 128 and not fits:
                     raise OutOfResources(196608, 101376, "shared memory")
             return launch
@@ -242,8 +241,8 @@ def test_half_gemm_falls_back_to_the_narrower_config_when_shared_memory_runs_out
     x = torch.randn(2, 16, 24).to(torch.bfloat16)
     weights, bias = torch.randn(3, 24, 256), torch.randn(256)
     window_gemm(x, weights, bias, step=2, pad=1, virtual_rows=16, out_rows=8)
-    assert tried[0] == (128, 256, 8)
-    assert tried[1:] == ([] if fits else [(64, 128, 4)])
+    assert tried[0] == (128, 128, 3)
+    assert tried[1:] == ([] if fits else [(64, 128, 2)])
     monkeypatch.setattr(rwg, "OVERRIDE", {"gemm": {"num_warps": 8}})   # a tuning run sees its config fail
     if not fits:
         with pytest.raises(OutOfResources):

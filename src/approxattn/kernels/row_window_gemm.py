@@ -275,22 +275,23 @@ def _override(kind: str, step: int) -> dict[str, int] | None:
 
 
 def launch_config(kind: str, nout: int, k: int, *, step: int = 1, half: bool = False) -> dict[str, int]:
-    """Block sizes. ``gemm``: 64 rows × up to 128 columns, K in blocks of 64, 4 warps; with half
-    operands 128 rows and 8 warps, and up to 256 columns for a strided (``step`` 2) window — the H100
-    sweep of SEA's decoder at N = 65,536, T = 128 (benchmarks/results/h100/run13/decoder): strided
-    0.53 → 0.46 ms, middle 0.56 → 0.52 ms. ``softmax``: the whole row (BN ≥ NOUT), 32 rows past 128
-    columns. 16-row blocks under the interpreter."""
+    """Block sizes. ``gemm``: 64 rows × up to 128 columns, K in blocks of 64, 4 warps, 2 stages; with half
+    operands 128 rows and 3 stages (run 19's H100 sweep of SEA's decoder at N = 65,536, T = 128,
+    ``benchmarks/row_gemm_tune.py``: strided 0.456 → 0.416 ms against run 13's 128 × 256 at 8 warps and 2
+    stages, middle 0.517 → 0.511). ``softmax``: the whole row (BN ≥ NOUT), 32 rows past 128 columns. 16-row
+    blocks under the interpreter."""
     BN = max(16, triton.next_power_of_2(nout))
     BK = min(64, max(16, triton.next_power_of_2(k)))
     if kind == "gemm":
-        BN = min(BN, 256 if half and step == 2 else 128)
+        BN = min(BN, 128)
     if interpreting():
-        return {"BM": 16, "BN": min(BN, 128) if kind == "gemm" else BN, "BK": BK}
+        return {"BM": 16, "BN": BN, "BK": BK}
+    stages = 2
     if kind == "gemm" and half:
-        BM, warps = 128, 8
+        BM, warps, stages = 128, 4, 3
     else:
         BM, warps = (64 if kind == "gemm" or BN <= 128 else 32), (4 if kind == "gemm" else 8)
-    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": 2, **(_override(kind, step) or {})}
+    cfg = {"BM": BM, "BN": BN, "BK": BK, "num_warps": warps, "num_stages": stages, **(_override(kind, step) or {})}
     if kind == "softmax" and cfg["BN"] < nout:
         raise ValueError(f"OVERRIDE['softmax']: BN must hold the whole row ({nout} columns), got {cfg['BN']}")
     return cfg

@@ -24,9 +24,9 @@ logits.
 
 Two convolutions, one kernel (steps 2–4 are :func:`_head_rows`, whose residual, softmax and argmax are
 ``row_window_gemm``'s too): the direct one reads 36 shifted y tiles for its BR rows; the paired one (``PAIRED``)
-reads 36 for BR pairs of rows, since rows 2m and 2m + 1 of the ×2 map tap the same three y rows. Opt-in options
-(``OVERRIDE``): ``PAIRED``, ``SPLIT_DOTS`` (the dots as half dots over hi + lo splits), ``maxnreg``; a static census
-of their machine code is in ``benchmarks/results/cpu/NOTES.md`` (session 25), their GPU timing in the next run.
+reads 36 for BR pairs of rows, since rows 2m and 2m + 1 of the ×2 map tap the same three y rows. The paired one
+with ``SPLIT_DOTS`` (the dots as half dots over hi + lo splits) is the default (``PAIRED``, ``SPLIT_DOTS``; run 19:
+1.19 ms against the direct TF32 kernel's 1.59 at SEA's 64K map on an H100); ``OVERRIDE`` selects the others.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ MAX_HISTOGRAM = 128    # d
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OVERRIDE: dict[str, int] = {}   # tuning runs set this (BR, num_warps, SPLIT_DOTS, PAIRED, maxnreg)
 # The two dots as half dots over hi + lo splits of the fp32 operand (where interp and the histogram come in y's
-# half dtype) instead of TF32: more precise, half the shared memory. Off until a GPU A/B times it
-# (benchmarks/sea_head_tune.py); OVERRIDE["SPLIT_DOTS"] = 1 turns it on.
-SPLIT_DOTS = False
-# The paired convolution (two output rows from the same three y rows: half the loads, two thirds of the FMAs; BR
-# counts pairs). Off until a GPU A/B times it; OVERRIDE["PAIRED"] = 1 turns it on.
-PAIRED = False
+# half dtype) instead of TF32: more precise (against the fp64 twin at 64K: column sums 1.7e-7 against TF32's
+# 1.0e-4, argmax 0.999998 against 0.99868) and half the shared memory. The paired convolution (two output rows
+# from the same three y rows: half the loads, two thirds of the FMAs; BR counts pairs). Both the default since
+# run 19 (H100, SEA's 64K map, benchmarks/sea_head_tune.py): 1.192 ms at 16 pairs, 8 warps, 128 registers,
+# against 1.593 for the direct TF32 kernel at 16 rows; OVERRIDE = {"PAIRED": 0, "SPLIT_DOTS": 0} restores that.
+SPLIT_DOTS = True
+PAIRED = True
 
 
 def _check(y, weight, bias, interp, rows, histogram, hist_weights, heads, floor) -> None:
@@ -228,15 +229,15 @@ if HAS_TRITON:
                    HAS_HISTOGRAM, EXACT, STORE_MAPS, COLUMN_SUMS, SPLIT_DOTS, y_ptr.dtype.element_ty)
 
 def launch_config(width: int, columns: int, dim: int) -> dict[str, int]:
-    """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); 16 rows a program at 8 warps
-    on a GPU (measured on an H100 at SEA's 64K maps, T = 128: 1.21 ms against 1.65 with 64 rows;
-    benchmarks/sea_decoder_tune.py), 16 under the interpreter."""
+    """Block sizes: BW, BT, BD the next powers of two (≥ 16, for tl.dot); BR = 16 rows (pairs of rows when
+    PAIRED) a program, at 8 warps and at most 128 registers a thread on a GPU (the best of run 19's 19 configs on
+    an H100 at SEA's 64K map, T = 128), 16 under the interpreter."""
     blocks = {"BW": max(16, triton.next_power_of_2(width)), "BT": max(16, triton.next_power_of_2(columns)),
               "BD": max(16, triton.next_power_of_2(dim)), "SPLIT_DOTS": bool(OVERRIDE.get("SPLIT_DOTS", SPLIT_DOTS)),
               "PAIRED": bool(OVERRIDE.get("PAIRED", PAIRED))}
     if interpreting():
         return {**blocks, "BR": 16}
-    return {**blocks, "BR": 16, "num_warps": 8, **OVERRIDE}
+    return {**blocks, "BR": 16, "num_warps": 8, "maxnreg": 128, **OVERRIDE}
 
 
 def _kernel_limit(y, interp, histogram) -> Exception | None:
