@@ -35,7 +35,10 @@ CONFIGS = {
     # the middle conv as the band kernel (K = 4·P + 32 of the GEMM's 256; session 26, CPU census only)
     "band": [{"BM": bm, "P": p, "num_warps": w, "num_stages": st}
              for bm, p, w, st in ((128, 16, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2), (256, 16, 8, 2), (128, 16, 4, 1),
-                                  (128, 32, 8, 2), (64, 32, 4, 2), (256, 16, 4, 2))],
+                                  (128, 32, 8, 2), (64, 32, 4, 2), (256, 16, 4, 2))]
+            # programs that loop over row blocks (GRID_M along the rows: 396 programs at 64K, 3 an SM, or 792), so
+            # that Triton pipelines the next block's loads (session 26, untimed)
+            + [{"BM": 128, "P": 16, "num_warps": 4, "num_stages": st, "GRID_M": g} for g in (6, 12) for st in (2, 3)],
     "softmax": [{"BM": 32, "num_warps": 4, "num_stages": 2}, {"BM": 16, "num_warps": 4, "num_stages": 2},
                 {"BM": 16, "num_warps": 2, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 1},
                 {"BM": 32, "num_warps": 4, "BK": 32, "num_stages": 2}],

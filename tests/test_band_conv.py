@@ -93,6 +93,20 @@ def test_band_conv_is_the_middle_row_window_gemm(forced_kernels):
 
 
 @needs_triton
+@pytest.mark.parametrize("grid_m", [1, 2, 3])
+def test_band_conv_programs_that_loop_over_row_blocks(forced_kernels, monkeypatch, grid_m):
+    """OVERRIDE["GRID_M"]: fewer programs along the rows, each over every GRID_M-th row block (5 blocks of 16
+    rows here, the last partial)."""
+    from approxattn.kernels import band_conv as module
+
+    monkeypatch.setattr(module, "OVERRIDE", {"GRID_M": grid_m})
+    gen = torch.Generator().manual_seed(grid_m)
+    x = torch.randn(2, 70, 24 * 4, generator=gen)
+    weight, bias = torch.randn(4, 4, 3, 3, generator=gen), torch.randn(4, generator=gen)
+    assert rel_err(band_conv(x, weight, bias, relu=True), band_conv_reference(x, weight, bias, relu=True)) < 1e-5
+
+
+@needs_triton
 def test_band_conv_takes_a_cached_tile_and_checks_it(forced_kernels):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 6, 64, generator=gen).bfloat16()

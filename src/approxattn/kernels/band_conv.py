@@ -41,7 +41,8 @@ else:  # pragma: no cover - the module still imports, band_conv raises
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PAD_COLUMNS = 16          # the window's margin each side: ≥ C (one position), and 16 keeps the loads aligned
 MAX_SAMPLES = 65535       # the grid's third dimension
-# tuning runs set this: {BM, P, num_warps, num_stages}
+# tuning runs set this: {BM, P, num_warps, num_stages, GRID_M (programs along the rows; each loops over its share
+# of the row blocks)}
 OVERRIDE: dict[str, int] = {}
 
 
@@ -103,8 +104,8 @@ def launch_config(width: int, half: bool, channels: int = 4) -> dict[str, int]:
     narrower map, but ``channels`` (the fewer of C and Co) × P ≥ 16, the tensor cores' least K and N.
     Unswept: chosen by the CPU census (``benchmarks/sass_census.py``)."""
     P = max(min(16, 1 << (width - 1).bit_length()), 16 // channels)
-    if interpreting():
-        return {"BM": 16, "P": P}
+    if interpreting():   # 16 rows; a GRID_M override still applies (its loop is what a test must reach)
+        return {"BM": 16, "P": P, **{k: v for k, v in OVERRIDE.items() if k == "GRID_M"}}
     return {"BM": 128 if half else 64, "P": P, "num_warps": 4, "num_stages": 2, **OVERRIDE}
 
 
@@ -113,19 +114,19 @@ if HAS_TRITON:
     @triton.jit
     def _band_conv_fwd(
         x_ptr, t_ptr, b_ptr, o_ptr,
-        stride_xs, stride_xr, R, W,
+        stride_xs, stride_xr, R, W, GRID_M,
         C: tl.constexpr, CO: tl.constexpr, RELU: tl.constexpr, LP: tl.constexpr,
         BM: tl.constexpr, P: tl.constexpr, PAD: tl.constexpr,
     ):
-        """Grid (row block, position block, sample): BM rows × P positions of all CO output channels."""
+        """Grid (GRID_M, position block, sample): row blocks of BM rows pid_m, pid_m + GRID_M, ... (one each at
+        the default GRID_M, the row blocks' count; fewer programs loop, and Triton pipelines the next block's
+        loads under this one's dots) × P positions of all CO output channels."""
         pid_m = tl.program_id(0)
         pid_p = tl.program_id(1)
         s = tl.program_id(2).to(tl.int64)
         BN: tl.constexpr = CO * P
         MAIN: tl.constexpr = C * P
         KT: tl.constexpr = MAIN + 2 * PAD
-        offs_r = pid_m * BM + tl.arange(0, BM)
-        r_ok = offs_r < R
         first = pid_p * MAIN                              # the block's first input column
         offs_n = tl.arange(0, BN)
         offs_pad = tl.arange(0, PAD)
@@ -134,24 +135,29 @@ if HAS_TRITON:
         left, right = first - PAD + offs_pad, first + MAIN + offs_pad
         main = first + offs_main
         x_s = x_ptr + s * stride_xs
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for t in tl.static_range(3):
-            v = offs_r + (t - 1)
-            v_ok = r_ok & (v >= 0) & (v < R)
-            row = x_s + tl.maximum(v, 0).to(tl.int64)[:, None] * stride_xr
-            tile = t_ptr + t * KT * BN + offs_n[None, :]
-            xl = tl.load(row + left[None, :], mask=v_ok[:, None] & (left >= 0)[None, :], other=0.0)
-            acc += _dot(xl, tl.load(tile + offs_pad[:, None] * BN), LP)
-            xm = tl.load(row + main[None, :], mask=v_ok[:, None] & (main < cols)[None, :], other=0.0)
-            acc += _dot(xm, tl.load(tile + (PAD + offs_main)[:, None] * BN), LP)
-            xr = tl.load(row + right[None, :], mask=v_ok[:, None] & (right < cols)[None, :], other=0.0)
-            acc += _dot(xr, tl.load(tile + (PAD + MAIN + offs_pad)[:, None] * BN), LP)
         channel, position = offs_n // P, pid_p * P + offs_n % P
-        acc += tl.load(b_ptr + channel).to(tl.float32)[None, :]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
-        out = (s * R + offs_r[:, None].to(tl.int64)) * (CO * W) + (channel * W + position)[None, :]
-        tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty), mask=r_ok[:, None] & (position < W)[None, :])
+        bias = tl.load(b_ptr + channel).to(tl.float32)
+        for block in range(pid_m, tl.cdiv(R, BM), GRID_M):
+            offs_r = block * BM + tl.arange(0, BM)
+            r_ok = offs_r < R
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for t in tl.static_range(3):
+                v = offs_r + (t - 1)
+                v_ok = r_ok & (v >= 0) & (v < R)
+                row = x_s + tl.maximum(v, 0).to(tl.int64)[:, None] * stride_xr
+                tile = t_ptr + t * KT * BN + offs_n[None, :]
+                xl = tl.load(row + left[None, :], mask=v_ok[:, None] & (left >= 0)[None, :], other=0.0)
+                acc += _dot(xl, tl.load(tile + offs_pad[:, None] * BN), LP)
+                xm = tl.load(row + main[None, :], mask=v_ok[:, None] & (main < cols)[None, :], other=0.0)
+                acc += _dot(xm, tl.load(tile + (PAD + offs_main)[:, None] * BN), LP)
+                xr = tl.load(row + right[None, :], mask=v_ok[:, None] & (right < cols)[None, :], other=0.0)
+                acc += _dot(xr, tl.load(tile + (PAD + MAIN + offs_pad)[:, None] * BN), LP)
+            acc += bias[None, :]
+            if RELU:
+                acc = tl.maximum(acc, 0.0)
+            out = (s * R + offs_r[:, None].to(tl.int64)) * (CO * W) + (channel * W + position)[None, :]
+            tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & (position < W)[None, :])
 
 
 def band_conv(x, weight, bias, *, relu=False, tile=None) -> torch.Tensor:
@@ -184,9 +190,12 @@ def band_conv(x, weight, bias, *, relu=False, tile=None) -> torch.Tensor:
         raise ValueError(f"tile: expected band_tile(weight, {P}) of shape {expected}, got {tuple(tile.shape)}")
     tile = tile.to(x.dtype if half else torch.float32).contiguous()
     out = torch.empty(S, R, co * W, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(R, cfg["BM"]), triton.cdiv(W, P), S)
-    _band_conv_fwd[grid](x, tile, bias.to(torch.float32).contiguous(), out, x.stride(0), x.stride(1), R, W,
-                         C=c, CO=co, RELU=bool(relu), LP=half, PAD=PAD_COLUMNS, **cfg)
+    cfg = dict(cfg)
+    row_blocks = triton.cdiv(R, cfg["BM"])
+    grid_m = min(row_blocks, cfg.pop("GRID_M", row_blocks))
+    _band_conv_fwd[(grid_m, triton.cdiv(W, P), S)](x, tile, bias.to(torch.float32).contiguous(), out, x.stride(0),
+                                                   x.stride(1), R, W, grid_m, C=c, CO=co, RELU=bool(relu), LP=half,
+                                                   PAD=PAD_COLUMNS, **cfg)
     return out
 
 
