@@ -126,12 +126,13 @@ def head_configs(large: list[dict], rows: list[dict]) -> list[dict]:
 
     entry = next(e for e in large if e["kernel"] == "_decoder_head_fwd" and not e["constexprs"].get("STORE_MAPS"))
     default = next(r for r in rows if r["kernel"].endswith("._decoder_head_fwd"))
-    default_rows = entry["constexprs"]["BR"]
+    default_rows = entry["constexprs"]["BR"] * (2 if entry["constexprs"].get("PAIRED") else 1)
     found = []
     for config in CONFIGS:
         variant = copy.deepcopy(entry)
-        if config.get("SPLIT_DOTS"):        # interp comes in y's dtype (bf16) where the dots are split
-            variant["signature"]["r_ptr"] = "*bf16"
+        # interp comes in y's dtype (bf16) where the dots are split, else in fp32
+        variant["signature"]["r_ptr"] = "*bf16" if config.get("SPLIT_DOTS") else "*fp32"
+        variant["options"].pop("maxnreg", None)     # the config's own cap, or none
         constexprs = {"BR": config["BR"], "SPLIT_DOTS": bool(config.get("SPLIT_DOTS")),
                       "PAIRED": bool(config.get("PAIRED"))}
         options = {k: config[k] for k in ("num_warps", "maxnreg") if k in config}

@@ -23,7 +23,7 @@ import sys
 
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64", "uint8": "*u8",
                  "int8": "*i8", "int16": "*i16", "int32": "*i32", "int64": "*i64", "bool": "*i1"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 def describe(fn, args: tuple, kwargs: dict) -> dict:
