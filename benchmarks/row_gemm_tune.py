@@ -36,9 +36,11 @@ CONFIGS = {
     "band": [{"BM": bm, "P": p, "num_warps": w, "num_stages": st}
              for bm, p, w, st in ((128, 16, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2), (256, 16, 8, 2), (128, 16, 4, 1),
                                   (128, 32, 8, 2), (64, 32, 4, 2), (256, 16, 4, 2))]
-            # programs that loop over row blocks (GRID_M along the rows: 396 programs at 64K, 3 an SM, or 792), so
-            # that Triton pipelines the next block's loads (session 26, untimed)
-            + [{"BM": 128, "P": 16, "num_warps": 4, "num_stages": st, "GRID_M": g} for g in (6, 12) for st in (2, 3)],
+            # programs that loop over row blocks (GRID_M along the rows: 384 programs at 64K, ~3 an SM, or 768), so
+            # that Triton pipelines the next block's loads; the CPU census: 224 KiB of shared memory at 128 rows and
+            # 2 stages (1 CTA an SM), so 64 rows too (session 26, untimed)
+            + [{"BM": bm, "P": 16, "num_warps": 4, "num_stages": st, "GRID_M": g}
+               for bm, st, g in ((128, 2, 6), (128, 1, 6), (64, 2, 12), (64, 2, 24), (64, 3, 12))],
     "softmax": [{"BM": 32, "num_warps": 4, "num_stages": 2}, {"BM": 16, "num_warps": 4, "num_stages": 2},
                 {"BM": 16, "num_warps": 2, "num_stages": 2}, {"BM": 32, "num_warps": 4, "num_stages": 1},
                 {"BM": 32, "num_warps": 4, "BK": 32, "num_stages": 2}],

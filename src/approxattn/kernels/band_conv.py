@@ -112,15 +112,42 @@ def launch_config(width: int, half: bool, channels: int = 4) -> dict[str, int]:
 if HAS_TRITON:
 
     @triton.jit
+    def _band_block(x_s, t_ptr, o_ptr, s, block, left, main, right, offs_n, offs_pad, offs_main, channel, position,
+                    bias, stride_xr, R, W, cols, CO: tl.constexpr, RELU: tl.constexpr, LP: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, MAIN: tl.constexpr, KT: tl.constexpr, PAD: tl.constexpr):
+        """Row block ``block`` (BM rows) of the program's P positions: three taps × (left margin, main, right
+        margin) dots, the bias, ReLU, the channel-major store."""
+        offs_r = block * BM + tl.arange(0, BM)
+        r_ok = offs_r < R
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t in tl.static_range(3):
+            v = offs_r + (t - 1)
+            v_ok = r_ok & (v >= 0) & (v < R)
+            row = x_s + tl.maximum(v, 0).to(tl.int64)[:, None] * stride_xr
+            tile = t_ptr + t * KT * BN + offs_n[None, :]
+            xl = tl.load(row + left[None, :], mask=v_ok[:, None] & (left >= 0)[None, :], other=0.0)
+            acc += _dot(xl, tl.load(tile + offs_pad[:, None] * BN), LP)
+            xm = tl.load(row + main[None, :], mask=v_ok[:, None] & (main < cols)[None, :], other=0.0)
+            acc += _dot(xm, tl.load(tile + (PAD + offs_main)[:, None] * BN), LP)
+            xr = tl.load(row + right[None, :], mask=v_ok[:, None] & (right < cols)[None, :], other=0.0)
+            acc += _dot(xr, tl.load(tile + (PAD + MAIN + offs_pad)[:, None] * BN), LP)
+        acc += bias[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        out = (s * R + offs_r[:, None].to(tl.int64)) * (CO * W) + (channel * W + position)[None, :]
+        tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty), mask=r_ok[:, None] & (position < W)[None, :])
+
+    @triton.jit
     def _band_conv_fwd(
         x_ptr, t_ptr, b_ptr, o_ptr,
         stride_xs, stride_xr, R, W, GRID_M,
         C: tl.constexpr, CO: tl.constexpr, RELU: tl.constexpr, LP: tl.constexpr,
-        BM: tl.constexpr, P: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, P: tl.constexpr, PAD: tl.constexpr, LOOP: tl.constexpr,
     ):
-        """Grid (GRID_M, position block, sample): row blocks of BM rows pid_m, pid_m + GRID_M, ... (one each at
-        the default GRID_M, the row blocks' count; fewer programs loop, and Triton pipelines the next block's
-        loads under this one's dots) × P positions of all CO output channels."""
+        """Grid (GRID_M, position block, sample): BM rows × P positions of all CO output channels. LOOP: each
+        program takes row blocks pid_m, pid_m + GRID_M, ... (Triton pipelines the next block's loads under this
+        one's dots, with shared memory for every stage's nine tiles); else one row block a program (no loop,
+        so no pipeline buffers: 24 KiB of shared memory and 3 CTAs an SM)."""
         pid_m = tl.program_id(0)
         pid_p = tl.program_id(1)
         s = tl.program_id(2).to(tl.int64)
@@ -131,33 +158,18 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BN)
         offs_pad = tl.arange(0, PAD)
         offs_main = tl.arange(0, MAIN)
-        cols = C * W
         left, right = first - PAD + offs_pad, first + MAIN + offs_pad
         main = first + offs_main
         x_s = x_ptr + s * stride_xs
         channel, position = offs_n // P, pid_p * P + offs_n % P
         bias = tl.load(b_ptr + channel).to(tl.float32)
-        for block in range(pid_m, tl.cdiv(R, BM), GRID_M):
-            offs_r = block * BM + tl.arange(0, BM)
-            r_ok = offs_r < R
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for t in tl.static_range(3):
-                v = offs_r + (t - 1)
-                v_ok = r_ok & (v >= 0) & (v < R)
-                row = x_s + tl.maximum(v, 0).to(tl.int64)[:, None] * stride_xr
-                tile = t_ptr + t * KT * BN + offs_n[None, :]
-                xl = tl.load(row + left[None, :], mask=v_ok[:, None] & (left >= 0)[None, :], other=0.0)
-                acc += _dot(xl, tl.load(tile + offs_pad[:, None] * BN), LP)
-                xm = tl.load(row + main[None, :], mask=v_ok[:, None] & (main < cols)[None, :], other=0.0)
-                acc += _dot(xm, tl.load(tile + (PAD + offs_main)[:, None] * BN), LP)
-                xr = tl.load(row + right[None, :], mask=v_ok[:, None] & (right < cols)[None, :], other=0.0)
-                acc += _dot(xr, tl.load(tile + (PAD + MAIN + offs_pad)[:, None] * BN), LP)
-            acc += bias[None, :]
-            if RELU:
-                acc = tl.maximum(acc, 0.0)
-            out = (s * R + offs_r[:, None].to(tl.int64)) * (CO * W) + (channel * W + position)[None, :]
-            tl.store(o_ptr + out, _cast_out(acc, o_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & (position < W)[None, :])
+        if LOOP:
+            for block in range(pid_m, tl.cdiv(R, BM), GRID_M):
+                _band_block(x_s, t_ptr, o_ptr, s, block, left, main, right, offs_n, offs_pad, offs_main, channel,
+                            position, bias, stride_xr, R, W, C * W, CO, RELU, LP, BM, BN, MAIN, KT, PAD)
+        else:
+            _band_block(x_s, t_ptr, o_ptr, s, pid_m, left, main, right, offs_n, offs_pad, offs_main, channel,
+                        position, bias, stride_xr, R, W, C * W, CO, RELU, LP, BM, BN, MAIN, KT, PAD)
 
 
 def band_conv(x, weight, bias, *, relu=False, tile=None) -> torch.Tensor:
@@ -195,7 +207,7 @@ def band_conv(x, weight, bias, *, relu=False, tile=None) -> torch.Tensor:
     grid_m = min(row_blocks, cfg.pop("GRID_M", row_blocks))
     _band_conv_fwd[(grid_m, triton.cdiv(W, P), S)](x, tile, bias.to(torch.float32).contiguous(), out, x.stride(0),
                                                    x.stride(1), R, W, grid_m, C=c, CO=co, RELU=bool(relu), LP=half,
-                                                   PAD=PAD_COLUMNS, **cfg)
+                                                   PAD=PAD_COLUMNS, LOOP=grid_m < row_blocks, **cfg)
     return out
 
 
