@@ -183,18 +183,11 @@ def test_decoder_past_the_heads_limits_runs_its_layers(forced_kernels, gemm_call
 
 
 @needs_triton
-def test_bad_head_choice_names_the_variable(forced_kernels, monkeypatch):
-    monkeypatch.setenv("APPROXATTN_SEA_HEAD", "fast")
+@pytest.mark.parametrize("variable", ["APPROXATTN_SEA_HEAD", "APPROXATTN_SEA_MIDDLE"])
+def test_bad_choice_names_the_variable(forced_kernels, monkeypatch, variable):
+    monkeypatch.setenv(variable, "fast")
     decoder = _decoder(12, torch.Generator().manual_seed(1))
-    with torch.no_grad(), pytest.raises(ValueError, match="APPROXATTN_SEA_HEAD"):
-        decoder.logits_and_probs(torch.randn(1, 1, 5, 16).bfloat16())
-
-
-@needs_triton
-def test_bad_middle_choice_names_the_variable(forced_kernels, monkeypatch):
-    monkeypatch.setenv("APPROXATTN_SEA_MIDDLE", "fast")
-    decoder = _decoder(12, torch.Generator().manual_seed(1))
-    with torch.no_grad(), pytest.raises(ValueError, match="APPROXATTN_SEA_MIDDLE"):
+    with torch.no_grad(), pytest.raises(ValueError, match=variable):
         decoder.logits_and_probs(torch.randn(1, 1, 5, 16).bfloat16())
 
 
