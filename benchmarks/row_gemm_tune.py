@@ -95,8 +95,9 @@ def main() -> None:
             rows["new: logits_and_probs (three GEMMs)"] = ms(lambda: decoder.logits_and_probs(e, histogram=hist,
                                                                                               n_valid=n_valid))
             os.environ["APPROXATTN_SEA_HEAD"] = "kernel"
-        matrices = decoder._row_gemm_matrices(e.dtype, e.device)
-        first, taps, first_bias, middle, middle_bias, head, head_bias = matrices[:7]
+        w = decoder._row_gemm_matrices(e.dtype, e.device)
+        first, taps, first_bias, middle, middle_bias, head, head_bias = (
+            w.first, w.first_taps, w.first_bias, w.middle, w.middle_bias, w.head, w.head_bias)
         R = (N + 1) // 2
         x = e.reshape(H, N, 128)
         y1 = rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N, out_rows=R, relu=True)
@@ -111,7 +112,7 @@ def main() -> None:
                      "softmax", y2.numel() * 2 + H * N * 64 * 2 + H * N * T * (2 + 4 + 0) + H * N * 8),
         }
         if "band" in args.steps:
-            _band_sweep(decoder, x, matrices[7:], y2, R, N, rows, swept, bandwidth)
+            _band_sweep(decoder, x, w, y2, R, N, rows, swept, bandwidth)
         variants = [(name, fn, kind, nbytes, False) for name, (fn, kind, nbytes) in steps.items()]
         variants.append(("head, half dots", steps["head"][0], "softmax", steps["head"][2], True))
         wanted = {step.strip() for step in args.steps.split(",")} | ({"head, half dots"} if "half dots" in args.steps else set())
@@ -142,11 +143,12 @@ def main() -> None:
                        "bandwidth": bandwidth, "ms": rows, "swept": swept}, f, indent=1)
 
 
-def _band_sweep(decoder, x, position_major, y2, R, N, rows, swept, bandwidth) -> None:
+def _band_sweep(decoder, x, w, y2, R, N, rows, swept, bandwidth) -> None:
     """The middle conv as the band kernel over the first GEMM's position-major map, at its configs (each with
-    the band tile for its P), and its output against the middle GEMM's (y2)."""
-    first, taps, first_bias, tile = position_major
-    y1 = rwg.window_gemm(x, first, first_bias, tap_bias=taps, step=2, pad=1, virtual_rows=N, out_rows=R, relu=True)
+    the band tile for its P), and its output against the middle GEMM's (y2). w: the decoder's RowGemmWeights."""
+    tile = w.band
+    y1 = rwg.window_gemm(x, w.first_positions, w.first_bias_positions, tap_bias=w.first_taps_positions, step=2, pad=1,
+                         virtual_rows=N, out_rows=R, relu=True)
     weight, bias = decoder.middle.weight, decoder.middle.bias
     nbytes = 2 * y1.numel() * 2
     for cfg in [None] + CONFIGS["band"]:

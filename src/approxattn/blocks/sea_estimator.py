@@ -15,6 +15,7 @@ import math
 import os
 import weakref
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +288,22 @@ def _middle_choice() -> str:
     return choice
 
 
+class RowGemmWeights(NamedTuple):
+    """The non-causal decoder's GEMM weights (:meth:`NonCausalDecoder._row_gemm_matrices`)."""
+
+    first: torch.Tensor                   # (3, 2d, 4W): the row linear folded into the strided conv, channel-major
+    first_taps: torch.Tensor              # (3, 4W): the row linear's bias through each tap
+    first_bias: torch.Tensor              # (4W,)
+    middle: torch.Tensor                  # (3, 4W, 4W): the middle conv's tap matrices
+    middle_bias: torch.Tensor             # (4W,)
+    head: torch.Tensor                    # (3, 4W, T): the output conv then the width resize, fp32
+    head_bias: torch.Tensor               # (T,)
+    first_positions: torch.Tensor         # first, first_taps, first_bias with columns position-major (w·4 + c)
+    first_taps_positions: torch.Tensor
+    first_bias_positions: torch.Tensor
+    band: torch.Tensor                    # the middle conv's band_conv.band_tile
+
+
 # decoder -> (weak references to its parameters, their versions + dtype + device, the GEMM weights);
 # outside the module so that it pickles and copies as before
 _ROW_GEMM_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
@@ -368,7 +385,8 @@ class NonCausalDecoder(nn.Module):
             fast = self._kernel_head(self._head_view(y, N), (B, H, N), histogram, n_valid, floor)
             if fast is not None:
                 return fast
-        head, head_bias = self._row_gemm_matrices(e.dtype, e.device)[5:7]
+        weights = self._row_gemm_matrices(e.dtype, e.device)
+        head, head_bias = weights.head, weights.head_bias
         hist, weights = self._head_histogram(histogram, n_valid)
         logits, probs, best = window_gemm_softmax(y, head, head_bias, step=1, pad=1, up=2, virtual_rows=N, out_rows=N,
                                                   histogram=hist, hist_weights=weights, heads=H, floor=floor)
@@ -384,18 +402,16 @@ class NonCausalDecoder(nn.Module):
         from ..kernels.row_window_gemm import window_gemm
 
         B, H, N, width = e.shape
-        matrices = self._row_gemm_matrices(e.dtype, e.device)
+        w = self._row_gemm_matrices(e.dtype, e.device)
         rows = (N + 1) // 2                     # the strided conv's output rows
         x = e.reshape(B * H, N, width)
         if _middle_choice() == "gemm":
-            first, first_taps, first_bias, middle, middle_bias = matrices[:5]
-            y = window_gemm(x, first, first_bias, tap_bias=first_taps, step=2, pad=1, virtual_rows=N,
+            y = window_gemm(x, w.first, w.first_bias, tap_bias=w.first_taps, step=2, pad=1, virtual_rows=N,
                             out_rows=rows, relu=True)
-            return window_gemm(y, middle, middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
-        first, first_taps, first_bias, tile = matrices[7:]
-        y = window_gemm(x, first, first_bias, tap_bias=first_taps, step=2, pad=1, virtual_rows=N, out_rows=rows,
-                        relu=True)
-        return band_conv(y, self.middle.weight, self.middle.bias, relu=True, tile=tile)
+            return window_gemm(y, w.middle, w.middle_bias, step=1, pad=1, virtual_rows=rows, out_rows=rows, relu=True)
+        y = window_gemm(x, w.first_positions, w.first_bias_positions, tap_bias=w.first_taps_positions, step=2, pad=1,
+                        virtual_rows=N, out_rows=rows, relu=True)
+        return band_conv(y, self.middle.weight, self.middle.bias, relu=True, tile=w.band)
 
     def _head_view(self, y: torch.Tensor, N: int) -> torch.Tensor:
         """The GEMMs' map ``(B·H, rows, 4·W)`` as the head kernel's ``(B·H, 4, rows, W)`` (a strided view)."""
@@ -460,14 +476,10 @@ class NonCausalDecoder(nn.Module):
             return None
         return out[0].view(B, H, N, T), out[1].view(B, H, N, T), out[2].view(B, H, N)
 
-    def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The GEMMs' weights, built in fp32 from the layers and cached until a parameter's version or
-        address changes:
-        (first ``(3, 2d, 4W)``, its per-tap bias ``(3, 4W)`` (the row linear's bias through the
-        strided conv), bias ``(4W,)``; middle ``(3, 4W, 4W)``, bias; head ``(3, 4W, T)`` (output conv
-        then the resize), bias ``(T,)``; the first's three with their columns position-major (``w·4 + c``,
-        the band kernel's input), and the middle conv's ``band_conv.band_tile``). The head's in fp32 (TF32
-        dots: its logits rank cells), the rest in the maps' dtype."""
+    def _row_gemm_matrices(self, dtype: torch.dtype, device: torch.device) -> RowGemmWeights:
+        """The GEMMs' weights (:class:`RowGemmWeights`), built in fp32 from the layers and cached until a
+        parameter's version or address changes. The head's in fp32 (TF32 dots: its logits rank cells), the
+        rest in the maps' dtype."""
         from ..kernels.band_conv import band_tile, positions_per_block
 
         params = tuple(self.parameters())
@@ -494,8 +506,9 @@ class NonCausalDecoder(nn.Module):
             # position-major column w·4 + c holds channel-major column c·W + w
             order = torch.arange(self.splits * W, device=device).view(self.splits, W).t().reshape(-1)
             band = band_tile(self.middle.weight.to(**f32), positions)
-            value = (first.to(dtype), first_taps, first_bias, middle.to(dtype), middle_bias, head, head_bias,
-                     first[..., order].to(dtype), first_taps[:, order], first_bias[order], band.to(dtype))
+            value = RowGemmWeights(first.to(dtype), first_taps, first_bias, middle.to(dtype), middle_bias, head,
+                                   head_bias, first[..., order].to(dtype), first_taps[:, order], first_bias[order],
+                                   band.to(dtype))
         _ROW_GEMM_CACHE[self] = (tuple(weakref.ref(p) for p in params), key, value)
         return handed_out(value)
 
