@@ -116,11 +116,12 @@ def main() -> None:
         timed("lean head (argmax + column sums)", lean)   # the default: paired, split dots, 16 pairs, 8 warps
         save()
         for config in NEAR if args.near else CONFIGS:
+            complete = full(config)
             head.OVERRIDE.clear()
-            head.OVERRIDE.update(full(config))
+            head.OVERRIDE.update(complete)
             name = "lean head " + " ".join(f"{k}={v}" for k, v in config.items())
             try:
-                timed(name, lean, config=full(config))
+                timed(name, lean, config=complete)
             except Exception as error:  # noqa: BLE001  (out of resources: report and go on)
                 print(f"{name}: {type(error).__name__}", flush=True)
             save()

@@ -271,21 +271,23 @@ def _check_heads(num_heads: int | None, heads: int) -> None:
         )
 
 
+def _env_choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``variable``, one of ``choices`` (the first when unset)."""
+    choice = os.environ.get(variable, choices[0])
+    if choice not in choices:
+        raise ValueError(f"{variable}: expected one of {', '.join(map(repr, choices))}, got {choice!r}")
+    return choice
+
+
 def _head_choice() -> str:
     """The non-causal decoder's fused head: the kernel (default) or ``APPROXATTN_SEA_HEAD=gemm``."""
-    choice = os.environ.get("APPROXATTN_SEA_HEAD", "kernel")
-    if choice not in ("kernel", "gemm"):
-        raise ValueError(f"APPROXATTN_SEA_HEAD: expected 'kernel' or 'gemm', got {choice!r}")
-    return choice
+    return _env_choice("APPROXATTN_SEA_HEAD", ("kernel", "gemm"))
 
 
 def _middle_choice() -> str:
     """The non-causal decoder's middle conv on the row-GEMM path: the band kernel over a position-major map
     (default, ``kernels.band_conv``) or ``APPROXATTN_SEA_MIDDLE=gemm``, a row-window GEMM over the whole band."""
-    choice = os.environ.get("APPROXATTN_SEA_MIDDLE", "band")
-    if choice not in ("band", "gemm"):
-        raise ValueError(f"APPROXATTN_SEA_MIDDLE: expected 'band' or 'gemm', got {choice!r}")
-    return choice
+    return _env_choice("APPROXATTN_SEA_MIDDLE", ("band", "gemm"))
 
 
 class RowGemmWeights(NamedTuple):

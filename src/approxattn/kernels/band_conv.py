@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAS_TRITON, interpreting, kernels_enabled
+from .dispatch import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
@@ -202,7 +202,6 @@ def band_conv(x, weight, bias, *, relu=False, tile=None) -> torch.Tensor:
         raise ValueError(f"tile: expected band_tile(weight, {P}) of shape {expected}, got {tuple(tile.shape)}")
     tile = tile.to(x.dtype if half else torch.float32).contiguous()
     out = torch.empty(S, R, co * W, dtype=x.dtype, device=x.device)
-    cfg = dict(cfg)
     row_blocks = triton.cdiv(R, cfg["BM"])
     grid_m = min(row_blocks, cfg.pop("GRID_M", row_blocks))
     _band_conv_fwd[(grid_m, triton.cdiv(W, P), S)](x, tile, bias.to(torch.float32).contiguous(), out, x.stride(0),
@@ -217,9 +216,4 @@ def positions_per_block(width: int, channels: int) -> int:
     return launch_config(width, True, channels)["P"]
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether the kernel would run here: Triton present and enabled for x's device, a kernel dtype."""
-    return HAS_TRITON and kernels_enabled(x) and x.dtype in KERNEL_DTYPES
-
-
-__all__ = ["applies", "band_conv", "band_conv_reference", "band_tile", "positions_per_block"]
+__all__ = ["band_conv", "band_conv_reference", "band_tile", "positions_per_block"]
